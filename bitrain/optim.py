@@ -1,0 +1,150 @@
+"""Optimizer and lr schedule, as in the official BEiT code (``optim_factory.py``, ``utils.py``).
+
+* Parameter groups: no weight decay on 1-D tensors (norms, biases, layer-scale gammas) and on the
+  names a model lists in ``no_weight_decay()`` (cls/mask tokens, position embeddings, relative
+  position bias tables), as ``get_parameter_groups`` does.
+* Optional layer-wise lr decay (BEiT fine-tuning): group ``i`` of ``L + 2`` gets
+  ``layer_decay ** (L + 1 - i)``, embeddings are layer 0 and the head layer ``L + 1``. The scale is
+  folded into each group's initial lr, so a plain ``LambdaLR`` applies it for real (timm's
+  ``lr_scale`` key is ignored by torch schedulers).
+* Schedule: linear warmup then cosine from the peak lr to ``min_lr``, evaluated **per step**
+  (``cosine_scheduler`` in the official ``utils.py`` builds the same curve per iteration).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["build", "param_groups", "cosine_multiplier", "layer_id_for"]
+
+
+def layer_id_for(name: str, num_layers: int) -> int:
+    """Layer index for layer decay: embeddings 0, block ``i`` -> ``i + 1``, the rest ``L + 1``."""
+    if name.startswith(("cls_token", "mask_token", "pos_embed", "patch_embed", "rel_pos_bias")):
+        return 0
+    match = re.match(r"blocks\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    return num_layers + 1
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    layer_decay: float | None = None,
+    skip_list: Sequence[str] = (),
+) -> list[dict]:
+    """Split trainable parameters into decay / no-decay groups (and per layer with ``layer_decay``).
+
+    Args:
+        model: the model; its ``no_weight_decay()`` (timm convention) names are excluded from decay.
+        weight_decay: decay for weight matrices.
+        layer_decay: if set, multiply each group's lr by ``layer_decay ** (L + 1 - layer_id)``.
+        skip_list: extra names without weight decay.
+
+    Returns:
+        Groups with ``params``, ``weight_decay``, ``lr_scale`` and a readable ``name``.
+    """
+    skip = set(skip_list)
+    if hasattr(model, "no_weight_decay"):
+        skip |= set(model.no_weight_decay())
+    num_layers = len(getattr(model, "blocks", []))
+    groups: dict[str, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim <= 1 or name.endswith(".bias") or name in skip or _matches(name, skip)
+        layer = layer_id_for(name, num_layers) if layer_decay is not None else 0
+        key = f"layer_{layer}_{'no_decay' if no_decay else 'decay'}"
+        if key not in groups:
+            scale = layer_decay ** (num_layers + 1 - layer) if layer_decay is not None else 1.0
+            groups[key] = {
+                "name": key,
+                "params": [],
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "lr_scale": scale,
+            }
+        groups[key]["params"].append(param)
+    return list(groups.values())
+
+
+def _matches(name: str, skip: set[str]) -> bool:
+    # timm lists e.g. "relative_position_bias_table"; match it as a name suffix.
+    return any(name.endswith("." + s) or name.endswith(s) for s in skip if s)
+
+
+def cosine_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Lr / peak lr at ``step``: linear warmup from 0, then cosine down to ``min_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build(
+    model: nn.Module,
+    total_steps: int,
+    *,
+    lr: float,
+    weight_decay: float = 0.05,
+    betas: Sequence[float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    min_lr: float = 0.0,
+    warmup_steps: int = 0,
+    warmup_epochs: float | None = None,
+    steps_per_epoch: int | None = None,
+    layer_decay: float | None = None,
+    fused: bool | None = None,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over :func:`param_groups` plus a per-step warmup + cosine ``LambdaLR``.
+
+    Args:
+        model: the model to optimize.
+        total_steps: optimizer steps of the whole run (Lightning's ``estimated_stepping_batches``).
+        lr: peak learning rate (already scaled to the global batch if the recipe asks for it).
+        weight_decay: AdamW decoupled weight decay on weight matrices.
+        betas: AdamW moment coefficients.
+        eps: AdamW denominator epsilon.
+        min_lr: final lr of the cosine.
+        warmup_steps: linear warmup length in steps.
+        warmup_epochs: warmup in epochs (overrides ``warmup_steps``, as ``--warmup_epochs`` does).
+        steps_per_epoch: optimizer steps per epoch, needed with ``warmup_epochs``.
+        layer_decay: layer-wise lr decay factor (fine-tuning), None for pretraining.
+        fused: use the fused AdamW kernel (default: when every parameter is on CUDA).
+
+    Returns:
+        ``(optimizer, scheduler)``; step the scheduler once per optimizer step.
+    """
+    if total_steps < 1:
+        raise ValueError(f"optim: total_steps must be >= 1, got {total_steps}")
+    if lr <= 0:
+        raise ValueError(f"optim.lr must be > 0, got {lr}")
+    if not 0 <= min_lr <= lr:
+        raise ValueError(f"optim.min_lr must be in [0, optim.lr={lr}], got {min_lr}")
+    if warmup_epochs is not None:
+        if not steps_per_epoch:
+            raise ValueError("optim.warmup_epochs needs steps_per_epoch (set trainer.max_epochs)")
+        warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+    warmup_steps = min(int(warmup_steps), total_steps)
+
+    groups = param_groups(model, weight_decay, layer_decay)
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
+    if fused is None:
+        fused = all(p.is_cuda for g in groups for p in g["params"]) and torch.cuda.is_available()
+    optimizer = torch.optim.AdamW(
+        groups, lr=lr, betas=tuple(betas), eps=eps, fused=bool(fused) or None
+    )
+    min_ratio = min_lr / lr
+
+    def multiplier(step: int) -> float:
+        return cosine_multiplier(step, total_steps, warmup_steps, min_ratio)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    return optimizer, scheduler

@@ -1,0 +1,154 @@
+"""BEiT masked image modeling as a LightningModule (BEiT §2.3, ``engine_for_pretraining.py``).
+
+One step: the frozen tokenizer turns the token view into ids ``[B, gh, gw]``; the encoder sees the
+patch view with the masked patches replaced by the mask token and predicts, at the masked positions
+only, a distribution over the visual vocabulary; the loss is the cross entropy against the
+tokenizer's ids, averaged over all masked tokens of the batch (the official
+``nn.CrossEntropyLoss()`` on the flattened masked logits). Masked accuracy is the fraction of
+masked tokens whose argmax is right.
+
+Hyper-parameters are saved as plain containers, so every ``.ckpt`` loads with
+``torch.load(weights_only=True)``. The tokenizer is *not* part of the checkpoint: it is frozen, its
+weights live in their own file, and keeping it out saves DALL-E's 54M parameters per checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from bitrain import optim as optim_lib
+from bitrain.tokenizers.base import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def plain(cfg: Any) -> Any:
+    """A Hydra/OmegaConf node as plain, resolved Python containers (anything else unchanged)."""
+    if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+class MaskedImageModeling(L.LightningModule):
+    """Pretrain a :class:`bitrain.models.beit.BeitMIM` against a frozen visual tokenizer.
+
+    Args:
+        model: config of the MIM model (``_target_`` + constructor arguments).
+        tokenizer: config of the tokenizer (``_target_`` + arguments), built and frozen here.
+        optim: keyword arguments of :func:`bitrain.optim.build` (lr, weight_decay, warmup, ...).
+        compile: wrap the encoder in ``torch.compile`` (static shapes: the mask count is fixed).
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        tokenizer: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        model, tokenizer, optim = plain(model), plain(tokenizer), plain(optim)
+        self.save_hyperparameters(
+            {"model": model, "tokenizer": tokenizer, "optim": optim, "compile": compile}
+        )
+        self.model = hydra.utils.instantiate(model)
+        built = hydra.utils.instantiate(tokenizer)
+        if not isinstance(built, Tokenizer):
+            raise TypeError(
+                f"tokenizer config built a {type(built).__name__}, not a bitrain Tokenizer"
+            )
+        # Kept outside the module tree: not trained, not saved, not counted as a parameter.
+        self.__dict__["tokenizer"] = built.freeze()
+        check_compatible(self.model, built)
+        self.optim_cfg = dict(optim)
+        self.compile = compile
+        # Plain attribute (not a submodule) so the compiled wrapper never appears in state_dict.
+        self.__dict__["_forward"] = torch.compile(self.model) if compile else self.model
+        self._t_last: float | None = None
+
+    # --- Lightning hooks -------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        self.tokenizer.to(self.device)
+
+    def on_validation_start(self) -> None:
+        self.tokenizer.to(self.device)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked logits ``[B, n_masked, vocab]``."""
+        return self._forward(images, mask)
+
+    def shared_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Loss and masked accuracy of one batch ``{"images", "tokenizer_images", "mask"}``."""
+        images, mask = batch["images"], batch["mask"].flatten(1).bool()
+        with torch.no_grad():
+            tok_in = self.tokenizer.preprocess(batch["tokenizer_images"])
+            ids = self.tokenizer.encode(tok_in).flatten(1)  # [B, N]
+        targets = ids[mask].view(mask.shape[0], -1)  # [B, n_masked], raster order like the logits
+        logits = self(images, mask)  # [B, n_masked, V]
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        acc = (logits.detach().argmax(-1) == targets).float().mean()
+        return {"loss": loss, "mim_acc": acc}
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.shared_step(batch)
+        bs = batch["images"].shape[0]
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
+        self.log("train/mim_acc", out["mim_acc"], prog_bar=True, batch_size=bs)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=bs)
+        now = time.perf_counter()
+        if self._t_last is not None:
+            world = self.trainer.world_size if self._trainer is not None else 1
+            self.log(
+                "train/images_per_sec", bs * world / max(now - self._t_last, 1e-9), batch_size=bs
+            )
+        self._t_last = now
+        return out["loss"]
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        out = self.shared_step(batch)
+        bs = batch["images"].shape[0]
+        self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True, batch_size=bs)
+        self.log("val/mim_acc", out["mim_acc"], prog_bar=True, sync_dist=True, batch_size=bs)
+
+    def configure_optimizers(self):
+        total = int(self.trainer.estimated_stepping_batches)
+        cfg = dict(self.optim_cfg)
+        if cfg.get("warmup_epochs") is not None and "steps_per_epoch" not in cfg:
+            max_epochs = self.trainer.max_epochs
+            if max_epochs is None or max_epochs < 1:
+                raise ValueError(
+                    "optim.warmup_epochs needs trainer.max_epochs; set optim.warmup_steps instead "
+                    "when training for trainer.max_steps"
+                )
+            cfg["steps_per_epoch"] = max(1, total // max_epochs)
+        optimizer, scheduler = optim_lib.build(self.model, total, **cfg)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+
+def check_compatible(model: torch.nn.Module, tokenizer: Tokenizer) -> None:
+    """Refuse a model/tokenizer pair that cannot train together, naming the config keys."""
+    grid = tuple(getattr(model, "grid_size", ()) or ())
+    if grid and tuple(tokenizer.grid_size) != grid:
+        raise ValueError(
+            f"tokenizer grid {tuple(tokenizer.grid_size)} != model patch grid {grid}: "
+            "tokenizer.input_size / 8 (DALL-E) must equal model.img_size / model.patch_size"
+        )
+    vocab = getattr(model, "vocab_size", None)
+    if vocab is not None and vocab != tokenizer.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={vocab} != tokenizer.vocab_size={tokenizer.vocab_size}: "
+            "the LM head must predict the tokenizer's vocabulary"
+        )

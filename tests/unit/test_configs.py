@@ -1,0 +1,72 @@
+"""Every primary config composes, alone and with every experiment; typos fail at once."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+import bitrain.runner  # noqa: F401  (registers the ${div:} resolver)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+PRETRAIN_EXPERIMENTS = [e for e in EXPERIMENTS if e.startswith("beit_")]
+
+
+def _compose(name, overrides, tmp_path):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(name, overrides=[*overrides, f"paths.output_dir={tmp_path}"])
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["pretrain", "train_tokenizer"])
+def test_primary_configs_compose(name, tmp_path):
+    cfg = _compose(name, [], tmp_path)
+    assert cfg.task._target_
+    assert cfg.trainer._target_ == "lightning.Trainer"
+    assert cfg.paths.output_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("experiment", PRETRAIN_EXPERIMENTS)
+def test_pretrain_experiments_compose(experiment, tmp_path):
+    cfg = _compose("pretrain", [f"+experiment={experiment}"], tmp_path)
+    assert cfg.model.vocab_size == cfg.tokenizer.vocab_size == 8192
+    assert cfg.masking.num_masking_patches == 75
+    assert tuple(cfg.masking.input_size) in ((14, 14), 14) or cfg.masking.input_size == 14
+    assert cfg.data.transform.input_size == 224
+    assert cfg.data.transform.second_input_size == 112
+    assert cfg.trainer.precision == "bf16-mixed"
+
+
+def test_beit_base_recipe_numbers(tmp_path):
+    cfg = _compose("pretrain", ["+experiment=beit_base"], tmp_path)
+    assert cfg.optim.lr == 1.5e-3 and cfg.optim.min_lr == 1e-5
+    assert cfg.optim.weight_decay == 0.05 and list(cfg.optim.betas) == [0.9, 0.999]
+    assert cfg.optim.warmup_epochs == 10
+    assert cfg.trainer.max_epochs == 800 and cfg.trainer.gradient_clip_val == 3.0
+    assert cfg.model.init_values == 0.1 and cfg.model.drop_path_rate == 0.1
+    assert cfg.model.use_shared_rel_pos_bias and not cfg.model.use_abs_pos_emb
+    assert cfg.model.embed_dim == 768 and cfg.model.depth == 12
+
+
+def test_large_and_22k_overrides(tmp_path):
+    large = _compose("pretrain", ["+experiment=beit_large"], tmp_path)
+    assert large.model.init_values == 1e-5 and large.trainer.gradient_clip_val == 1.0
+    assert large.model.embed_dim == 1024 and large.model.depth == 24
+    in22k = _compose("pretrain", ["+experiment=beit_base_in22k"], tmp_path)
+    assert in22k.trainer.max_epochs == 150 and in22k.optim.warmup_steps == 10000
+    assert in22k.optim.warmup_epochs is None
+
+
+def test_command_line_group_beats_experiment(tmp_path):
+    cfg = _compose("pretrain", ["+experiment=beit_base", "data=synthetic"], tmp_path)
+    assert "Synthetic" in cfg.data.source._target_
+
+
+def test_typo_in_override_fails(tmp_path):
+    with pytest.raises(ConfigCompositionException):
+        _compose("pretrain", ["trainer.max_stepz=1"], tmp_path)
+    with pytest.raises(ConfigCompositionException):
+        _compose("pretrain", ["model=does_not_exist"], tmp_path)
