@@ -244,11 +244,16 @@ def _guarded_load(
 
 # Messages of torch's weights-only unpickler that mean "this file asks for something not allowed".
 _REFUSED = re.compile(r"GLOBAL|global|reduce for|Can only|allowlist|blocked")
-_BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file an issue")
+_BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file", "(1)", "(2)")
 
 
 def _reason(err: BaseException) -> str:
     """The informative line of an error: torch's weights-only errors wrap it in boilerplate."""
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+            if rest or i + 1 < len(lines):
+                return (rest or lines[i + 1])[:400]
     lines = [line for line in lines if not line.startswith(_BOILERPLATE)] or lines
     return lines[0][:400] if lines else type(err).__name__

@@ -1,0 +1,334 @@
+"""Lightning data modules: two views + mask for MIM pretraining, one view for tokenizers.
+
+Batches (``docs/architecture.md``):
+
+* :class:`PretrainDataModule` -> ``{"images": [B,3,S,S], "tokenizer_images": [B,3,s,s],
+  "mask": [B,gh,gw] bool}`` (BEiT's ``DataAugmentationForBEiT`` + ``MaskingGenerator`` output);
+* :class:`ImageDataModule` -> ``{"images": [B,3,s,s]}`` plus ``"labels": [B]`` when the source
+  gives labels.
+
+Reproducibility. Each DataLoader gets its own ``torch.Generator`` seeded from ``(seed, global
+rank, epoch at creation, train/val)``; it drives the shuffling and the per-epoch base seed of
+the workers. Each worker seeds its mask generator (and numpy / ``random``) from its torch seed
+in :func:`seed_worker`. With ``num_workers=0`` the mask generator is seeded from the loader's
+generator and the crops use the process's global RNG (seeded by ``seed_everything``).
+Validation is fixed: validation sample ``i`` gets the crop and mask of seed ``(seed, i)``.
+
+Bad samples: a map-style source returns ``None`` for a file it cannot decode (and counts it).
+The wrapper then takes the next index instead (up to ``MAX_SUBSTITUTES`` tries), so batches keep
+their size; anything still ``None`` is dropped by :func:`collate_drop_none`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data._utils.collate import default_collate
+
+__all__ = ["ImageDataModule", "PretrainDataModule", "collate_drop_none", "seed_worker"]
+
+log = logging.getLogger(__name__)
+
+MAX_SUBSTITUTES = 16
+_SEED_MASK = (1 << 63) - 1
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (numpy's SeedSequence: well mixed, platform independent)."""
+    state = np.random.SeedSequence([int(v) & 0xFFFFFFFFFFFFFFFF for v in values])
+    return int(state.generate_state(1, dtype=np.uint64)[0]) & _SEED_MASK
+
+
+def collate_drop_none(samples: list[Any]) -> Any:
+    """``default_collate`` after dropping ``None`` (bad) samples; an all-bad batch is an error."""
+    kept = [s for s in samples if s is not None]
+    if not kept:
+        raise RuntimeError(
+            f"every sample of a batch of {len(samples)} failed to decode: check the source's "
+            "warnings (bad files are logged by name) and its num_bad counter"
+        )
+    return default_collate(kept)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed the worker's mask generator, numpy and ``random``."""
+    info = get_worker_info()
+    seed = info.seed if info is not None else torch.initial_seed()
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    dataset = info.dataset if info is not None else None
+    if hasattr(dataset, "reseed"):
+        dataset.reseed(seed)
+
+
+def _source_name(source: Any) -> str:
+    return repr(source) if len(repr(source)) < 200 else type(source).__name__
+
+
+class _Samples:
+    """What the map-style and iterable wrappers share: per-sample processing + a seeded RNG."""
+
+    def __init__(self, source: Any, process: Callable[[Any, torch.Generator], Any]) -> None:
+        self.source = source
+        self.process = process  # (raw sample, generator) -> processed sample dict
+        self.seed = 0
+        self.per_sample_seed: int | None = None  # validation: seed (per_sample_seed, index)
+        self._generator: torch.Generator | None = None
+
+    def reseed(self, seed: int) -> None:
+        """Reset the generator used for masks (called per worker and per loader)."""
+        self.seed = int(seed)
+        self._generator = torch.Generator().manual_seed(_mix(self.seed, 0x5EED))
+
+    def generator(self) -> torch.Generator:
+        if self._generator is None:
+            self.reseed(self.seed)
+        return self._generator  # type: ignore[return-value]
+
+    def apply(self, raw: Any, index: int | None) -> Any:
+        if self.per_sample_seed is None or index is None:
+            return self.process(raw, self.generator())
+        seed = _mix(self.per_sample_seed, index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.process(raw, torch.Generator().manual_seed(seed))
+
+
+class _MapDataset(_Samples, Dataset):
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Any:
+        n = len(self.source)
+        for k in range(MAX_SUBSTITUTES):
+            raw = self.source[(index + k) % n]
+            if raw is not None:
+                return self.apply(raw, index)
+        return None
+
+
+class _IterDataset(_Samples, IterableDataset):
+    def __iter__(self) -> Iterator[Any]:
+        for raw in self.source:
+            if raw is not None:
+                yield self.apply(raw, None)
+
+
+def _split_label(raw: Any) -> tuple[Any, Any]:
+    """A source yields an image or ``(image, label)``; return ``(image, label or None)``."""
+    if isinstance(raw, tuple) and len(raw) == 2:
+        return raw[0], raw[1]
+    return raw, None
+
+
+class _TwoViewSample:
+    """Raw sample -> ``{"images", "tokenizer_images", "mask"}`` (picklable for workers)."""
+
+    def __init__(self, transform: Callable | None, mask_generator: Callable) -> None:
+        self.transform, self.mask_generator = transform, mask_generator
+
+    def __call__(self, raw: Any, generator: torch.Generator) -> dict[str, Any]:
+        if isinstance(raw, dict):  # SyntheticSource: already transformed
+            sample = {"images": raw["images"], "tokenizer_images": raw["tokenizer_images"]}
+        else:
+            image, _ = _split_label(raw)
+            if self.transform is None:
+                raise ValueError("PretrainDataModule got images but has no transform to apply")
+            images, tokenizer_images = self.transform(image)
+            sample = {"images": images, "tokenizer_images": tokenizer_images}
+        sample["mask"] = self.mask_generator(generator=generator)
+        return sample
+
+
+class _SingleViewSample:
+    """Raw sample -> ``{"images"}`` (+ ``"labels"``) (picklable for workers)."""
+
+    def __init__(self, transform: Callable | None) -> None:
+        self.transform = transform
+
+    def __call__(self, raw: Any, generator: torch.Generator) -> dict[str, Any]:
+        if isinstance(raw, dict):  # SyntheticSource: already transformed
+            return {k: raw[k] for k in ("images", "labels") if k in raw}
+        image, label = _split_label(raw)
+        if self.transform is None:
+            raise ValueError("ImageDataModule got images but has no transform to apply")
+        sample = {"images": self.transform(image)}
+        if label is not None:
+            sample["labels"] = torch.as_tensor(label, dtype=torch.long)
+        return sample
+
+
+class _BaseDataModule(L.LightningDataModule):
+    """Loader construction shared by both data modules."""
+
+    def __init__(
+        self,
+        source: Any,
+        transform: Callable | None,
+        batch_size: int,
+        num_workers: int,
+        val_source: Any | None,
+        pin_memory: bool,
+        persistent_workers: bool,
+        drop_last: bool,
+        shuffle: bool,
+        seed: int,
+    ) -> None:
+        super().__init__()
+        if int(batch_size) <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if int(num_workers) < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
+        self.source, self.val_source, self.transform = source, val_source, transform
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.pin_memory, self.persistent_workers = bool(pin_memory), bool(persistent_workers)
+        self.drop_last, self.shuffle, self.seed = bool(drop_last), bool(shuffle), int(seed)
+
+    def _process(self) -> Callable[[Any, torch.Generator], dict[str, Any]]:
+        """The picklable per-sample function: ``(raw sample, generator) -> sample dict``."""
+        raise NotImplementedError
+
+    @property
+    def num_bad_samples(self) -> int:
+        """Bad samples skipped so far by the train and validation sources (all workers)."""
+        return sum(int(getattr(s, "num_bad", 0) or 0) for s in (self.source, self.val_source))
+
+    def _rank_and_epoch(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 0
+        return int(trainer.global_rank), int(trainer.current_epoch)
+
+    def _loader(self, source: Any, train: bool) -> DataLoader:
+        iterable = isinstance(source, IterableDataset)
+        if not iterable:
+            if not hasattr(source, "__len__") or not hasattr(source, "__getitem__"):
+                raise TypeError(
+                    f"{type(source).__name__} is neither a map-style dataset (__len__ + "
+                    "__getitem__) nor an IterableDataset; see bitrain.data.sources"
+                )
+            if len(source) == 0:
+                raise ValueError(
+                    f"data source {_source_name(source)} is empty: it has no samples. Check "
+                    "its path/pattern and split (docs/data.md)"
+                )
+        dataset = (_IterDataset if iterable else _MapDataset)(source, self._process())
+        # (seed, rank, epoch at creation): ranks differ, and a resumed run does not replay epoch 0.
+        rank, epoch = self._rank_and_epoch()
+        generator = torch.Generator().manual_seed(_mix(self.seed, rank, epoch, int(train)))
+        if train:
+            dataset.reseed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        else:
+            dataset.per_sample_seed = _mix(self.seed, 0xE7A1)
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=(train and self.shuffle) if not iterable else None,
+            num_workers=workers,
+            collate_fn=collate_drop_none,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            drop_last=self.drop_last if train else False,
+            persistent_workers=self.persistent_workers and workers > 0,
+            worker_init_fn=seed_worker,
+            generator=generator,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.source, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_source is None:
+            return []
+        return self._loader(self.val_source, train=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: how many bad samples were skipped so far."""
+        return {"num_bad_samples": self.num_bad_samples}
+
+    def teardown(self, stage: str) -> None:
+        if self.num_bad_samples:
+            log.warning("%s: %d bad samples were skipped", stage, self.num_bad_samples)
+
+
+class PretrainDataModule(_BaseDataModule):
+    """MIM pretraining batches: two views of one crop and a blockwise mask per image.
+
+    Args:
+        source: Training source: RGB ``PIL.Image`` (or ``(image, label)``, label ignored), or
+            ready sample dicts (``SyntheticSource``) for which the transform is skipped.
+        transform: ``TwoViewTransform``: image -> ``(images, tokenizer_images)``.
+        mask_generator: ``BlockwiseMaskGenerator``: ``(generator) -> BoolTensor [gh, gw]``.
+        batch_size: Samples per batch per device.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        val_source: Optional validation source (fixed crops and masks every epoch).
+        pin_memory: Pin host memory (only when CUDA is available).
+        persistent_workers: Keep workers alive between epochs (only when num_workers > 0).
+        drop_last: Drop the last incomplete training batch (static shapes).
+        shuffle: Shuffle map-style training sources (seeded).
+        seed: Base seed of shuffling, crops and masks.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        transform: Callable | None,
+        mask_generator: Callable[..., torch.Tensor],
+        batch_size: int = 64,
+        num_workers: int = 2,
+        val_source: Any | None = None,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        drop_last: bool = True,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            source, transform, batch_size, num_workers, val_source, pin_memory,
+            persistent_workers, drop_last, shuffle, seed,
+        )  # fmt: skip
+        if mask_generator is None:
+            raise ValueError(
+                "PretrainDataModule needs a mask_generator (the runner builds it from the "
+                "'masking' config group)"
+            )
+        self.mask_generator = mask_generator
+
+    def _process(self) -> Callable[[Any, torch.Generator], dict[str, Any]]:
+        return _TwoViewSample(self.transform, self.mask_generator)
+
+
+class ImageDataModule(_BaseDataModule):
+    """Single-view batches ``{"images": [B,3,s,s]}`` (+ ``"labels"``) for tokenizers / fine-tuning.
+
+    Args: as :class:`PretrainDataModule`, without the mask generator; ``transform`` maps an
+    image to one tensor (``SingleViewTransform``).
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        transform: Callable | None,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        val_source: Any | None = None,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        drop_last: bool = True,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            source, transform, batch_size, num_workers, val_source, pin_memory,
+            persistent_workers, drop_last, shuffle, seed,
+        )  # fmt: skip
+
+    def _process(self) -> Callable[[Any, torch.Generator], dict[str, Any]]:
+        return _SingleViewSample(self.transform)

@@ -1,0 +1,167 @@
+"""WebDataset ``.tar`` shards as an iterable source of RGB ``PIL.Image`` s.
+
+A shard is a plain tar file in which the files of one sample share a basename
+(``n01440764_10026.jpg`` + ``n01440764_10026.cls``), the format of
+https://github.com/webdataset/webdataset. The pipeline is built from webdataset's own stages:
+
+1. the shard list (local paths, brace patterns such as ``shards/train-{000000..000009}.tar``, or
+   ``::``-joined lists) is shuffled ONCE with ``seed`` (the same order on every rank and worker);
+2. split across ranks (``wds.split_by_node``) then DataLoader workers (``wds.split_by_worker``):
+   each shard is read by exactly one worker of one rank; the assignment is fixed for the run;
+3. every epoch a worker reads its shards in an order drawn from its torch seed and mixes samples
+   through a ``shuffle``-sized buffer (``wds.shuffle``);
+4. samples are decoded like every source (``bitrain.data.decode``); bad samples and unreadable
+   shards are logged by name, counted in ``num_bad`` and skipped.
+
+How to make shards: docs/data.md (``scripts/make_shards.py`` is planned).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset
+
+from bitrain.data.decode import BadImageError, SharedCounter, decode_image, warn_bad_once
+
+__all__ = ["WebDatasetSource", "expand_shard_urls"]
+
+log = logging.getLogger(__name__)
+
+_REMOTE_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://", "hf://", "ais://")
+
+
+def expand_shard_urls(urls: str | Sequence[str]) -> list[str]:
+    """Expand brace patterns and ``::`` lists into the list of shard URLs/paths."""
+    from webdataset.shardlists import expand_urls
+
+    if isinstance(urls, str):
+        items = [urls]
+    else:
+        items = [str(u) for u in urls]
+    expanded: list[str] = []
+    for item in items:
+        expanded.extend(expand_urls(item))
+    return expanded
+
+
+class WebDatasetSource(IterableDataset):
+    """Images (optionally with labels) streamed from WebDataset tar shards.
+
+    Args:
+        urls: A path/URL, a brace pattern, a ``::``-joined list, or a list of any of these.
+        shuffle: Sample shuffle buffer size per worker (0 disables; shards are then read in
+            order too, which makes the stream fully deterministic).
+        with_labels: Yield ``(image, int(label))`` read from ``label_key``.
+        image_keys: Extensions tried, in order, for the image of a sample.
+        label_key: Extension holding the class index as text (webdataset's ``.cls``).
+        seed: Seed of the shard order shared by all ranks and workers.
+
+    Raises:
+        FileNotFoundError: a local shard does not exist (the message lists the missing ones).
+        ValueError: the pattern expands to no shard.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        shuffle: int = 1000,
+        with_labels: bool = False,
+        image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
+        label_key: str = "cls",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.urls = expand_shard_urls(urls)
+        if not self.urls:
+            raise ValueError(f"WebDatasetSource: the pattern {urls!r} expands to no shard")
+        local = [u for u in self.urls if not u.startswith(_REMOTE_PREFIXES)]
+        missing = [u for u in local if not os.path.isfile(u.removeprefix("file:"))]
+        if missing:
+            shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+            raise FileNotFoundError(
+                f"WebDatasetSource: {len(missing)} of {len(self.urls)} shard file(s) not found: "
+                f"{shown}. Check data.source.urls (brace pattern and directory); make shards "
+                "as docs/data.md describes"
+            )
+        if int(shuffle) < 0:
+            raise ValueError(f"shuffle is a buffer size >= 0, got {shuffle}")
+        self.shuffle = int(shuffle)
+        self.with_labels = bool(with_labels)
+        self.image_keys = tuple(str(k).lower().lstrip(".") for k in image_keys)
+        if not self.image_keys:
+            raise ValueError("image_keys is empty: give at least one extension, e.g. ['jpg']")
+        self.label_key = str(label_key).lstrip(".")
+        self.seed = int(seed)
+        self.num_bad_counter = SharedCounter()
+
+    @property
+    def num_bad(self) -> int:
+        """Bad samples and unreadable shards skipped so far, counted across workers."""
+        return self.num_bad_counter.value
+
+    def _handler(self, exn: Exception) -> bool:
+        """Error handler for webdataset: warn, count and continue with the next sample/shard."""
+        self.num_bad_counter.increment()
+        warn_bad_once(repr(exn)[:300], "unreadable shard or sample (skipped)")
+        return True
+
+    def _shards_for_this_worker(self) -> list[str]:
+        from webdataset.shardlists import split_by_node, split_by_worker
+
+        urls = list(self.urls)
+        if self.shuffle:
+            random.Random(self.seed).shuffle(urls)
+        mine = list(split_by_worker(split_by_node(urls)))
+        if self.shuffle:  # a new order each epoch: the worker's torch seed changes per epoch
+            random.Random(torch.initial_seed()).shuffle(mine)
+        return mine
+
+    def _decode(self, sample: dict[str, Any]) -> Image.Image | tuple[Image.Image, int] | None:
+        name = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+        key = next((k for k in self.image_keys if k in sample), None)
+        try:
+            if key is None:
+                raise BadImageError(f"{name}: no image among keys {sorted(sample)}")
+            image = decode_image(sample[key], name=name)
+            if not self.with_labels:
+                return image
+            if self.label_key not in sample:
+                raise BadImageError(f"{name}: no label '.{self.label_key}' in the sample")
+            raw = sample[self.label_key]
+            text = raw.decode() if isinstance(raw, (bytes, bytearray)) else str(raw)
+            try:
+                label = int(text.strip())
+            except ValueError:
+                raise BadImageError(f"{name}: label {text!r} is not an integer") from None
+            return image, label
+        except BadImageError as err:
+            self.num_bad_counter.increment()
+            warn_bad_once(name, str(err))
+            return None
+
+    def __iter__(self) -> Iterator[Image.Image | tuple[Image.Image, int] | None]:
+        from webdataset.filters import _shuffle
+        from webdataset.tariterators import tarfile_samples
+
+        shards = self._shards_for_this_worker()
+        samples: Iterator[dict[str, Any]] = tarfile_samples(
+            ({"url": url} for url in shards), handler=self._handler
+        )
+        if self.shuffle:
+            rng = random.Random(torch.initial_seed() ^ 0x5A5A)
+            samples = _shuffle(iter(samples), self.shuffle, min(100, self.shuffle), rng=rng)
+        for sample in samples:
+            yield self._decode(sample)
+
+    def __repr__(self) -> str:
+        return (
+            f"WebDatasetSource(shards={len(self.urls)}, shuffle={self.shuffle}, "
+            f"with_labels={self.with_labels})"
+        )

@@ -1,0 +1,193 @@
+"""Data modules: batch contract, reproducible masks and crops, bad samples, labels, validation."""
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from bitrain.data.datamodule import ImageDataModule, PretrainDataModule, collate_drop_none
+from bitrain.data.demo import DemoSource
+from bitrain.data.masking import BlockwiseMaskGenerator
+from bitrain.data.sources import ImageFolderSource, SyntheticSource, WebDatasetSource
+from bitrain.data.transforms import SingleViewTransform, TwoViewTransform
+
+
+class Subset(Dataset):
+    """The first ``n`` items of a source (keeps worker tests fast)."""
+
+    def __init__(self, source, n):
+        self.source, self.n = source, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.source[i]
+
+
+def _pretrain_dm(source=None, **kwargs):
+    source = source if source is not None else Subset(DemoSource(), 64)
+    defaults = {"batch_size": 16, "num_workers": 0, "seed": 0}
+    return PretrainDataModule(
+        source,
+        TwoViewTransform(32, 16, scale=(0.5, 1.0)),
+        BlockwiseMaskGenerator(8, 26, 4),
+        **{**defaults, **kwargs},
+    )
+
+
+def _batches(dm, n=None, val=False):
+    loader = dm.val_dataloader() if val else dm.train_dataloader()
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+def test_pretrain_batch_contract():
+    (batch,) = _batches(_pretrain_dm(), 1)
+    assert set(batch) == {"images", "tokenizer_images", "mask"}
+    assert batch["images"].shape == (16, 3, 32, 32) and batch["images"].dtype == torch.float32
+    assert batch["tokenizer_images"].shape == (16, 3, 16, 16)
+    assert (
+        0 <= float(batch["tokenizer_images"].min()) <= float(batch["tokenizer_images"].max()) <= 1
+    )
+    assert batch["mask"].shape == (16, 8, 8) and batch["mask"].dtype == torch.bool
+    assert (batch["mask"].flatten(1).sum(1) == 26).all()
+    assert len({m.numpy().tobytes() for m in batch["mask"]}) > 12  # masks differ per sample
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_same_seed_same_batches_different_seed_different(workers):
+    def epoch(seed):
+        torch.manual_seed(
+            123
+        )  # the main-process RNG (crops with num_workers=0), as seed_everything
+        return _batches(_pretrain_dm(seed=seed, num_workers=workers, persistent_workers=False))
+
+    a, b, c = epoch(0), epoch(0), epoch(1)
+    assert len(a) == 4
+    for key in ("images", "tokenizer_images", "mask"):
+        assert all(torch.equal(x[key], y[key]) for x, y in zip(a, b)), key
+    assert not torch.equal(a[0]["mask"], c[0]["mask"])
+    assert not torch.equal(a[0]["images"], c[0]["images"])  # other order and crops
+
+
+def test_masks_and_order_change_between_epochs():
+    dm = _pretrain_dm()
+    loader = dm.train_dataloader()
+    first, second = next(iter(loader)), next(iter(loader))
+    assert not torch.equal(first["mask"], second["mask"])
+    assert not torch.equal(first["images"], second["images"])
+
+
+def test_no_shuffle_keeps_order():
+    dm = _pretrain_dm(shuffle=False, batch_size=4)
+    loader = dm.train_dataloader()
+    torch.manual_seed(0)
+    a = next(iter(loader))
+    torch.manual_seed(0)
+    b = next(iter(loader))
+    assert torch.equal(a["images"], b["images"])  # same samples + same crops
+    assert not torch.equal(a["mask"], b["mask"])  # the mask generator moved on
+
+
+def test_validation_is_identical_every_epoch_and_keeps_the_last_batch():
+    dm = _pretrain_dm(val_source=Subset(DemoSource("test"), 20), num_workers=0)
+    first, second = _batches(dm, val=True), _batches(dm, val=True)
+    assert [len(b["mask"]) for b in first] == [16, 4]
+    for x, y in zip(first, second):
+        assert torch.equal(x["mask"], y["mask"]) and torch.equal(x["images"], y["images"])
+    assert _pretrain_dm().val_dataloader() == []
+
+
+def test_synthetic_source_skips_transform():
+    src = SyntheticSource(length=32, input_size=32, second_input_size=16)
+    dm = PretrainDataModule(src, None, BlockwiseMaskGenerator(8, 26, 4), 8, num_workers=0)
+    (batch,) = _batches(dm, 1)
+    assert batch["images"].shape == (8, 3, 32, 32) and batch["tokenizer_images"].shape[-1] == 16
+    assert (batch["mask"].flatten(1).sum(1) == 26).all()
+
+
+def test_bad_samples_are_replaced_and_counted(image_folder):
+    src = ImageFolderSource(image_folder)
+    dm = _pretrain_dm(src, batch_size=7, drop_last=False)
+    batches = _batches(dm)
+    assert [len(b["images"]) for b in batches] == [7, 7]  # 14 files, 3 bad: substitutes fill in
+    assert dm.num_bad_samples >= 3
+
+
+def test_collate_drops_none_and_rejects_all_bad():
+    batch = collate_drop_none([None, {"x": torch.ones(2)}, None])
+    assert batch["x"].shape == (1, 2)
+    with pytest.raises(RuntimeError, match="every sample"):
+        collate_drop_none([None, None])
+
+
+def test_empty_source_is_a_clear_error():
+    empty = Subset(DemoSource(), 0)
+    with pytest.raises(ValueError, match="empty.*Subset|Subset.*empty"):
+        _pretrain_dm(empty).train_dataloader()
+    with pytest.raises(ValueError, match="mask_generator"):
+        PretrainDataModule(DemoSource(), None, None)
+    with pytest.raises(ValueError, match="batch_size"):
+        _pretrain_dm(batch_size=0)
+
+
+def test_image_datamodule_single_view_and_labels():
+    dm = ImageDataModule(DemoSource("train"), SingleViewTransform(16), batch_size=8, num_workers=0)
+    (batch,) = _batches(dm, 1)
+    assert set(batch) == {"images", "labels"}
+    assert batch["images"].shape == (8, 3, 16, 16) and batch["labels"].dtype == torch.long
+    dm = ImageDataModule(DemoSource("pretrain"), SingleViewTransform(16), 8, num_workers=0)
+    (batch,) = _batches(dm, 1)
+    assert set(batch) == {"images"} and 0 <= float(batch["images"].min())
+
+
+def test_iterable_source(shards):
+    src = WebDatasetSource([str(p) for p in shards], shuffle=4)
+    dm = _pretrain_dm(src, batch_size=4, drop_last=True)
+    batches = _batches(dm)
+    assert len(batches) == 2 and src.num_bad == 1  # 11 good samples -> 2 full batches of 4
+    assert batches[0]["mask"].shape == (4, 8, 8)
+
+
+def test_persistent_workers_only_with_workers():
+    loader = _pretrain_dm(num_workers=0, persistent_workers=True).train_dataloader()
+    assert loader.persistent_workers is False and loader.pin_memory is False
+
+
+def test_runs_under_lightning_trainer(tmp_path):
+    import lightning as L
+
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.masks = []
+
+        def training_step(self, batch, idx):
+            self.masks.append(batch["mask"].clone())
+            return (self.w * batch["images"].mean()).sum() + self.w.square().sum()
+
+        def validation_step(self, batch, idx):
+            assert batch["mask"].shape[1:] == (8, 8)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit():
+        L.seed_everything(0, workers=True, verbose=False)
+        probe = Probe()
+        trainer = L.Trainer(
+            max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+            limit_val_batches=1, val_check_interval=2,
+        )  # fmt: skip
+        dm = _pretrain_dm(val_source=Subset(DemoSource("test"), 16), batch_size=8)
+        trainer.fit(probe, datamodule=dm)
+        return torch.stack(probe.masks)
+
+    first, second = fit(), fit()
+    assert first.shape == (3, 8, 8, 8) and torch.equal(first, second)
