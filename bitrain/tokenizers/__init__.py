@@ -1,4 +1,4 @@
-"""Visual tokenizers: images in, grids of token ids out (protocol: :mod:`bitrain.tokenizers.base`)."""
+"""Visual tokenizers: images in, grids of token ids out (see :mod:`bitrain.tokenizers.base`)."""
 
 from bitrain.tokenizers.base import Tokenizer
 
