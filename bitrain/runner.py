@@ -17,7 +17,7 @@ import logging
 import os
 import random
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,8 +132,15 @@ def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
     return str(path)
 
 
-def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
-    """Build data module, task and Trainer from a composed config (no training yet)."""
+def build(
+    cfg: DictConfig, callbacks: Sequence[L.Callback] = ()
+) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """Build data module, task and Trainer from a composed config (no training yet).
+
+    Args:
+        cfg: the composed config.
+        callbacks: callbacks to add to those of ``cfg.callbacks`` (a launcher's, a test's).
+    """
     if "masking" in cfg and cfg.masking is not None:
         mask_generator = hydra.utils.instantiate(cfg.masking)
         datamodule = hydra.utils.instantiate(cfg.data, mask_generator=mask_generator)
@@ -142,19 +149,19 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     task = hydra.utils.instantiate(cfg.task)
     trainer = hydra.utils.instantiate(
         cfg.trainer,
-        callbacks=[*instantiate_group(cfg.get("callbacks")), RNGStateCheckpoint()],
+        callbacks=[*instantiate_group(cfg.get("callbacks")), RNGStateCheckpoint(), *callbacks],
         logger=instantiate_group(cfg.get("logger")) or False,
         plugins=[SafeCheckpointIO()],
     )
     return datamodule, task, trainer
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     """Fit the configured task; return a summary (output dir, last checkpoint, final metrics)."""
     out_dir = check_output_dir(cfg.paths.output_dir, cfg.paths.get("min_free_gb", 0.0))
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
-    datamodule, task, trainer = build(cfg)
+    datamodule, task, trainer = build(cfg, callbacks)
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)

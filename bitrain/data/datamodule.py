@@ -7,12 +7,14 @@ Batches (``docs/architecture.md``):
 * :class:`ImageDataModule` -> ``{"images": [B,3,s,s]}`` plus ``"labels": [B]`` when the source
   gives labels.
 
-Reproducibility. Each DataLoader gets its own ``torch.Generator`` seeded from ``(seed, global
-rank, epoch at creation, train/val)``; it drives the shuffling and the per-epoch base seed of
-the workers. Each worker seeds its mask generator (and numpy / ``random``) from its torch seed
-in :func:`seed_worker`. With ``num_workers=0`` the mask generator is seeded from the loader's
-generator and the crops use the process's global RNG (seeded by ``seed_everything``).
-Validation is fixed: validation sample ``i`` gets the crop and mask of seed ``(seed, i)``.
+Reproducibility. Map-style training data is drawn by :class:`EpochSampler` (a
+``DistributedSampler``: shuffled from ``(seed, epoch)``, split across ranks, and left in place by
+Lightning under DDP). It yields ``(epoch, index)`` keys, and sample ``index`` of epoch ``e`` gets
+its crop, flip and mask from the seed ``(seed, e, index)``. The data a step sees is therefore a
+function of ``(seed, epoch, step)`` alone: the same with 0 or 8 workers, and the same after a
+resume as in an uninterrupted run. Validation is fixed: sample ``i`` gets seed ``(seed, i)`` every
+epoch. Iterable sources (webdataset) seed each worker from the loader's generator
+(:func:`seed_worker`).
 
 Bad samples: a map-style source returns ``None`` for a file it cannot decode (and counts it).
 The wrapper then takes the next index instead (up to ``MAX_SUBSTITUTES`` tries), so batches keep
@@ -29,10 +31,22 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    get_worker_info,
+)
 from torch.utils.data._utils.collate import default_collate
 
-__all__ = ["ImageDataModule", "PretrainDataModule", "collate_drop_none", "seed_worker"]
+__all__ = [
+    "EpochSampler",
+    "ImageDataModule",
+    "PretrainDataModule",
+    "collate_drop_none",
+    "seed_worker",
+]
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +106,10 @@ class _Samples:
             self.reseed(self.seed)
         return self._generator  # type: ignore[return-value]
 
-    def apply(self, raw: Any, index: int | None) -> Any:
-        if self.per_sample_seed is None or index is None:
+    def apply(self, raw: Any, key: tuple[int, ...] | None) -> Any:
+        if self.per_sample_seed is None or key is None:
             return self.process(raw, self.generator())
-        seed = _mix(self.per_sample_seed, index)
+        seed = _mix(self.per_sample_seed, *key)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.process(raw, torch.Generator().manual_seed(seed))
@@ -105,12 +119,15 @@ class _MapDataset(_Samples, Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> Any:
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        # EpochSampler yields (epoch, index); a plain sampler yields index.
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        seed_key = (index,) if epoch is None else (epoch, index)
         n = len(self.source)
         for k in range(MAX_SUBSTITUTES):
             raw = self.source[(index + k) % n]
             if raw is not None:
-                return self.apply(raw, index)
+                return self.apply(raw, seed_key)
         return None
 
 
@@ -119,6 +136,19 @@ class _IterDataset(_Samples, IterableDataset):
         for raw in self.source:
             if raw is not None:
                 yield self.apply(raw, None)
+
+
+class EpochSampler(DistributedSampler):
+    """``DistributedSampler`` that yields ``(epoch, index)``, so samples can seed from the epoch.
+
+    Lightning calls :meth:`set_epoch` every epoch and, since this is a ``DistributedSampler``,
+    keeps it under DDP instead of wrapping it. With ``drop_last`` the tail that does not split
+    evenly over ranks is dropped, otherwise padded by repetition (as ``DistributedSampler``).
+    """
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = int(self.epoch)
+        return ((epoch, int(i)) for i in super().__iter__())
 
 
 def _split_label(raw: Any) -> tuple[Any, Any]:
@@ -206,6 +236,12 @@ class _BaseDataModule(L.LightningDataModule):
             return 0, 0
         return int(trainer.global_rank), int(trainer.current_epoch)
 
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
+
     def _loader(self, source: Any, train: bool) -> DataLoader:
         iterable = isinstance(source, IterableDataset)
         if not iterable:
@@ -223,15 +259,23 @@ class _BaseDataModule(L.LightningDataModule):
         # (seed, rank, epoch at creation): ranks differ, and a resumed run does not replay epoch 0.
         rank, epoch = self._rank_and_epoch()
         generator = torch.Generator().manual_seed(_mix(self.seed, rank, epoch, int(train)))
+        sampler = None
         if train:
             dataset.reseed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            if not iterable:
+                dataset.per_sample_seed = _mix(self.seed, 0x7EA1)
+                world, rank = self._world()
+                sampler = EpochSampler(
+                    dataset, num_replicas=world, rank=rank, shuffle=self.shuffle,
+                    seed=self.seed, drop_last=self.drop_last,
+                )  # fmt: skip
         else:
             dataset.per_sample_seed = _mix(self.seed, 0xE7A1)
         workers = self.num_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=(train and self.shuffle) if not iterable else None,
+            sampler=sampler,
             num_workers=workers,
             collate_fn=collate_drop_none,
             pin_memory=self.pin_memory and torch.cuda.is_available(),

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -51,24 +52,35 @@ def test_demo_config_trains_and_checkpoints_safely(compose_cfg, demo_tokenizer_f
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
 
 
+class StopAfter(L.Callback):
+    """Stops training after ``steps`` optimizer steps, as a preempted job would."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+
 def test_resume_continues_the_same_run(compose_cfg, demo_tokenizer_file, tmp_path):
     """N steps + resume to 2N logs the same losses as 2N steps straight."""
     common = [
         *FAST,
         f"tokenizer.weights_path={demo_tokenizer_file}",
-        "+trainer.limit_train_batches=2",  # epochs of 2 steps: resume lands on an epoch boundary
+        "trainer.max_steps=4",
+        "+trainer.limit_train_batches=2",  # epochs of 2 steps: the stop lands on an epoch boundary
         "callbacks.model_checkpoint.every_n_train_steps=2",
         "model.drop_path_rate=0.1",  # randomness in the model too: RNG state must be restored
     ]
     straight = tmp_path / "straight"
-    runner.train(compose_cfg("pretrain", [*common, "trainer.max_steps=4"], straight))
+    runner.train(compose_cfg("pretrain", common, straight))
     first = tmp_path / "first"
-    runner.train(compose_cfg("pretrain", [*common, "trainer.max_steps=2"], first))
-    resumed = tmp_path / "resumed"
+    runner.train(compose_cfg("pretrain", common, first), callbacks=[StopAfter(2)])
     ckpt = first / "checkpoints" / "last.ckpt"
-    summary = runner.train(
-        compose_cfg("pretrain", [*common, "trainer.max_steps=4", f"ckpt_path={ckpt}"], resumed)
-    )
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 2
+    resumed = tmp_path / "resumed"
+    summary = runner.train(compose_cfg("pretrain", [*common, f"ckpt_path={ckpt}"], resumed))
     assert summary["global_step"] == 4
     a, b = _losses(straight), _losses(resumed)
     assert sorted(b) == [2, 3]
