@@ -15,7 +15,7 @@ from bitrain.tokenizers.base import Tokenizer
 
 FACTORIES: dict[str, Callable[[pytest.FixtureRequest], Tokenizer]] = {
     "dall_e": lambda r: r.getfixturevalue("dall_e_tokenizer"),  # tiny encoder.pkl, 32 px
-    # TODO(dvae): "dvae": lambda r: DVAETokenizer(...),  # bitrain.tokenizers.dvae
+    "dvae": lambda r: r.getfixturevalue("dvae_tokenizer"),  # tiny dVAE file, 16 px
 }
 
 

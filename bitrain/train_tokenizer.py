@@ -1,0 +1,23 @@
+"""Train a dVAE visual tokenizer: ``python -m bitrain.train_tokenizer [tokenizer=dvae ...]``.
+
+With no arguments it trains the embedded demo's tokenizer (32 px digits, 8x8 grid, 512 codes) and
+writes ``tokenizers/demo_dvae.pt``. Everything is composed from ``configs/train_tokenizer.yaml``;
+see docs/tokenizers.md, "Training your own dVAE".
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from bitrain import runner
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train_tokenizer")
+def main(cfg: DictConfig) -> dict:
+    """Compose → build → fit; the task writes the tokenizer file at the end."""
+    return runner.train(cfg)
+
+
+if __name__ == "__main__":
+    main()
