@@ -1,0 +1,77 @@
+"""MaskedImageModeling: start-up checks, the tokenizer stays out of checkpoints, one step."""
+
+import pytest
+import torch
+
+from bitrain.tasks.mim import MaskedImageModeling
+from bitrain.tokenizers.dvae import DiscreteVAE, save_dvae
+
+MODEL = {
+    "_target_": "bitrain.models.beit.BeitMIM",
+    "img_size": 32,
+    "patch_size": 4,
+    "vocab_size": 64,
+    "embed_dim": 48,
+    "depth": 2,
+    "num_heads": 3,
+    "drop_path_rate": 0.0,
+}
+OPTIM = {"lr": 1e-3, "warmup_steps": 0}
+
+
+@pytest.fixture(scope="module")
+def tok_cfg(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "dvae.pt"
+    torch.manual_seed(0)
+    save_dvae(DiscreteVAE(vocab_size=64, input_size=32, hidden_dim=16, codebook_dim=16), path)
+    return {"_target_": "bitrain.tokenizers.dvae.DVAETokenizer", "weights_path": str(path)}
+
+
+def _batch(b=2, n_masked=20):
+    mask = torch.zeros(b, 64, dtype=torch.bool)
+    for i in range(b):
+        mask[i, torch.randperm(64)[:n_masked]] = True
+    return {
+        "images": torch.randn(b, 3, 32, 32),
+        "tokenizer_images": torch.rand(b, 3, 32, 32),
+        "mask": mask.view(b, 8, 8),
+    }
+
+
+def test_step_gives_finite_loss_and_gradients(tok_cfg):
+    task = MaskedImageModeling(MODEL, tok_cfg, OPTIM)
+    out = task.shared_step(_batch())
+    assert out["loss"].isfinite() and 0 <= out["mim_acc"] <= 1
+    out["loss"].backward()
+    assert task.model.lm_head.weight.grad is not None
+    assert all(p.grad is None for p in task.tokenizer.parameters())
+    # Chance level at init: close to log(vocab).
+    assert abs(out["loss"].item() - torch.log(torch.tensor(64.0)).item()) < 1.0
+
+
+def test_tokenizer_is_frozen_and_not_in_state_dict(tok_cfg):
+    task = MaskedImageModeling(MODEL, tok_cfg, OPTIM)
+    assert all(k.startswith("model.") for k in task.state_dict())
+    assert not any(p.requires_grad for p in task.tokenizer.parameters())
+    task.train()
+    assert not task.tokenizer.training
+    hp = task.hparams
+    assert isinstance(hp["model"], dict) and hp["model"]["_target_"].endswith("BeitMIM")
+
+
+def test_vocab_mismatch_is_refused_naming_the_keys(tok_cfg):
+    with pytest.raises(ValueError, match="vocab_size"):
+        MaskedImageModeling({**MODEL, "vocab_size": 128}, tok_cfg, OPTIM)
+
+
+def test_grid_mismatch_is_refused_naming_the_keys(tok_cfg):
+    with pytest.raises(ValueError, match="patch grid"):
+        MaskedImageModeling({**MODEL, "patch_size": 8}, tok_cfg, OPTIM)
+
+
+def test_unequal_mask_counts_are_refused(tok_cfg):
+    task = MaskedImageModeling(MODEL, tok_cfg, OPTIM)
+    batch = _batch()
+    batch["mask"].view(2, -1)[0, :] = True  # image 0: all 64 masked, image 1: 20
+    with pytest.raises(ValueError):
+        task.shared_step(batch)
