@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
             float(stats.get("perplexity", float("nan"))),
         )
     log.info("pretraining    %s (%.0f s)", run_dir, figures["pretrain_seconds"])
-    log.info("  MIM loss     %.3f (first logged step) -> %.3f (mean of the last 5 logged)", loss0, loss1)
+    log.info("  MIM loss     %.3f (first logged) -> %.3f (mean of last 5 logged)", loss0, loss1)
     log.info("  masked acc   %.3f -> %.3f (training batches)", acc0, acc1)
     if val_acc:
         log.info(
