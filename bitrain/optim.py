@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["build", "param_groups", "cosine_multiplier", "layer_id_for"]
+__all__ = ["build", "lightning_optimizers", "param_groups", "cosine_multiplier", "layer_id_for"]
 
 
 def layer_id_for(name: str, num_layers: int) -> int:
@@ -148,3 +148,26 @@ def build(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
     return optimizer, scheduler
+
+
+def lightning_optimizers(model: nn.Module, trainer, optim_cfg: dict) -> dict:
+    """What a LightningModule's ``configure_optimizers`` returns: :func:`build` sized to the run.
+
+    The total step count is the trainer's ``estimated_stepping_batches``; ``warmup_epochs`` is
+    converted with ``total // max_epochs`` steps per epoch, and the scheduler steps every step.
+    """
+    total = int(trainer.estimated_stepping_batches)
+    cfg = dict(optim_cfg)
+    if cfg.get("warmup_epochs") is not None and "steps_per_epoch" not in cfg:
+        max_epochs = trainer.max_epochs
+        if max_epochs is None or max_epochs < 1:
+            raise ValueError(
+                "optim.warmup_epochs needs trainer.max_epochs; set optim.warmup_steps instead "
+                "when training for trainer.max_steps"
+            )
+        cfg["steps_per_epoch"] = max(1, total // max_epochs)
+    optimizer, scheduler = build(model, total, **cfg)
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+    }

@@ -172,21 +172,7 @@ class DVAETraining(L.LightningModule):
         self.log("train/perplexity_epoch", stats["perplexity"])
 
     def configure_optimizers(self):
-        total = int(self.trainer.estimated_stepping_batches)
-        cfg = dict(self.optim_cfg)
-        if cfg.get("warmup_epochs") is not None and "steps_per_epoch" not in cfg:
-            max_epochs = self.trainer.max_epochs
-            if max_epochs is None or max_epochs < 1:
-                raise ValueError(
-                    "optim.warmup_epochs needs trainer.max_epochs; set optim.warmup_steps instead "
-                    "when training for trainer.max_steps"
-                )
-            cfg["steps_per_epoch"] = max(1, total // max_epochs)
-        optimizer, scheduler = optim_lib.build(self.model, total, **cfg)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
-        }
+        return optim_lib.lightning_optimizers(self.model, self.trainer, self.optim_cfg)
 
     def on_fit_end(self) -> None:
         """Measure the codebook on the training data, then write the tokenizer file (rank 0)."""
