@@ -1,0 +1,68 @@
+"""Smoke tests of scripts/bench_pretrain.py and scripts/bench_tokenizer.py at the smallest sizes.
+
+Each runs ``main()`` on CPU (tiny sizes, batch 2, two timed steps) and checks the last printed
+line is one JSON object with the throughput keys, positive figures and consistent ratios.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def _load(name: str):
+    """Import a script as a module (scripts/ is not a package)."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _last_json(capsys) -> dict:
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) >= 3, lines  # a table before the JSON line
+    return json.loads(lines[-1])
+
+
+def test_bench_pretrain_tiny_cpu(capsys):
+    bench = _load("bench_pretrain")
+    rc = bench.main(
+        ["--model", "tiny", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--block", "1"]
+    )
+    assert rc == 0
+    out = _last_json(capsys)
+    for key in ("bitrain_img_s", "reference_img_s", "ratio", "cpu", "torch", "threads"):
+        assert key in out, key
+    assert out["bitrain_img_s"] > 0 and out["reference_img_s"] > 0
+    assert math.isclose(out["ratio"], out["bitrain_img_s"] / out["reference_img_s"])
+    assert out["target_agreement"] == 1.0  # same DALL-E weights on both sides, float32
+    assert out["bitrain"]["mfu"] is None  # no known peak on CPU
+    assert math.isfinite(out["bitrain"]["loss"]) and math.isfinite(out["reference"]["loss"])
+    assert out["flops_per_step"] > 0
+
+
+def test_bench_pretrain_rejects_bad_steps():
+    bench = _load("bench_pretrain")
+    with pytest.raises(SystemExit):
+        bench.main(["--steps", "0"])
+
+
+def test_bench_tokenizer_tiny_cpu(capsys):
+    bench = _load("bench_tokenizer")
+    rc = bench.main(["--size", "tiny", "--batch-size", "2", "--iters", "2", "--warmup", "1"])
+    assert rc == 0
+    out = _last_json(capsys)
+    for key in ("bitrain_fp32_img_s", "reference_fp32_img_s", "bitrain_bf16_img_s", "ratio"):
+        assert out[key] > 0, key
+    assert out["reference_id_agreement"] == 1.0  # same weights, float32
+    assert 0.0 <= out["bf16_id_agreement"] <= 1.0
+    assert 0.0 < out["step_share"]["share"] < 1.0
