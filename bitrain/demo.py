@@ -3,7 +3,8 @@
 1. Train the demo dVAE tokenizer on the demo's digits, unless ``tokenizers/demo_dvae.pt`` exists.
 2. Pretrain a tiny BEiT by MIM on the same images (``python -m bitrain.pretrain``).
 3. Report where everything went, per-stage times, the tokenizer's codebook usage, and the MIM loss
-   and masked accuracy at the start and the end of pretraining.
+   and masked accuracy at the start and the end of pretraining; write the run's plots and
+   ``report.md`` (``bitrain.report``).
 
 Each stage runs as its own ``python -m`` command, exactly what a user would type, so the demo also
 checks the commands themselves. Extra arguments are passed to the pretraining command
@@ -22,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bitrain.io import load_torch_file
+from bitrain.report import write_report
 
 log = logging.getLogger("bitrain.demo")
 
@@ -115,6 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
         )
     log.info("  checkpoint   %s", run_dir / "checkpoints" / "last.ckpt")
     log.info("  metrics      %s", metrics)
+    report = write_report([run_dir])
+    figures["report"] = str(report)
+    log.info("report        %s", report)
     return figures
 
 

@@ -1,0 +1,293 @@
+"""Environment doctor: ``python -m bitrain.doctor [hydra overrides, e.g. +experiment=beit_base]``.
+
+Composes ``configs/pretrain.yaml`` with the given overrides (Hydra's compose API, so nothing is
+built and no run directory is made) and checks, before a long job is queued, what would otherwise
+fail minutes or hours into it:
+
+* torch version, CUDA and the GPUs (name, memory), bf16 support;
+* the trainer's devices x num_nodes -> the expected world size (and GPUs present if asked for);
+* the tokenizer weights file (``tokenizer.weights_path``) exists and is readable;
+* data: an image folder's ``data.source.root`` exists and holds images (counted), a WebDataset's
+  ``data.source.urls`` expand to shard files that exist (counted); demo / synthetic need nothing;
+* the output dir (``paths.log_dir``) is writable, and its free disk space (``paths.min_free_gb``);
+* per-device and global batch (batch x devices x num_nodes x accumulate_grad_batches).
+
+Exit code 0 when every check passes, 1 with the list of problems otherwise. See docs/monitoring.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+import bitrain
+
+log = logging.getLogger("bitrain.doctor")
+
+CONFIG_DIR = Path(bitrain.__file__).resolve().parents[1] / "configs"
+# hydra:runtime does not exist under the compose API: give the run dir a concrete place.
+OUTPUT_DIR_OVERRIDE = "paths.output_dir=${paths.log_dir}/doctor"
+
+
+@dataclass
+class Check:
+    """One line of the doctor's list: ``ok`` False marks a problem that will stop the run."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+def compose_config(overrides: list[str], config_name: str = "pretrain") -> DictConfig:
+    """Compose ``configs/<config_name>.yaml`` with Hydra overrides (user overrides win)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name, overrides=[OUTPUT_DIR_OVERRIDE, *overrides])
+
+
+def _get(cfg: DictConfig, key: str, default=None):
+    """``cfg.<key>`` (dotted), or ``default`` when absent or ``???``."""
+    try:
+        value = OmegaConf.select(cfg, key, default=default, throw_on_missing=True)
+    except Exception:  # MissingMandatoryValue or a failed interpolation
+        return default
+    return value
+
+
+def check_torch() -> list[Check]:
+    """The torch version, CUDA devices with memory, bf16 support (information, never a problem)."""
+    import torch
+
+    checks = [Check("torch", True, f"{torch.__version__}")]
+    if torch.cuda.is_available():
+        gpus = []
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            gpus.append(f"cuda:{i} {props.name} {props.total_memory / 2**30:.1f} GiB")
+        checks.append(Check("cuda", True, f"{len(gpus)} GPU(s): " + "; ".join(gpus)))
+        checks.append(Check("bf16", True, f"supported: {torch.cuda.is_bf16_supported()}"))
+    else:
+        checks.append(Check("cuda", True, "not available (CPU only)"))
+        checks.append(Check("bf16", True, "CPU autocast only (no CUDA)"))
+    return checks
+
+
+def _devices_count(devices, accelerator: str) -> int | None:
+    """Number of devices per node the trainer will use, or None if it cannot tell."""
+    import torch
+
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        return len(devices)
+    if isinstance(devices, str) and devices.isdigit():
+        return int(devices)
+    if devices in ("auto", -1, "-1"):
+        if accelerator in ("cpu",):
+            return 1
+        return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1
+    return None
+
+
+def check_trainer(cfg: DictConfig) -> tuple[list[Check], int]:
+    """World size from devices x num_nodes; GPUs present when the accelerator asks for them."""
+    import torch
+
+    accelerator = str(_get(cfg, "trainer.accelerator", "auto"))
+    devices = _get(cfg, "trainer.devices", "auto")
+    num_nodes = int(_get(cfg, "trainer.num_nodes", 1) or 1)
+    count = _devices_count(devices, accelerator)
+    checks = []
+    if count is None:
+        checks.append(Check("devices", False, f"trainer.devices={devices!r} is not understood"))
+        count = 1
+    world = count * num_nodes
+    checks.append(
+        Check(
+            "world size",
+            True,
+            f"{world} = {count} device(s) x {num_nodes} node(s) "
+            f"(accelerator={accelerator}, precision={_get(cfg, 'trainer.precision', '?')})",
+        )
+    )
+    if accelerator in ("gpu", "cuda"):
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if have < count:
+            checks.append(
+                Check(
+                    "gpus",
+                    False,
+                    f"trainer.accelerator={accelerator} with {count} device(s) per node, but "
+                    f"{have} CUDA device(s) are visible here (trainer=cpu, or run on a GPU node)",
+                )
+            )
+    return checks, world
+
+
+def check_tokenizer(cfg: DictConfig) -> list[Check]:
+    """The tokenizer weights file exists and can be read."""
+    path = _get(cfg, "tokenizer.weights_path")
+    if path is None:
+        return [Check("tokenizer", True, "no weights_path in the tokenizer config")]
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        return [
+            Check(
+                "tokenizer",
+                False,
+                f"weights file '{path}' not found (set paths.tokenizers_dir or "
+                "tokenizer.weights_path; how to get or train one: docs/tokenizers.md)",
+            )
+        ]
+    try:
+        with open(path, "rb") as f:
+            f.read(64)
+    except OSError as err:
+        return [Check("tokenizer", False, f"weights file '{path}' is not readable: {err}")]
+    return [Check("tokenizer", True, f"{path} ({path.stat().st_size / 2**20:.1f} MiB)")]
+
+
+def _count_images(root: Path) -> int:
+    from bitrain.data.sources import IMAGE_EXTENSIONS
+
+    count = 0
+    for _, _, files in os.walk(root, followlinks=True):
+        count += sum(os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS for name in files)
+    return count
+
+
+def _check_source(cfg: DictConfig, key: str) -> list[Check]:
+    """One data source (``data.source`` or ``data.val_source``)."""
+    if _get(cfg, key) is None:
+        return []
+    target = str(_get(cfg, f"{key}._target_", ""))
+    kind = target.rsplit(".", 1)[-1]
+    if kind == "ImageFolderSource":
+        root = _get(cfg, f"{key}.root")
+        if root is None:
+            return [Check(key, False, f"{key}.root is not set: {key}.root=/path/to/images")]
+        root = Path(str(root)).expanduser()
+        if not root.is_dir():
+            return [Check(key, False, f"image folder '{root}' does not exist ({key}.root)")]
+        n = _count_images(root)
+        if n == 0:
+            return [Check(key, False, f"no image files under '{root}' ({key}.root)")]
+        return [Check(key, True, f"{n} images under {root}")]
+    if kind == "WebDatasetSource":
+        from bitrain.data.shards import _REMOTE_PREFIXES, expand_shard_urls
+
+        urls = _get(cfg, f"{key}.urls")
+        if urls is None:
+            return [Check(key, False, f"{key}.urls is not set: {key}.urls='/data/s-{{0..9}}.tar'")]
+        urls = OmegaConf.to_object(urls) if OmegaConf.is_config(urls) else urls
+        try:
+            shards = expand_shard_urls(urls)
+        except Exception as err:  # a malformed brace pattern
+            return [Check(key, False, f"{key}.urls={urls!r} cannot be expanded: {err}")]
+        remote = [u for u in shards if u.startswith(_REMOTE_PREFIXES)]
+        local = [u for u in shards if not u.startswith(_REMOTE_PREFIXES)]
+        missing = [u for u in local if not Path(u).is_file()]
+        if not shards or missing:
+            shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+            return [
+                Check(
+                    key,
+                    False,
+                    f"{len(missing)} of {len(shards)} shard file(s) missing ({key}.urls): {shown}"
+                    if shards
+                    else f"{key}.urls={urls!r} expands to no shard",
+                )
+            ]
+        extra = f", {len(remote)} remote (not checked)" if remote else ""
+        return [Check(key, True, f"{len(local)} shard file(s) found{extra}")]
+    return [Check(key, True, f"{kind or 'source'}: nothing to check on disk")]
+
+
+def check_data(cfg: DictConfig) -> list[Check]:
+    """Training and validation sources."""
+    return _check_source(cfg, "data.source") + _check_source(cfg, "data.val_source")
+
+
+def check_output(cfg: DictConfig) -> list[Check]:
+    """``paths.log_dir`` (or its nearest existing parent) is writable; free disk space."""
+    log_dir = Path(str(_get(cfg, "paths.log_dir", "outputs"))).expanduser()
+    existing = log_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == log_dir else f" (its existing parent '{existing}')"
+        return [
+            Check(
+                "output dir",
+                False,
+                f"'{log_dir}'{where} is not writable: set paths.root_dir or paths.log_dir to a "
+                "directory you can write",
+            )
+        ]
+    free_gb = shutil.disk_usage(existing).free / 2**30
+    min_free = float(_get(cfg, "paths.min_free_gb", 0.0) or 0.0)
+    ok = free_gb >= min_free
+    need = f", need paths.min_free_gb={min_free}" if min_free else ""
+    return [Check("output dir", ok, f"{log_dir} writable, {free_gb:.1f} GiB free{need}")]
+
+
+def check_batch(cfg: DictConfig, world_size: int) -> list[Check]:
+    """Per-device and global batch size."""
+    batch = _get(cfg, "data.batch_size")
+    accumulate = int(_get(cfg, "trainer.accumulate_grad_batches", 1) or 1)
+    if not isinstance(batch, int) or batch < 1:
+        return [Check("batch", False, f"data.batch_size={batch!r} must be a positive int")]
+    total = batch * world_size * accumulate
+    return [
+        Check(
+            "batch",
+            True,
+            f"{batch} per device; global {total} = {batch} x {world_size} (world) x {accumulate} "
+            "(accumulate_grad_batches)",
+        )
+    ]
+
+
+def run_checks(cfg: DictConfig) -> list[Check]:
+    """Every check on a composed config, in the order they are printed."""
+    checks = check_torch()
+    trainer_checks, world = check_trainer(cfg)
+    checks += trainer_checks
+    checks += check_tokenizer(cfg)
+    checks += check_data(cfg)
+    checks += check_output(cfg)
+    checks += check_batch(cfg, world)
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: arguments are Hydra overrides; returns 0 if all checks pass, else 1."""
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    log.setLevel(logging.INFO)
+    cfg = compose_config(overrides)
+    checks = run_checks(cfg)
+    width = max(len(c.name) for c in checks)
+    log.info("bitrain doctor: configs/pretrain.yaml %s", " ".join(overrides))
+    for c in checks:
+        log.info("  [%s] %s  %s", "ok" if c.ok else "!!", c.name.ljust(width), c.detail)
+    problems = [c for c in checks if not c.ok]
+    if problems:
+        log.info("%d problem(s):", len(problems))
+        for c in problems:
+            log.info("  - %s: %s", c.name, c.detail)
+        return 1
+    log.info("all checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

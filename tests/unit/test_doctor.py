@@ -1,0 +1,131 @@
+"""bitrain.doctor: the pre-flight checks on a composed pretraining config."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bitrain import doctor
+
+
+@pytest.fixture
+def tokenizers_dir(tmp_path):
+    """A tokenizers dir holding a random (untrained) demo dVAE file."""
+    from bitrain.tokenizers.dvae import DiscreteVAE, save_dvae
+
+    folder = tmp_path / "tokenizers"
+    save_dvae(DiscreteVAE(), folder / "demo_dvae.pt")
+    return folder
+
+
+def _problems(overrides):
+    cfg = doctor.compose_config(overrides)
+    return {c.name: c.detail for c in doctor.run_checks(cfg) if not c.ok}
+
+
+def test_demo_config_passes(tmp_path, tokenizers_dir, capsys):
+    args = [f"paths.tokenizers_dir={tokenizers_dir}", f"paths.log_dir={tmp_path / 'out'}"]
+    assert doctor.main(args) == 0
+    cfg = doctor.compose_config(args)
+    assert cfg.paths.output_dir == str(tmp_path / "out" / "doctor")
+    checks = {c.name: c for c in doctor.run_checks(cfg)}
+    assert checks["batch"].detail.startswith("128 per device; global 128")
+    assert "demo_dvae.pt" in checks["tokenizer"].detail
+
+
+def test_missing_tokenizer_weights(tmp_path):
+    problems = _problems([f"paths.tokenizers_dir={tmp_path}", f"paths.log_dir={tmp_path}"])
+    assert set(problems) == {"tokenizer"}
+    assert str(tmp_path / "demo_dvae.pt") in problems["tokenizer"]
+    assert doctor.main([f"paths.tokenizers_dir={tmp_path}", f"paths.log_dir={tmp_path}"]) == 1
+
+
+def test_missing_data_root(tmp_path, tokenizers_dir):
+    root = tmp_path / "no_such_images"
+    problems = _problems(
+        [
+            f"paths.tokenizers_dir={tokenizers_dir}",
+            f"paths.log_dir={tmp_path}",
+            "data=image_folder",
+            f"data.source.root={root}",
+        ]
+    )
+    assert set(problems) == {"data.source"}
+    assert str(root) in problems["data.source"]
+
+
+def test_image_folder_counts_images(tmp_path, tokenizers_dir):
+    root = tmp_path / "images" / "cls"
+    root.mkdir(parents=True)
+    for name in ("a.jpg", "b.PNG", "notes.txt"):
+        (root / name).write_bytes(b"x")
+    cfg = doctor.compose_config(
+        [
+            f"paths.tokenizers_dir={tokenizers_dir}",
+            f"paths.log_dir={tmp_path}",
+            "data=image_folder",
+            f"data.source.root={root.parent}",
+        ]
+    )
+    (check,) = doctor.check_data(cfg)
+    assert check.ok and check.detail.startswith("2 images")
+
+
+def test_missing_shards(tmp_path, tokenizers_dir):
+    (tmp_path / "s-0.tar").write_bytes(b"")
+    problems = _problems(
+        [
+            f"paths.tokenizers_dir={tokenizers_dir}",
+            f"paths.log_dir={tmp_path}",
+            "data=webdataset",
+            f"data.source.urls='{tmp_path}/s-{{0..2}}.tar'",
+        ]
+    )
+    assert set(problems) == {"data.source"}
+    assert "2 of 3 shard" in problems["data.source"]
+
+
+def test_unwritable_output_dir(tmp_path, tokenizers_dir):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as root: a 0o500 directory is still writable")
+        problems = _problems(
+            [f"paths.tokenizers_dir={tokenizers_dir}", f"paths.log_dir={locked / 'outputs'}"]
+        )
+        assert set(problems) == {"output dir"}
+        assert str(locked) in problems["output dir"]
+    finally:
+        locked.chmod(0o700)
+
+
+def test_unwritable_output_dir_via_access(tmp_path, tokenizers_dir, monkeypatch):
+    """The same check when running as root: os.access reports the directory read-only."""
+    monkeypatch.setattr(doctor.os, "access", lambda path, mode: False)
+    problems = _problems([f"paths.tokenizers_dir={tokenizers_dir}", f"paths.log_dir={tmp_path}"])
+    assert set(problems) == {"output dir"}
+
+
+def test_global_batch_and_gpu_request(tmp_path, tokenizers_dir):
+    cfg = doctor.compose_config(
+        [
+            f"paths.tokenizers_dir={tokenizers_dir}",
+            f"paths.log_dir={tmp_path}",
+            "trainer=gpu",
+            "trainer.devices=4",
+            "trainer.num_nodes=2",
+            "trainer.accumulate_grad_batches=2",
+            "data.batch_size=16",
+        ]
+    )
+    checks, world = doctor.check_trainer(cfg)
+    assert world == 8
+    (batch,) = doctor.check_batch(cfg, world)
+    assert "global 256" in batch.detail
+    import torch
+
+    if torch.cuda.device_count() < 4:
+        assert any(c.name == "gpus" and not c.ok for c in checks)
