@@ -181,7 +181,7 @@ def _check_source(cfg: DictConfig, key: str) -> list[Check]:
             return [Check(key, False, f"no image files under '{root}' ({key}.root)")]
         return [Check(key, True, f"{n} images under {root}")]
     if kind == "WebDatasetSource":
-        from bitrain.data.shards import _REMOTE_PREFIXES, expand_shard_urls
+        from bitrain.data.shards import REMOTE_PREFIXES, expand_shard_urls
 
         urls = _get(cfg, f"{key}.urls")
         if urls is None:
@@ -191,8 +191,8 @@ def _check_source(cfg: DictConfig, key: str) -> list[Check]:
             shards = expand_shard_urls(urls)
         except Exception as err:  # a malformed brace pattern
             return [Check(key, False, f"{key}.urls={urls!r} cannot be expanded: {err}")]
-        remote = [u for u in shards if u.startswith(_REMOTE_PREFIXES)]
-        local = [u for u in shards if not u.startswith(_REMOTE_PREFIXES)]
+        remote = [u for u in shards if u.startswith(REMOTE_PREFIXES)]
+        local = [u for u in shards if not u.startswith(REMOTE_PREFIXES)]
         missing = [u for u in local if not Path(u).is_file()]
         if not shards or missing:
             shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")

@@ -34,7 +34,7 @@ __all__ = ["WebDatasetSource", "expand_shard_urls"]
 
 log = logging.getLogger(__name__)
 
-_REMOTE_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://", "hf://", "ais://")
+REMOTE_PREFIXES = ("http://", "https://", "pipe:", "s3://", "gs://", "hf://", "ais://")
 
 
 def expand_shard_urls(urls: str | Sequence[str]) -> list[str]:
@@ -81,7 +81,7 @@ class WebDatasetSource(IterableDataset):
         self.urls = expand_shard_urls(urls)
         if not self.urls:
             raise ValueError(f"WebDatasetSource: the pattern {urls!r} expands to no shard")
-        local = [u for u in self.urls if not u.startswith(_REMOTE_PREFIXES)]
+        local = [u for u in self.urls if not u.startswith(REMOTE_PREFIXES)]
         missing = [u for u in local if not os.path.isfile(u.removeprefix("file:"))]
         if missing:
             shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
