@@ -9,6 +9,8 @@ An entry point composes its Hydra config and calls :func:`train`; everything els
   its model, tokenizer and optimizer and records them as hyper-parameters).
 * ``cfg.callbacks`` and ``cfg.logger`` are mappings of nodes with ``_target_``.
 * Checkpoints are written atomically, read with ``weights_only=True`` (:class:`SafeCheckpointIO`).
+* ``ckpt_path=auto`` resumes from the newest readable checkpoint of the run's checkpoint directory
+  (:func:`resolve_ckpt_path`): ``last.ckpt``, else ``step_*.ckpt`` by step; none: a fresh start.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,7 +31,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from bitrain.io import atomic_save, load_torch_file
+from bitrain.io import CheckpointError, atomic_save, load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -119,17 +122,109 @@ def check_output_dir(path: str | os.PathLike, min_free_gb: float = 0.0) -> Path:
     return path
 
 
-def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
-    """Return ``ckpt_path`` if it names a readable file; a clear error otherwise."""
+AUTO = "auto"
+_STEP_FILE = re.compile(r"step_(\d+)")
+_LAST_FILE = re.compile(r"last(-v\d+)?\.ckpt")
+
+
+def _readable_checkpoint(path: Path) -> None:
+    """Load ``path`` as a training checkpoint; :class:`CheckpointError` if it is not one."""
+    ckpt = load_torch_file(path, map_location="cpu", what="training checkpoint")
+    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
+        raise CheckpointError(
+            f"'{path}' holds no 'state_dict': it is not a Lightning training checkpoint"
+        )
+
+
+def _candidates(checkpoint_dir: Path) -> list[Path]:
+    """``last*.ckpt`` newest file first, then ``step_*.ckpt`` highest step first.
+
+    Lightning's ``ModelCheckpoint`` writes ``last-v1.ckpt`` instead of overwriting a ``last.ckpt``
+    it did not write itself (e.g. after a resume from a ``step_*`` file), so every ``last*`` file
+    counts, the most recently written first.
+    """
+    lasts = [p for p in checkpoint_dir.glob("last*.ckpt") if _LAST_FILE.fullmatch(p.name)]
+    lasts = [p for p in lasts if p.is_file()]
+    lasts.sort(key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
+    steps = []
+    for path in checkpoint_dir.glob("step_*.ckpt"):
+        match = _STEP_FILE.match(path.name)
+        if match and path.is_file():
+            steps.append((int(match.group(1)), path.stat().st_mtime, path))
+    steps.sort(key=lambda item: (item[0], item[1]), reverse=True)
+    return lasts + [path for _, _, path in steps]
+
+
+def resolve_ckpt_path(
+    ckpt_path: str | None, checkpoint_dir: str | os.PathLike | None = None
+) -> str | None:
+    """The checkpoint to resume from, checked readable; ``None`` for a fresh start.
+
+    Args:
+        ckpt_path: ``None``/``""`` (fresh start), the path of a ``.ckpt``, or ``"auto"``: the
+            newest readable checkpoint in ``checkpoint_dir`` (``last.ckpt`` or Lightning's
+            ``last-vN.ckpt``, newest file first; else ``step_*.ckpt`` by step). Unreadable
+            (truncated, corrupt) files are skipped with a warning in favour of the previous one;
+            none readable (or none at all): ``None``.
+        checkpoint_dir: the run's checkpoint directory (needed for ``"auto"``).
+
+    Raises:
+        FileNotFoundError: an explicit ``ckpt_path`` does not exist.
+        CheckpointError: an explicit ``ckpt_path`` cannot be read as a training checkpoint.
+        ValueError: ``"auto"`` without a ``checkpoint_dir``.
+    """
     if ckpt_path in (None, ""):
         return None
+    if str(ckpt_path) == AUTO:
+        if checkpoint_dir is None:
+            raise ValueError("ckpt_path=auto needs the run's checkpoint directory to search")
+        return _newest_readable(Path(checkpoint_dir).expanduser())
     path = Path(str(ckpt_path)).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
             f"ckpt_path='{ckpt_path}' does not exist; pass the path of a .ckpt written by a "
-            "previous run (its checkpoints/last.ckpt)"
+            "previous run (its checkpoints/last.ckpt), or ckpt_path=auto"
         )
+    try:
+        _readable_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"cannot resume from ckpt_path='{path}': {err}. Pass an earlier "
+            f"{path.parent}/step_*.ckpt, or ckpt_path=auto with the same paths.output_dir to "
+            "pick the newest readable one"
+        ) from err
     return str(path)
+
+
+def _newest_readable(checkpoint_dir: Path) -> str | None:
+    candidates = _candidates(checkpoint_dir) if checkpoint_dir.is_dir() else []
+    if not candidates:
+        log.info("ckpt_path=auto: no checkpoint in %s, starting a fresh run", checkpoint_dir)
+        return None
+    for path in candidates:
+        try:
+            _readable_checkpoint(path)
+        except (CheckpointError, OSError) as err:
+            log.warning("ckpt_path=auto: skipping unreadable checkpoint %s (%s)", path, err)
+            continue
+        log.info("ckpt_path=auto: newest readable checkpoint is %s", path)
+        return str(path)
+    log.warning(
+        "ckpt_path=auto: none of the %d checkpoints in %s is readable; starting a fresh run",
+        len(candidates),
+        checkpoint_dir,
+    )
+    return None
+
+
+def checkpoint_dir_of(cfg: DictConfig) -> Path:
+    """The run's checkpoint directory (``callbacks.model_checkpoint.dirpath``, else the default).
+
+    The default is ``paths.output_dir/checkpoints`` (``configs/callbacks/default.yaml``).
+    """
+    node = (cfg.get("callbacks") or {}).get("model_checkpoint")
+    dirpath = node.get("dirpath") if node is not None else None
+    return Path(dirpath) if dirpath else Path(cfg.paths.output_dir) / "checkpoints"
 
 
 def build(
@@ -160,7 +255,7 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
     """Fit the configured task; return a summary (output dir, last checkpoint, final metrics)."""
     out_dir = check_output_dir(cfg.paths.output_dir, cfg.paths.get("min_free_gb", 0.0))
     L.seed_everything(cfg.seed, workers=True)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir_of(cfg))
     datamodule, task, trainer = build(cfg, callbacks)
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)

@@ -10,6 +10,12 @@ masked tokens whose argmax is right.
 Hyper-parameters are saved as plain containers, so every ``.ckpt`` loads with
 ``torch.load(weights_only=True)``. The tokenizer is *not* part of the checkpoint: it is frozen, its
 weights live in their own file, and keeping it out saves DALL-E's 54M parameters per checkpoint.
+
+Non-finite losses: a step whose loss is NaN or inf is skipped (``training_step`` returns ``None``,
+so Lightning runs no backward; the optimizer sees no gradients and leaves weights and AdamW moments
+untouched), counted (``train/nonfinite_steps``, kept in checkpoints) and reported with the batch's
+statistics; more than ``max_nonfinite_steps`` such steps raise :class:`FloatingPointError`. The
+check costs one device-to-host sync per training step (``bool(torch.isfinite(loss))``).
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ class MaskedImageModeling(L.LightningModule):
         tokenizer: config of the tokenizer (``_target_`` + arguments), built and frozen here.
         optim: keyword arguments of :func:`bitrain.optim.build` (lr, weight_decay, warmup, ...).
         compile: wrap the encoder in ``torch.compile`` (static shapes: the mask count is fixed).
+        max_nonfinite_steps: how many training steps with a NaN/inf loss are skipped (with a
+            warning) before the run stops with :class:`FloatingPointError`; 0 stops at the first.
     """
 
     def __init__(
@@ -54,11 +62,25 @@ class MaskedImageModeling(L.LightningModule):
         tokenizer: Mapping[str, Any],
         optim: Mapping[str, Any],
         compile: bool = False,
+        max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
+        if isinstance(max_nonfinite_steps, bool) or not isinstance(max_nonfinite_steps, int):
+            raise TypeError(f"task.max_nonfinite_steps must be an int, got {max_nonfinite_steps!r}")
+        if max_nonfinite_steps < 0:
+            raise ValueError(
+                f"task.max_nonfinite_steps={max_nonfinite_steps} must be >= 0 "
+                "(0: stop at the first NaN/inf loss)"
+            )
         model, tokenizer, optim = plain(model), plain(tokenizer), plain(optim)
         self.save_hyperparameters(
-            {"model": model, "tokenizer": tokenizer, "optim": optim, "compile": compile}
+            {
+                "model": model,
+                "tokenizer": tokenizer,
+                "optim": optim,
+                "compile": compile,
+                "max_nonfinite_steps": max_nonfinite_steps,
+            }
         )
         self.model = hydra.utils.instantiate(model)
         built = hydra.utils.instantiate(tokenizer)
@@ -74,6 +96,8 @@ class MaskedImageModeling(L.LightningModule):
         # Plain attribute (not a submodule) so the compiled wrapper never appears in state_dict.
         self.__dict__["_forward"] = torch.compile(self.model) if compile else self.model
         self._t_last: float | None = None
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_steps = 0
 
     # --- Lightning hooks -------------------------------------------------------------------------
 
@@ -99,9 +123,21 @@ class MaskedImageModeling(L.LightningModule):
         acc = (logits.detach().argmax(-1) == targets).float().mean()
         return {"loss": loss, "mim_acc": acc, "targets": targets}
 
-    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite_steps"] = self.nonfinite_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
+
+    def training_step(
+        self, batch: Mapping[str, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor | None:
         out = self.shared_step(batch)
         bs = batch["images"].shape[0]
+        # The one host sync this adds per step; the statistics are only computed when it fires.
+        if not bool(torch.isfinite(out["loss"])):
+            return self._skip_nonfinite(out["loss"], batch, bs)
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=bs)
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
         self.log("train/mim_acc", out["mim_acc"], prog_bar=True, batch_size=bs)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=bs)
@@ -113,6 +149,41 @@ class MaskedImageModeling(L.LightningModule):
             )
         self._t_last = now
         return out["loss"]
+
+    def _skip_nonfinite(
+        self, loss: torch.Tensor, batch: Mapping[str, torch.Tensor], bs: int
+    ) -> torch.Tensor | None:
+        """Count a NaN/inf loss, warn with the batch's statistics, and skip (or stop the run).
+
+        Returns ``None`` (Lightning then skips backward; the optimizer step finds no gradients).
+        Under DDP Lightning refuses ``None``, so a zero loss tied to every trainable parameter is
+        returned instead: the gradient all-reduce still matches and this rank contributes zeros.
+
+        Raises:
+            FloatingPointError: more than ``max_nonfinite_steps`` steps had a non-finite loss.
+        """
+        self.nonfinite_steps += 1
+        step, stats = self.global_step, batch_statistics(batch)
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=bs)
+        if self.nonfinite_steps > self.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at step {step}: {self.nonfinite_steps} steps "
+                f"with a non-finite loss exceed task.max_nonfinite_steps="
+                f"{self.max_nonfinite_steps}. Batch: {stats}. Check the data for NaN/inf, lower "
+                "optim.lr, or use a gradient clip / bf16 instead of fp16"
+            )
+        log.warning(
+            "non-finite training loss (%s) at step %d: step skipped (%d of at most %d). Batch: %s",
+            loss.item(),
+            step,
+            self.nonfinite_steps,
+            self.max_nonfinite_steps,
+            stats,
+        )
+        if self._trainer is not None and self.trainer.world_size > 1:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            return torch.stack([p.sum() for p in params]).sum() * 0.0
+        return None
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         out = self.shared_step(batch)
@@ -127,6 +198,26 @@ class MaskedImageModeling(L.LightningModule):
 
     def configure_optimizers(self):
         return optim_lib.lightning_optimizers(self.model, self.trainer, self.optim_cfg)
+
+
+def batch_statistics(batch: Mapping[str, torch.Tensor]) -> str:
+    """One line describing a batch's image tensors: finite min/max/mean and non-finite counts."""
+    parts = []
+    for key in ("images", "tokenizer_images"):
+        x = batch.get(key)
+        if not isinstance(x, torch.Tensor):
+            continue
+        x = x.detach().float()
+        finite = torch.isfinite(x)
+        bad = int((~finite).sum())
+        vals = x[finite]
+        if vals.numel():
+            lo, hi, mean = vals.min().item(), vals.max().item(), vals.mean().item()
+            rng = f"min {lo:.4g} max {hi:.4g} mean {mean:.4g}"
+        else:
+            rng = "no finite values"
+        parts.append(f"{key} {tuple(x.shape)} {rng}, {bad} non-finite of {x.numel()}")
+    return "; ".join(parts) or "no image tensors in the batch"
 
 
 def check_compatible(model: torch.nn.Module, tokenizer: Tokenizer) -> None:
