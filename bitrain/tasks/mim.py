@@ -134,10 +134,8 @@ class MaskedImageModeling(L.LightningModule):
     ) -> torch.Tensor | None:
         out = self.shared_step(batch)
         bs = batch["images"].shape[0]
-        # The one host sync this adds per step; the statistics are only computed when it fires.
-        if not bool(torch.isfinite(out["loss"])):
-            return self._skip_nonfinite(out["loss"], batch, bs)
-        self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=bs)
+        # Logged before the check, so a skipped step shows its NaN/inf loss and its lr rather than
+        # the previous step's values (Lightning repeats the last logged value otherwise).
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
         self.log("train/mim_acc", out["mim_acc"], prog_bar=True, batch_size=bs)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=bs)
@@ -148,6 +146,10 @@ class MaskedImageModeling(L.LightningModule):
                 "train/images_per_sec", bs * world / max(now - self._t_last, 1e-9), batch_size=bs
             )
         self._t_last = now
+        # The one host sync this adds per step; the statistics are only computed when it fires.
+        if not bool(torch.isfinite(out["loss"])):
+            return self._skip_nonfinite(out["loss"], batch, bs)
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=bs)
         return out["loss"]
 
     def _skip_nonfinite(
