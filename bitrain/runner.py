@@ -100,7 +100,9 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
             continue
         if not (isinstance(node, Mapping | DictConfig) and "_target_" in node):
             raise ValueError(f"config node '{name}' has no _target_: cannot build it")
-        out.append(hydra.utils.instantiate(node))
+        built = hydra.utils.instantiate(node)
+        if built is not None:  # a factory may decline (the progress bar when it is disabled)
+            out.append(built)
     return out
 
 
