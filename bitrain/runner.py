@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,17 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from bitrain.cluster import PreemptionCheckpoint, exit_code_for
 from bitrain.io import CheckpointError, atomic_save, load_torch_file
 
 log = logging.getLogger(__name__)
 
 # ${div:a,b} -> a // b (grid size from image and patch size in configs).
 OmegaConf.register_new_resolver("div", lambda a, b: int(a) // int(b), replace=True)
+# Map-style training data resumes mid-epoch exactly (the data module's state + EpochSampler skip
+# the consumed samples), so Lightning's generic warning about non-resumable loaders is wrong here;
+# iterable sources warn on their own (bitrain.data.datamodule).
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -127,6 +133,7 @@ def check_output_dir(path: str | os.PathLike, min_free_gb: float = 0.0) -> Path:
 AUTO = "auto"
 _STEP_FILE = re.compile(r"step_(\d+)")
 _LAST_FILE = re.compile(r"last(-v\d+)?\.ckpt")
+_HPC_FILE = re.compile(r"hpc_ckpt_\d+\.ckpt")
 
 
 def _readable_checkpoint(path: Path) -> None:
@@ -139,13 +146,17 @@ def _readable_checkpoint(path: Path) -> None:
 
 
 def _candidates(checkpoint_dir: Path) -> list[Path]:
-    """``last*.ckpt`` newest file first, then ``step_*.ckpt`` highest step first.
+    """``last*.ckpt`` and ``hpc_ckpt_*.ckpt`` newest file first, then ``step_*.ckpt`` by step.
 
     Lightning's ``ModelCheckpoint`` writes ``last-v1.ckpt`` instead of overwriting a ``last.ckpt``
     it did not write itself (e.g. after a resume from a ``step_*`` file), so every ``last*`` file
-    counts, the most recently written first.
+    counts, the most recently written first. SLURM auto-requeue (SIGUSR1) writes
+    ``hpc_ckpt_N.ckpt`` in the run directory, the checkpoint directory's parent.
     """
     lasts = [p for p in checkpoint_dir.glob("last*.ckpt") if _LAST_FILE.fullmatch(p.name)]
+    lasts += [
+        p for p in checkpoint_dir.parent.glob("hpc_ckpt_*.ckpt") if _HPC_FILE.fullmatch(p.name)
+    ]
     lasts = [p for p in lasts if p.is_file()]
     lasts.sort(key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
     steps = []
@@ -246,7 +257,12 @@ def build(
     task = hydra.utils.instantiate(cfg.task)
     trainer = hydra.utils.instantiate(
         cfg.trainer,
-        callbacks=[*instantiate_group(cfg.get("callbacks")), RNGStateCheckpoint(), *callbacks],
+        callbacks=[
+            *instantiate_group(cfg.get("callbacks")),
+            RNGStateCheckpoint(),
+            PreemptionCheckpoint(checkpoint_dir_of(cfg)),
+            *callbacks,
+        ],
         logger=instantiate_group(cfg.get("logger")) or False,
         plugins=[SafeCheckpointIO()],
     )
@@ -261,7 +277,13 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
     datamodule, task, trainer = build(cfg, callbacks)
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
-    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SystemExit as err:  # SIGTERM: checkpoint written (PreemptionCheckpoint), exit 143
+        code = exit_code_for(err)
+        if code is None:
+            raise
+        raise SystemExit(code) from err
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     last = out_dir / "checkpoints" / "last.ckpt"
     return {

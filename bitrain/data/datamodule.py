@@ -144,11 +144,25 @@ class EpochSampler(DistributedSampler):
     Lightning calls :meth:`set_epoch` every epoch and, since this is a ``DistributedSampler``,
     keeps it under DDP instead of wrapping it. With ``drop_last`` the tail that does not split
     evenly over ranks is dropped, otherwise padded by repetition (as ``DistributedSampler``).
+
+    Mid-epoch resume: :meth:`skip_once` makes the next pass over epoch ``e`` start after the
+    samples this rank already trained on, so a resumed run sees exactly the rest of the epoch.
     """
+
+    _skip: tuple[int, int] | None = None
+
+    def skip_once(self, epoch: int, num_samples: int) -> None:
+        """Leave out the first ``num_samples`` of this rank's order in epoch ``epoch``, once."""
+        self._skip = (int(epoch), max(0, int(num_samples)))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = int(self.epoch)
-        return ((epoch, int(i)) for i in super().__iter__())
+        start = 0
+        if self._skip is not None and self._skip[0] == epoch:
+            start, self._skip = self._skip[1], None
+        indices = list(super().__iter__())[start:]
+        return ((epoch, int(i)) for i in indices)
+    # __len__ stays the full epoch: Lightning counts a resumed epoch's batches from where it was.
 
 
 def _split_label(raw: Any) -> tuple[Any, Any]:
@@ -269,6 +283,17 @@ class _BaseDataModule(L.LightningDataModule):
                     dataset, num_replicas=world, rank=rank, shuffle=self.shuffle,
                     seed=self.seed, drop_last=self.drop_last,
                 )  # fmt: skip
+                if self._resume_position is not None:
+                    epoch_done, batches_done = self._resume_position
+                    sampler.skip_once(epoch_done, batches_done * self.batch_size)
+                    self._resume_position = None
+            elif self._resume_position is not None:
+                log.warning(
+                    "resuming mid-epoch with an iterable source (%s): the epoch restarts from its "
+                    "beginning, so samples already seen in it are seen again",
+                    _source_name(source),
+                )
+                self._resume_position = None
         else:
             dataset.per_sample_seed = _mix(self.seed, 0xE7A1)
         workers = self.num_workers
@@ -293,9 +318,26 @@ class _BaseDataModule(L.LightningDataModule):
             return []
         return self._loader(self.val_source, train=False)
 
+    _resume_position: tuple[int, int] | None = None
+
     def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: how many bad samples were skipped so far."""
-        return {"num_bad_samples": self.num_bad_samples}
+        """Saved in checkpoints: bad samples skipped so far, and the position in the epoch.
+
+        ``epoch`` and ``batches_done`` (training batches of that epoch already trained on, this
+        rank) let :meth:`load_state_dict` resume in the middle of an epoch without seeing the
+        consumed samples again.
+        """
+        state: dict[str, Any] = {"num_bad_samples": self.num_bad_samples}
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            progress = trainer.fit_loop.epoch_loop.batch_progress.current
+            state.update(epoch=int(trainer.current_epoch), batches_done=int(progress.processed))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the epoch position (see :meth:`state_dict`) for the next training loader."""
+        if "epoch" in state and int(state.get("batches_done", 0)) > 0:
+            self._resume_position = (int(state["epoch"]), int(state["batches_done"]))
 
     def teardown(self, stage: str) -> None:
         if self.num_bad_samples:

@@ -1,0 +1,61 @@
+"""bitrain.cluster: run directory names (SLURM requeue) and hpc checkpoints found by auto-resume."""
+
+import os
+import re
+import time
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from bitrain import runner
+from bitrain.cluster import SIGTERM_EXIT_CODE, exit_code_for, run_dir_name, slurm_job_id
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+
+
+def test_slurm_job_id():
+    assert slurm_job_id({}) is None
+    assert slurm_job_id({"SLURM_JOB_ID": "123"}) == "123"
+    env = {"SLURM_JOB_ID": "125", "SLURM_ARRAY_JOB_ID": "120", "SLURM_ARRAY_TASK_ID": "5"}
+    assert slurm_job_id(env) == "120_5"
+    assert slurm_job_id({"SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "bash"}) is None
+
+
+def test_run_dir_name():
+    assert run_dir_name("my-run", {"SLURM_JOB_ID": "9"}) == "my-run"
+    assert run_dir_name(None, {"SLURM_JOB_ID": "9"}) == "slurm-9"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d", run_dir_name(None, {}))
+    assert run_dir_name(None, {}) == run_dir_name(None, {})  # one timestamp per process
+    for bad in ("/abs", "../up"):
+        with pytest.raises(ValueError, match="run_name"):
+            run_dir_name(bad, {})
+
+
+def test_hydra_run_dir_uses_run_name():
+    with initialize_config_dir(config_dir=os.path.abspath(CONFIGS), version_base="1.3"):
+        cfg = compose("pretrain", overrides=["paths.run_name=exp1"], return_hydra_config=True)
+    assert cfg.hydra.run.dir.endswith(os.path.join("outputs", "pretrain", "exp1"))
+
+
+def test_exit_code():
+    assert exit_code_for(SIGTERMException()) == SIGTERM_EXIT_CODE == 143
+    assert exit_code_for(SystemExit(1)) is None
+
+
+def _ckpt(path, step):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {}, "global_step": step}, path)
+
+
+def test_auto_resume_prefers_the_newest_of_last_and_hpc_checkpoints(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    _ckpt(ckpts / "step_0000010.ckpt", 10)
+    _ckpt(ckpts / "last.ckpt", 10)
+    time.sleep(0.05)
+    _ckpt(tmp_path / "hpc_ckpt_1.ckpt", 12)  # SLURM's SIGUSR1 checkpoint, written later
+    assert runner.resolve_ckpt_path("auto", ckpts) == str(tmp_path / "hpc_ckpt_1.ckpt")
+    time.sleep(0.05)
+    _ckpt(ckpts / "last.ckpt", 15)
+    assert runner.resolve_ckpt_path("auto", ckpts) == str(ckpts / "last.ckpt")
