@@ -1,4 +1,8 @@
-"""A CSV logger for runs that are resumed in their own directory (``ckpt_path=auto``, requeue).
+"""Loggers for runs that are resumed in their own directory (``ckpt_path=auto``, requeue).
+
+* :func:`wandb_logger`: Lightning's ``WandbLogger`` whose run id is kept in the run directory
+  (``wandb_run_id`` file), so a resumed run continues the same wandb run (``resume="allow"``)
+  instead of starting a new one.
 
 Lightning's ``CSVLogger`` deletes an existing ``metrics.csv`` when a new run starts in the same
 directory, so a preempted-and-resumed run would lose the curve before the preemption.
@@ -13,12 +17,18 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import uuid
+from pathlib import Path
 from typing import Any
 
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter as _LightningWriter
 
-__all__ = ["CSVLogger"]
+__all__ = ["CSVLogger", "wandb_logger"]
+
+RUN_ID_FILE = "wandb_run_id"
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +77,25 @@ class CSVLogger(_LightningCSVLogger):
         self._fs.makedirs(self.root_dir, exist_ok=True)
         self._experiment = _ResumableWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+def wandb_logger(save_dir: str, id: str | None = None, **kwargs: Any) -> WandbLogger:
+    """``WandbLogger(save_dir=..., id=..., resume="allow", **kwargs)`` with a run id that persists.
+
+    Args:
+        save_dir: the run directory; the id is read from / written to ``save_dir/wandb_run_id``.
+        id: an explicit wandb run id (else the saved one, else a new one).
+        **kwargs: further ``WandbLogger`` arguments (project, name, offline, log_model, ...).
+    """
+    path = Path(save_dir) / RUN_ID_FILE
+    if id is None and path.is_file():
+        id = path.read_text().strip() or None
+        if id:
+            log.info("wandb: continuing run %s (from %s)", id, path)
+    if id is None:
+        id = uuid.uuid4().hex[:12]  # wandb ids: lowercase letters and digits
+    if rank_zero_only.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(id + "\n")
+    kwargs.setdefault("resume", "allow")
+    return WandbLogger(save_dir=save_dir, id=id, **kwargs)

@@ -36,3 +36,16 @@ def test_fresh_directory_behaves_like_lightning(tmp_path):
     logger.log_metrics({"loss": 1.0}, step=0)
     logger.save()
     assert _steps(tmp_path / "metrics.csv") == [(0, "1.0")]
+
+
+def test_wandb_run_id_is_kept_in_the_run_dir(tmp_path, monkeypatch):
+    from bitrain.loggers import wandb_logger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    first = wandb_logger(save_dir=str(tmp_path), project="p", offline=True)
+    saved = (tmp_path / "wandb_run_id").read_text().strip()
+    assert saved and first.version == saved
+    again = wandb_logger(save_dir=str(tmp_path), project="p", offline=True)
+    assert again.version == saved
+    other = wandb_logger(save_dir=str(tmp_path / "other"), project="p", offline=True)
+    assert other.version != saved
