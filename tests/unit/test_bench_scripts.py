@@ -1,4 +1,4 @@
-"""Smoke tests of scripts/bench_pretrain.py and scripts/bench_tokenizer.py at the smallest sizes.
+"""Smoke tests of scripts/bench_*.py at the smallest sizes.
 
 Each runs ``main()`` on CPU (tiny sizes, batch 2, two timed steps) and checks the last printed
 line is one JSON object with the throughput keys, positive figures and consistent ratios.
@@ -66,3 +66,26 @@ def test_bench_tokenizer_tiny_cpu(capsys):
     assert out["reference_id_agreement"] == 1.0  # same weights, float32
     assert 0.0 <= out["bf16_id_agreement"] <= 1.0
     assert 0.0 < out["step_share"]["share"] < 1.0
+
+
+def test_bench_data_generated_images(capsys):
+    bench = _load("bench_data")
+    rc = bench.main(
+        ["--num-images", "24", "--batch-size", "4", "--batches", "2", "--workers", "0",
+         "--shard-size", "10"]
+    )  # fmt: skip
+    assert rc == 0
+    out = _last_json(capsys)
+    for key in ("folder_img_s", "shards_img_s", "reference_img_s"):
+        assert out[key]["0"] > 0, key
+    assert math.isclose(out["ratio"]["0"], out["folder_img_s"]["0"] / out["reference_img_s"]["0"])
+
+
+def test_bench_data_refuses_too_few_images(tmp_path):
+    from PIL import Image
+
+    bench = _load("bench_data")
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (64, 48)).save(tmp_path / "a" / "x.jpg")
+    with pytest.raises(SystemExit, match="need at least"):
+        bench.main(["--root", str(tmp_path), "--batch-size", "4", "--no-shards"])

@@ -1,0 +1,253 @@
+"""Benchmark BEiT pretraining data loading: decode + two views + blockwise mask, images per second.
+
+For each source and worker count it iterates bitrain's ``PretrainDataModule`` train loader
+(BEiT-base settings: 224 px bicubic patch view, 112 px Lanczos token view, crop scale (0.08, 1),
+flip, colour jitter 0.4, 75 of 14x14 patches masked) and reports images/s in total and per
+worker process (per core when each worker has a core):
+
+* ``folder``: :class:`bitrain.data.sources.ImageFolderSource` over JPEG files;
+* ``shards``: :class:`bitrain.data.shards.WebDatasetSource` over tar shards of the same JPEGs;
+* ``reference``: in the same run, on the same files, the official BEiT pipeline rebuilt from
+  torchvision (``unilm/beit/datasets.py`` ``DataAugmentationForBEiT``: colour jitter on the whole
+  image, flip, one crop resized twice, ``ToTensor`` + ``Normalize`` / ``map_pixels``; PIL
+  ``Image.open().convert("RGB")`` as torchvision's ``ImageFolder`` loader does), masks from the
+  same generator. ``ratio`` = bitrain folder / reference at each worker count.
+
+Without ``--root`` it writes ``--num-images`` JPEGs (quality 90, ``--image-size``, default
+500x375 as a typical ImageNet photo) cut from the real photographs that ship with scikit-image,
+into a temporary folder. The first batch of every loader (worker start-up) is not timed.
+Prints a table, then as the last line one JSON object (``docs/benchmarks.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pretrain import machine_info  # noqa: E402
+
+# Colour photographs inside the scikit-image wheel (no download).
+PHOTOS = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+)
+
+
+def make_images(out_dir: Path, num_images: int, size: tuple[int, int], seed: int = 0) -> Path:
+    """Write ``num_images`` JPEGs (random crops of scikit-image's photos) in 10 class folders."""
+    import skimage.data
+    from PIL import Image
+
+    rng = random.Random(seed)
+    data_dir = Path(skimage.data.__file__).parent
+    photos = [Image.open(data_dir / name).convert("RGB") for name in PHOTOS]
+    w, h = size
+    for i in range(num_images):
+        photo = photos[i % len(photos)]
+        scale = rng.uniform(0.4, 1.0)
+        cw, ch = int(photo.width * scale), int(photo.height * scale)
+        x, y = rng.randint(0, photo.width - cw), rng.randint(0, photo.height - ch)
+        img = photo.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC)
+        folder = out_dir / f"class_{i % 10:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        img.save(folder / f"img_{i:05d}.jpg", quality=90)
+    return out_dir
+
+
+def make_shards(root: Path, out_dir: Path, per_shard: int) -> str:
+    """Tar shards (webdataset layout: ``<key>.jpg`` + ``<key>.cls``) of the JPEGs under ``root``."""
+    import webdataset as wds
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = sorted(root.rglob("*.jpg"))
+    classes = sorted({f.parent.name for f in files})
+    n_shards = 0
+    for start in range(0, len(files), per_shard):
+        with wds.TarWriter(str(out_dir / f"shard-{n_shards:06d}.tar")) as sink:
+            for f in files[start : start + per_shard]:
+                sink.write(
+                    {
+                        "__key__": f.stem,
+                        "jpg": f.read_bytes(),
+                        "cls": str(classes.index(f.parent.name)).encode(),
+                    }
+                )
+        n_shards += 1
+    return str(out_dir / f"shard-{{000000..{n_shards - 1:06d}}}.tar")
+
+
+class ReferenceDataset(Dataset):
+    """The official BEiT pretraining pipeline, rebuilt from torchvision (module docstring)."""
+
+    def __init__(self, files: Sequence[Path], mask_generator: Any) -> None:
+        from torchvision import transforms as T
+
+        self.files = list(files)
+        self.mask_generator = mask_generator
+        self.jitter = T.ColorJitter(0.4, 0.4, 0.4)
+        self.flip = T.RandomHorizontalFlip(0.5)
+        self.crop = T.RandomResizedCrop(224, scale=(0.08, 1.0))
+        self.normalize = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        self.to_tensor = T.ToTensor()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        from PIL import Image
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as F
+
+        with open(self.files[i], "rb") as f:
+            img = Image.open(f).convert("RGB")
+        img = self.flip(self.jitter(img))
+        top, left, h, w = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
+        patch = F.resized_crop(img, top, left, h, w, [224, 224], InterpolationMode.BICUBIC)
+        token = F.resized_crop(img, top, left, h, w, [112, 112], InterpolationMode.LANCZOS)
+        token = self.to_tensor(token)
+        return {
+            "images": self.normalize(self.to_tensor(patch)),
+            "tokenizer_images": 0.8 * token + 0.1,  # DALL-E map_pixels, eps 0.1
+            "mask": self.mask_generator(),
+        }
+
+
+def time_loader(loader: Any, max_batches: int) -> tuple[float, int]:
+    """(images/s, images) over batches 2..max_batches+1 of ``loader`` (the first is start-up)."""
+    it = iter(loader)
+    next(it)
+    n, t0 = 0, time.perf_counter()
+    for i, batch in enumerate(it):
+        n += int(batch["images"].shape[0])
+        if i + 1 >= max_batches:
+            break
+    seconds = time.perf_counter() - t0
+    del it
+    return (n / seconds if seconds > 0 else float("nan")), n
+
+
+def bitrain_loader(source: Any, workers: int, batch_size: int) -> DataLoader:
+    from bitrain.data.datamodule import PretrainDataModule
+    from bitrain.data.masking import BlockwiseMaskGenerator
+    from bitrain.data.transforms import TwoViewTransform
+
+    dm = PretrainDataModule(
+        source,
+        TwoViewTransform(224, 112),
+        BlockwiseMaskGenerator((14, 14), 75),
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=False,
+        persistent_workers=False,
+    )
+    return dm.train_dataloader()
+
+
+def reference_loader(files: Sequence[Path], workers: int, batch_size: int) -> DataLoader:
+    from bitrain.data.masking import BlockwiseMaskGenerator
+
+    ds = ReferenceDataset(files, BlockwiseMaskGenerator((14, 14), 75))
+    return DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--root", type=Path, help="image folder (default: generated JPEGs)")
+    p.add_argument("--num-images", type=int, default=512)
+    p.add_argument("--image-size", default="500x375", help="WxH of generated images")
+    p.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batches", type=int, default=8, help="timed batches per measurement")
+    p.add_argument("--shard-size", type=int, default=128, help="images per generated shard")
+    p.add_argument("--no-shards", action="store_true", help="skip the webdataset measurement")
+    p.add_argument("--no-reference", action="store_true", help="skip the reference pipeline")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from bitrain.data.shards import WebDatasetSource
+    from bitrain.data.sources import ImageFolderSource
+
+    torch.manual_seed(0)
+    workers = [int(w) for w in str(args.workers).split(",") if w != ""]
+    tmp = tempfile.TemporaryDirectory(prefix="bench_data_")
+    root = args.root
+    if root is None:
+        w, h = (int(v) for v in args.image_size.lower().split("x"))
+        root = make_images(Path(tmp.name) / "images", args.num_images, (w, h))
+    folder = ImageFolderSource(root)
+    files = [Path(root) / f for f in folder.files]
+    needed = (args.batches + 1) * args.batch_size
+    if len(files) < needed:
+        raise SystemExit(
+            f"bench_data: {len(files)} images under {root}, need at least {needed} "
+            "(--batches + 1) x --batch-size"
+        )
+    shards = None
+    if not args.no_shards:
+        shards = make_shards(root, Path(tmp.name) / "shards", args.shard_size)
+
+    info = machine_info(torch.device("cpu"))
+    print(f"# bench_data: {info['cpu']}, {os.cpu_count()} CPUs, torch {info['torch']}")
+    print(
+        f"# {len(files)} images from {root}, batch {args.batch_size}, {args.batches} timed batches"
+    )
+    print("| source | workers | images/s | images/s per worker |")
+    print("|---|---|---|---|")
+    results: dict[str, dict[str, float]] = {"folder": {}, "shards": {}, "reference": {}}
+    for n_workers in workers:
+        runs = [("folder", lambda w=n_workers: bitrain_loader(folder, w, args.batch_size))]
+        if shards is not None:
+            src = WebDatasetSource(shards, shuffle=0)
+            runs.append(
+                ("shards", lambda w=n_workers, s=src: bitrain_loader(s, w, args.batch_size))
+            )
+        if not args.no_reference:
+            runs.append(
+                ("reference", lambda w=n_workers: reference_loader(files, w, args.batch_size))
+            )
+        for name, make in runs:
+            rate, _ = time_loader(make(), args.batches)
+            results[name][str(n_workers)] = rate
+            per = rate / max(1, n_workers)
+            print(f"| {name} | {n_workers} | {rate:.1f} | {per:.1f} |")
+
+    out: dict[str, Any] = {
+        "machine": info,
+        "images": len(files),
+        "batch_size": args.batch_size,
+        "folder_img_s": results["folder"],
+        "shards_img_s": results["shards"],
+        "reference_img_s": results["reference"],
+    }
+    if results["reference"]:
+        out["ratio"] = {
+            w: results["folder"][w] / results["reference"][w] for w in results["reference"]
+        }
+    best = max(results["folder"].items(), key=lambda kv: kv[1] / max(1, int(kv[0])))
+    out["folder_img_s_per_worker_best"] = best[1] / max(1, int(best[0]))
+    print(json.dumps(out))
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
