@@ -59,3 +59,16 @@ def test_auto_resume_prefers_the_newest_of_last_and_hpc_checkpoints(tmp_path):
     time.sleep(0.05)
     _ckpt(ckpts / "last.ckpt", 15)
     assert runner.resolve_ckpt_path("auto", ckpts) == str(ckpts / "last.ckpt")
+
+
+def test_fsdp_trainer_config_builds_its_strategy():
+    import hydra
+    from lightning.pytorch.strategies import FSDPStrategy
+    from timm.models.beit import Block
+
+    with initialize_config_dir(config_dir=os.path.abspath(CONFIGS), version_base="1.3"):
+        cfg = compose("pretrain", overrides=["+experiment=beit_large", "trainer=fsdp"])
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    assert Block in strategy.kwargs["auto_wrap_policy"]._module_classes
+    assert cfg.trainer.precision == "bf16-mixed"
