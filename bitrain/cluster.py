@@ -10,6 +10,12 @@
   (atomically, like every checkpoint) so nothing after the previous periodic checkpoint is lost,
   and the process exits with status 143 (128 + SIGTERM) instead of 0, so a scheduler sees an
   interrupted job, not a finished one (:func:`exit_code_for`).
+* **Global batch.** ``data.global_batch_size`` (when set) is the recipe's batch over all devices;
+  :func:`apply_global_batch` derives ``data.batch_size`` (per device) and
+  ``trainer.accumulate_grad_batches`` from the world size (``trainer.devices`` x
+  ``trainer.num_nodes``) and ``data.max_batch_per_device`` (a memory cap), so one experiment gives
+  the same optimisation on 8, 16 or 64 GPUs. The learning rate is not rescaled: the experiments
+  state the lr of their global batch.
 * **SIGUSR1** inside SLURM (``#SBATCH --signal=USR1@180``): Lightning's own auto-requeue saves
   ``hpc_ckpt_N.ckpt`` in the run directory and requeues the job with ``scontrol``;
   :func:`bitrain.runner.resolve_ckpt_path` counts those files as candidates for ``auto``.
@@ -18,18 +24,25 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 __all__ = [
+    "BatchPlan",
     "PreemptionCheckpoint",
+    "apply_global_batch",
+    "derive_batch",
+    "world_size_of",
     "SIGTERM_EXIT_CODE",
     "exit_code_for",
     "run_dir_name",
@@ -103,3 +116,109 @@ class PreemptionCheckpoint(L.Callback):
             self.path,
             self.path,
         )
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a global batch is split: ``global = per_device x world_size x accumulate``."""
+
+    global_batch_size: int
+    world_size: int
+    per_device: int
+    accumulate: int
+
+    def __str__(self) -> str:
+        return (
+            f"global batch {self.global_batch_size} = {self.per_device} per device x "
+            f"{self.world_size} devices x {self.accumulate} accumulation steps"
+        )
+
+
+def derive_batch(
+    global_batch_size: int, world_size: int, max_per_device: int | None = None
+) -> BatchPlan:
+    """Per-device batch and gradient accumulation for a global batch on ``world_size`` devices.
+
+    The fewest accumulation steps that keep the per-device batch at most ``max_per_device``
+    and divide the per-rank share exactly.
+
+    Raises:
+        ValueError: the global batch does not split evenly over the devices, or gives less than
+            one sample per device; the message names the config keys.
+    """
+    global_batch_size, world_size = int(global_batch_size), int(world_size)
+    if world_size < 1:
+        raise ValueError(f"world size must be >= 1, got {world_size}")
+    if global_batch_size < world_size:
+        raise ValueError(
+            f"data.global_batch_size={global_batch_size} gives less than one sample per device "
+            f"on {world_size} devices (trainer.devices x trainer.num_nodes)"
+        )
+    if global_batch_size % world_size:
+        raise ValueError(
+            f"data.global_batch_size={global_batch_size} does not split evenly over {world_size} "
+            "devices (trainer.devices x trainer.num_nodes); pick a multiple of the world size"
+        )
+    per_rank = global_batch_size // world_size
+    cap = per_rank if max_per_device in (None, 0) else int(max_per_device)
+    if cap < 1:
+        raise ValueError(f"data.max_batch_per_device must be >= 1, got {max_per_device}")
+    accumulate = math.ceil(per_rank / cap)
+    while per_rank % accumulate:
+        accumulate += 1
+    return BatchPlan(global_batch_size, world_size, per_rank // accumulate, accumulate)
+
+
+def world_size_of(trainer_cfg: Any) -> int:
+    """Processes a trainer config asks for: devices (an int, a list, or "auto") x num_nodes.
+
+    ``"auto"`` counts the visible GPUs when the accelerator can use them, else 1 (CPU).
+    """
+    devices = trainer_cfg.get("devices", "auto")
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if isinstance(devices, str) and devices not in ("auto", "-1"):
+        devices = [d for d in devices.split(",") if d.strip()] if "," in devices else int(devices)
+    if devices in ("auto", "-1", -1):
+        gpus = torch.cuda.device_count() if accelerator in ("auto", "gpu", "cuda") else 0
+        devices = max(1, gpus)
+    count = (
+        len(devices)
+        if isinstance(devices, list | tuple) or OmegaConf.is_list(devices)
+        else int(devices)
+    )
+    return max(1, count) * max(1, int(trainer_cfg.get("num_nodes", 1) or 1))
+
+
+def apply_global_batch(cfg: DictConfig) -> BatchPlan | None:
+    """Derive ``data.batch_size`` and ``trainer.accumulate_grad_batches`` from the global batch.
+
+    Removes ``global_batch_size`` and ``max_batch_per_device`` from ``cfg.data`` (they are not
+    data-module arguments) and logs the derivation. Nothing happens when the key is absent or null.
+    """
+    data = cfg.get("data")
+    if data is None or "global_batch_size" not in data:
+        return None
+    global_batch = data.get("global_batch_size")
+    cap = data.get("max_batch_per_device")
+    with open_dict(cfg):
+        del cfg.data["global_batch_size"]
+        if "max_batch_per_device" in cfg.data:
+            del cfg.data["max_batch_per_device"]
+    if global_batch in (None, 0):
+        return None
+    plan = derive_batch(global_batch, world_size_of(cfg.trainer), cap)
+    given = cfg.data.get("batch_size")
+    if given is not None and int(given) != plan.per_device:
+        log.warning(
+            "data.batch_size=%s is replaced by %d: data.global_batch_size=%d sets it (%s); "
+            "set data.global_batch_size=null to use data.batch_size as it is",
+            given,
+            plan.per_device,
+            plan.global_batch_size,
+            plan,
+        )
+    with open_dict(cfg):
+        cfg.data.batch_size = plan.per_device
+        cfg.trainer.accumulate_grad_batches = plan.accumulate
+    log.info("%s", plan)
+    return plan

@@ -10,7 +10,8 @@ fail minutes or hours into it:
 * data: an image folder's ``data.source.root`` exists and holds images (counted), a WebDataset's
   ``data.source.urls`` expand to shard files that exist (counted); demo / synthetic need nothing;
 * the output dir (``paths.log_dir``) is writable, and its free disk space (``paths.min_free_gb``);
-* per-device and global batch (batch x devices x num_nodes x accumulate_grad_batches).
+* per-device and global batch (batch x devices x num_nodes x accumulate_grad_batches), derived
+  from ``data.global_batch_size`` when set (:func:`bitrain.cluster.apply_global_batch`).
 
 Exit code 0 when every check passes, 1 with the list of problems otherwise. See docs/monitoring.md.
 """
@@ -239,7 +240,15 @@ def check_output(cfg: DictConfig) -> list[Check]:
 
 
 def check_batch(cfg: DictConfig, world_size: int) -> list[Check]:
-    """Per-device and global batch size."""
+    """Per-device and global batch size (derived from ``data.global_batch_size`` when set)."""
+    if _get(cfg, "data.global_batch_size") is not None:
+        from bitrain.cluster import apply_global_batch
+
+        cfg = cfg.copy()
+        try:
+            apply_global_batch(cfg)
+        except ValueError as err:
+            return [Check("batch", False, str(err))]
     batch = _get(cfg, "data.batch_size")
     accumulate = int(_get(cfg, "trainer.accumulate_grad_batches", 1) or 1)
     if not isinstance(batch, int) or batch < 1:

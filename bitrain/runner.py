@@ -32,7 +32,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from bitrain.cluster import PreemptionCheckpoint, exit_code_for
+from bitrain.cluster import PreemptionCheckpoint, apply_global_batch, exit_code_for
 from bitrain.io import CheckpointError, atomic_save, load_torch_file
 
 log = logging.getLogger(__name__)
@@ -249,6 +249,7 @@ def build(
         cfg: the composed config.
         callbacks: callbacks to add to those of ``cfg.callbacks`` (a launcher's, a test's).
     """
+    apply_global_batch(cfg)  # data.global_batch_size -> per-device batch + accumulation
     if "masking" in cfg and cfg.masking is not None:
         mask_generator = hydra.utils.instantiate(cfg.masking)
         datamodule = hydra.utils.instantiate(cfg.data, mask_generator=mask_generator)

@@ -109,7 +109,7 @@ def test_full_beit_base_one_step_from_the_command_line(tmp_path, make_dall_e_enc
         "+experiment=beit_base",
         "data=synthetic",
         "trainer.max_steps=1",
-        "data.batch_size=2",
+        "data.global_batch_size=2",
         f"tokenizer.weights_path={enc}",
         f"hydra.run.dir={run_dir}",
         "logger=csv",

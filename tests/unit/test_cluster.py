@@ -72,3 +72,41 @@ def test_fsdp_trainer_config_builds_its_strategy():
     assert isinstance(strategy, FSDPStrategy)
     assert Block in strategy.kwargs["auto_wrap_policy"]._module_classes
     assert cfg.trainer.precision == "bf16-mixed"
+
+
+def test_derive_batch():
+    from bitrain.cluster import derive_batch
+
+    plan = derive_batch(2048, 16)
+    assert (plan.per_device, plan.accumulate) == (128, 1)
+    plan = derive_batch(2048, 8, max_per_device=128)
+    assert (plan.per_device, plan.accumulate) == (128, 2)
+    plan = derive_batch(1024, 8, max_per_device=48)  # 128 per rank: 4 x 32 divides, 3 x 43 not
+    assert (plan.per_device, plan.accumulate) == (32, 4)
+    assert "1024 = 32 per device x 8 devices x 4" in str(plan)
+    with pytest.raises(ValueError, match="does not split evenly"):
+        derive_batch(1000, 64)
+    with pytest.raises(ValueError, match="less than one sample per device"):
+        derive_batch(4, 8)
+
+
+def test_global_batch_in_a_config_sets_batch_and_accumulation():
+    from bitrain.cluster import apply_global_batch, world_size_of
+
+    with initialize_config_dir(config_dir=os.path.abspath(CONFIGS), version_base="1.3"):
+        cfg = compose(
+            "pretrain",
+            overrides=[
+                "+data.global_batch_size=2048",
+                "+data.max_batch_per_device=64",
+                "trainer.devices=8",
+                "trainer.num_nodes=2",
+            ],
+        )
+    assert world_size_of(cfg.trainer) == 16
+    plan = apply_global_batch(cfg)
+    assert cfg.data.batch_size == 64 and cfg.trainer.accumulate_grad_batches == 2
+    assert "global_batch_size" not in cfg.data and "max_batch_per_device" not in cfg.data
+    assert plan.per_device * plan.world_size * plan.accumulate == 2048
+    assert world_size_of({"devices": [0, 1, 2], "num_nodes": 1}) == 3
+    assert world_size_of({"devices": "auto", "accelerator": "cpu"}) == 1

@@ -129,3 +129,13 @@ def test_global_batch_and_gpu_request(tmp_path, tokenizers_dir):
 
     if torch.cuda.device_count() < 4:
         assert any(c.name == "gpus" and not c.ok for c in checks)
+
+
+def test_batch_derived_from_the_recipe_global_batch(tmp_path, tokenizers_dir):
+    base = [f"paths.tokenizers_dir={tokenizers_dir}", f"paths.log_dir={tmp_path}"]
+    cfg = doctor.compose_config([*base, "+experiment=beit_base", "trainer.devices=8"])
+    (batch,) = doctor.check_batch(cfg, 8)
+    assert batch.ok and "128 per device; global 2048 = 128 x 8 (world) x 2" in batch.detail
+    cfg = doctor.compose_config([*base, "+experiment=beit_base", "trainer.devices=3"])
+    (batch,) = doctor.check_batch(cfg, 3)
+    assert not batch.ok and "does not split evenly" in batch.detail
