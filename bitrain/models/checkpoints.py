@@ -335,3 +335,105 @@ def save_mim_model(model: BeitMIM, path: str | os.PathLike, format: Format = "bi
     else:
         raise ValueError(f"unknown checkpoint format {format!r}; choose one of {FORMATS}")
     return atomic_save(obj, path)
+
+
+# --- any encoder or classifier checkpoint, for fine-tuning -------------------------------------
+
+
+def _is_tensor_mapping(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and bool(obj)
+        and all(isinstance(v, torch.Tensor) for v in obj.values())
+    )
+
+
+def load_encoder_state(
+    path_or_dir: str | os.PathLike, use_ema: bool = False
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Weights of any supported checkpoint in timm key names: ``(state_dict, format)``.
+
+    Formats: a bitrain ``.ckpt`` (pretraining: the ``BeitMIM``; fine-tuning: the classifier, or
+    its EMA with ``use_ema``), an official unilm ``.pth`` (``{"model": ...}``, with or without
+    ``args``; pretraining or fine-tuned), a timm state dict (``.pth``/``.bin``/``.safetensors``, or
+    a timm hub folder with ``config.json`` + ``model.safetensors``), a Hugging Face folder
+    (``BeitForMaskedImageModeling``; classifiers through :mod:`bitrain.models.hf_classifier`).
+    The result still carries pretraining-only keys; see
+    :func:`bitrain.models.classifier.adapt_state_dict`.
+
+    Raises:
+        FileNotFoundError: nothing at the path.
+        CheckpointError: unreadable, unsafe, or not a model checkpoint.
+    """
+    path = Path(path_or_dir).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"checkpoint not found: '{path}'. Give a bitrain .ckpt (outputs/<task>/<run>/"
+            "checkpoints/last.ckpt), an official BEiT .pth (github.com/microsoft/unilm/tree/"
+            "master/beit), a timm .pth/.safetensors, or a Hugging Face model folder"
+        )
+    if path.is_dir():
+        return _folder_state(path)
+    if path.suffix == ".safetensors":
+        from bitrain.models.hf import _read_weights
+
+        return _read_weights(path), "timm"
+    obj = load_torch_file(path, allow_namespace=True)
+    if isinstance(obj, Mapping) and "state_dict" in obj and "hyper_parameters" in obj:
+        prefix = "ema.module." if use_ema else "model."
+        state = {k[len(prefix) :]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
+        if not state:
+            what = (
+                "EMA weights (ema.module.*): was the run trained with task.ema?"
+                if use_ema
+                else ("model.* weights")
+            )
+            raise CheckpointError(f"bitrain checkpoint '{path}' has no {what}")
+        return state, "bitrain"
+    if isinstance(obj, Mapping):
+        for key in ("model", "module", "state_dict", "model_ema"):
+            if _is_tensor_mapping(obj.get(key)):
+                return dict(obj[key]), "official" if key in ("model", "module") else "timm"
+        if _is_tensor_mapping(obj):
+            return dict(obj), "timm"
+    raise CheckpointError(
+        f"'{path}' is not a model checkpoint: expected a bitrain .ckpt, an official .pth with "
+        f"'model', or a state dict of tensors; found "
+        f"{_some_keys(obj) if isinstance(obj, Mapping) else type(obj).__name__}"
+    )
+
+
+def _folder_state(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """A Hugging Face model folder or a timm hub folder."""
+    import json
+
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(
+            f"'{folder}' is a directory without config.json: not a Hugging Face or timm model "
+            "folder"
+        )
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"'{cfg_path}' is not valid JSON ({err})") from err
+    if "architecture" in config and "architectures" not in config:  # timm push_to_hub layout
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (folder / name).is_file():
+                from bitrain.models.hf import _read_weights
+
+                return _read_weights(folder / name), "timm"
+        raise FileNotFoundError(f"timm folder '{folder}' has no model.safetensors")
+    architectures = config.get("architectures") or []
+    if any(a.endswith("ForMaskedImageModeling") for a in architectures):
+        state, _, _ = load_mim_state(folder)
+        return state, "hf"
+    try:
+        from bitrain.models import hf_classifier
+    except ImportError as err:
+        raise CheckpointError(
+            f"Hugging Face folder '{folder}' ({architectures}) holds a classifier, and this "
+            "bitrain has no Hugging Face classifier import"
+        ) from err
+    _, _, state, _ = hf_classifier.load_hf_classifier(folder)
+    return state, "hf"
