@@ -8,7 +8,10 @@
   folded into each group's initial lr, so a plain ``LambdaLR`` applies it for real (timm's
   ``lr_scale`` key is ignored by torch schedulers).
 * Schedule: linear warmup then cosine from the peak lr to ``min_lr``, evaluated **per step**
-  (``cosine_scheduler`` in the official ``utils.py`` builds the same curve per iteration).
+  (``cosine_scheduler`` in the official ``utils.py`` builds the same curve per iteration); or
+  ``schedule="step"``: warmup, then the lr times ``decay_rate`` at each of ``milestones``
+  (fractions of the run; BiT-HyperRule: x0.1 at 30%, 60% and 90%).
+* Optimizers: AdamW (BEiT) or SGD with momentum (BiT, ViT fine-tuning), ``name="adamw"|"sgd"``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["build", "lightning_optimizers", "param_groups", "cosine_multiplier", "layer_id_for"]
+__all__ = [
+    "build",
+    "cosine_multiplier",
+    "layer_id_for",
+    "lightning_optimizers",
+    "param_groups",
+    "step_multiplier",
+]
 
 
 def layer_id_for(name: str, num_layers: int) -> int:
@@ -98,11 +108,30 @@ def cosine_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def step_multiplier(
+    step: int, total_steps: int, warmup_steps: int, milestones: Sequence[float], decay_rate: float
+) -> float:
+    """Lr / peak lr at ``step``: linear warmup, then ``decay_rate ** (milestones passed)``.
+
+    ``milestones`` are fractions of ``total_steps`` (e.g. BiT's 0.3, 0.6, 0.9).
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    passed = sum(step >= round(m * total_steps) for m in milestones)
+    return decay_rate**passed
+
+
 def build(
     model: nn.Module,
     total_steps: int,
     *,
     lr: float,
+    name: str = "adamw",
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    schedule: str = "cosine",
+    milestones: Sequence[float] = (0.3, 0.6, 0.9),
+    decay_rate: float = 0.1,
     weight_decay: float = 0.05,
     betas: Sequence[float] = (0.9, 0.999),
     eps: float = 1e-8,
@@ -113,12 +142,19 @@ def build(
     layer_decay: float | None = None,
     fused: bool | None = None,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over :func:`param_groups` plus a per-step warmup + cosine ``LambdaLR``.
+    """AdamW (or SGD) over :func:`param_groups` plus a per-step warmup + cosine/step ``LambdaLR``.
 
     Args:
         model: the model to optimize.
         total_steps: optimizer steps of the whole run (Lightning's ``estimated_stepping_batches``).
         lr: peak learning rate (already scaled to the global batch if the recipe asks for it).
+        name: ``"adamw"`` or ``"sgd"``.
+        momentum: SGD momentum.
+        nesterov: SGD Nesterov momentum.
+        schedule: ``"cosine"`` (warmup + cosine to ``min_lr``) or ``"step"`` (warmup + decays).
+        milestones: fractions of ``total_steps`` where the step schedule multiplies the lr by
+            ``decay_rate``.
+        decay_rate: the step schedule's factor.
         weight_decay: AdamW decoupled weight decay on weight matrices.
         betas: AdamW moment coefficients.
         eps: AdamW denominator epsilon.
@@ -145,17 +181,29 @@ def build(
         warmup_steps = int(round(warmup_epochs * steps_per_epoch))
     warmup_steps = min(int(warmup_steps), total_steps)
 
+    if name not in ("adamw", "sgd"):
+        raise ValueError(f"optim.name must be 'adamw' or 'sgd', got {name!r}")
+    if schedule not in ("cosine", "step"):
+        raise ValueError(f"optim.schedule must be 'cosine' or 'step', got {schedule!r}")
     groups = param_groups(model, weight_decay, layer_decay)
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
     if fused is None:
         fused = _fused_supported([p for g in groups for p in g["params"]])
-    optimizer = torch.optim.AdamW(
-        groups, lr=lr, betas=tuple(betas), eps=eps, fused=bool(fused) or None
-    )
+    if name == "adamw":
+        optimizer = torch.optim.AdamW(
+            groups, lr=lr, betas=tuple(betas), eps=eps, fused=bool(fused) or None
+        )
+    else:
+        optimizer = torch.optim.SGD(
+            groups, lr=lr, momentum=momentum, nesterov=nesterov, fused=bool(fused) or None
+        )
     min_ratio = min_lr / lr
+    marks = tuple(float(m) for m in milestones)
 
     def multiplier(step: int) -> float:
+        if schedule == "step":
+            return step_multiplier(step, total_steps, warmup_steps, marks, decay_rate)
         return cosine_multiplier(step, total_steps, warmup_steps, min_ratio)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)

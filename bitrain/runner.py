@@ -39,6 +39,32 @@ log = logging.getLogger(__name__)
 
 # ${div:a,b} -> a // b (grid size from image and patch size in configs).
 OmegaConf.register_new_resolver("div", lambda a, b: int(a) // int(b), replace=True)
+
+
+def latest_checkpoint(task: str, log_dir: str | os.PathLike) -> str:
+    """The newest ``last*.ckpt`` of any run of ``task`` under ``log_dir`` (``outputs/``).
+
+    Raises:
+        FileNotFoundError: there is none; the message names the command that makes one.
+    """
+    root = Path(log_dir) / task
+    found = [p for p in root.glob("**/checkpoints/last*.ckpt") if _LAST_FILE.fullmatch(p.name)]
+    if not found:
+        raise FileNotFoundError(
+            f"no {task} checkpoint under {root}/<run>/checkpoints/: run `make demo` or "
+            f"`python -m bitrain.{task}` first, or give model.pretrained=PATH "
+            "(model.pretrained=null trains from scratch)"
+        )
+    return str(max(found, key=lambda p: p.stat().st_mtime))
+
+
+# ${latest_checkpoint:pretrain} -> the newest outputs/pretrain/<run>/checkpoints/last.ckpt.
+OmegaConf.register_new_resolver(
+    "latest_checkpoint",
+    lambda task, *, _root_: latest_checkpoint(task, _root_.paths.log_dir),
+    replace=True,
+)
+
 # Map-style training data resumes mid-epoch exactly (the data module's state + EpochSampler skip
 # the consumed samples), so Lightning's generic warning about non-resumable loaders is wrong here;
 # iterable sources warn on their own (bitrain.data.datamodule).

@@ -41,6 +41,7 @@ from torch.utils.data import (
 from torch.utils.data._utils.collate import default_collate
 
 __all__ = [
+    "ClassificationDataModule",
     "EpochSampler",
     "ImageDataModule",
     "PretrainDataModule",
@@ -162,6 +163,7 @@ class EpochSampler(DistributedSampler):
             start, self._skip = self._skip[1], None
         indices = list(super().__iter__())[start:]
         return ((epoch, int(i)) for i in indices)
+
     # __len__ stays the full epoch: Lightning counts a resumed epoch's batches from where it was.
 
 
@@ -239,6 +241,10 @@ class _BaseDataModule(L.LightningDataModule):
         """The picklable per-sample function: ``(raw sample, generator) -> sample dict``."""
         raise NotImplementedError
 
+    def _process_for(self, train: bool) -> Callable[[Any, torch.Generator], dict[str, Any]]:
+        """The per-sample function of the training (or validation) loader; the same by default."""
+        return self._process()
+
     @property
     def num_bad_samples(self) -> int:
         """Bad samples skipped so far by the train and validation sources (all workers)."""
@@ -269,7 +275,7 @@ class _BaseDataModule(L.LightningDataModule):
                     f"data source {_source_name(source)} is empty: it has no samples. Check "
                     "its path/pattern and split (docs/data.md)"
                 )
-        dataset = (_IterDataset if iterable else _MapDataset)(source, self._process())
+        dataset = (_IterDataset if iterable else _MapDataset)(source, self._process_for(train))
         # (seed, rank, epoch at creation): ranks differ, and a resumed run does not replay epoch 0.
         rank, epoch = self._rank_and_epoch()
         generator = torch.Generator().manual_seed(_mix(self.seed, rank, epoch, int(train)))
@@ -418,3 +424,64 @@ class ImageDataModule(_BaseDataModule):
 
     def _process(self) -> Callable[[Any, torch.Generator], dict[str, Any]]:
         return _SingleViewSample(self.transform)
+
+
+class ClassificationDataModule(_BaseDataModule):
+    """Labelled batches ``{"images": [B,3,s,s], "labels": [B]}`` for fine-tuning and evaluation.
+
+    Args:
+        source: Training source of ``(image, label)`` (image folder with class folders,
+            webdataset shards with ``.cls``, the demo set), or ready sample dicts.
+        transform: Training transform, image -> tensor (timm's ``create_transform``).
+        val_transform: Evaluation transform (resize + centre crop); default: ``transform``.
+        num_classes: Classes of the task; must match the source's ``label_names`` when it has them.
+        Others: as :class:`PretrainDataModule`.
+
+    Raises:
+        ValueError: ``num_classes`` differs from the number of the source's classes.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        transform: Callable | None,
+        val_transform: Callable | None = None,
+        num_classes: int | None = None,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        val_source: Any | None = None,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        drop_last: bool = True,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            source, transform, batch_size, num_workers, val_source, pin_memory,
+            persistent_workers, drop_last, shuffle, seed,
+        )  # fmt: skip
+        self.val_transform = val_transform if val_transform is not None else transform
+        names = self.label_names
+        if num_classes is not None and names is not None and len(names) != int(num_classes):
+            raise ValueError(
+                f"data.num_classes={num_classes} but the training source has {len(names)} "
+                f"classes ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); set "
+                "data.num_classes (and model.num_classes) to match the data"
+            )
+        self.num_classes = (
+            int(num_classes)
+            if num_classes is not None
+            else (len(names) if names is not None else None)
+        )
+
+    @property
+    def label_names(self) -> list[str] | None:
+        """Class names in label order, from the training source (None when it has none)."""
+        names = getattr(self.source, "label_names", None)
+        return [str(n) for n in names] if names is not None else None
+
+    def _process(self) -> Callable[[Any, torch.Generator], dict[str, Any]]:
+        return _SingleViewSample(self.transform)
+
+    def _process_for(self, train: bool) -> Callable[[Any, torch.Generator], dict[str, Any]]:
+        return _SingleViewSample(self.transform if train else self.val_transform)

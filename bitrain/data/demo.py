@@ -68,6 +68,23 @@ def _rendered(image_size: int) -> np.ndarray:
     return out
 
 
+def _per_class_subset(indices: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` indices of each class in a fixed permutation (seed ``SPLIT_SEED + 1``)."""
+    if k < 1:
+        raise ValueError(f"DemoSource labels_per_class must be >= 1, got {k}")
+    order = np.random.default_rng(SPLIT_SEED + 1).permutation(indices)
+    chosen = []
+    for cls in np.unique(labels[indices]):
+        of_class = order[labels[order] == cls]
+        if len(of_class) < k:
+            raise ValueError(
+                f"DemoSource labels_per_class={k}: digit {cls} has only {len(of_class)} images "
+                "in this split"
+            )
+        chosen.append(of_class[:k])
+    return np.sort(np.concatenate(chosen))
+
+
 class DemoSource(Dataset):
     """The demo's real digit images as RGB ``PIL.Image`` s (optionally with their class).
 
@@ -76,14 +93,22 @@ class DemoSource(Dataset):
         image_size: Side of the returned images in pixels (8x8 digits upsampled bicubically).
         with_labels: Return ``(image, label)`` pairs; ``None`` means yes for "train" and "test"
             and no for "pretrain" and "all".
+        labels_per_class: Keep only this many images of each digit (a fixed, seeded, stratified
+            subset of the split: the same on every run), e.g. 13 for the demo's low-label
+            fine-tuning (130 labelled images); ``None`` keeps the whole split.
 
     Items are ``PIL.Image`` (RGB, ``image_size`` square) or ``(PIL.Image, int)``.
     """
 
     classes = [str(d) for d in range(10)]
+    label_names = classes
 
     def __init__(
-        self, split: str = "pretrain", image_size: int = 32, with_labels: bool | None = None
+        self,
+        split: str = "pretrain",
+        image_size: int = 32,
+        with_labels: bool | None = None,
+        labels_per_class: int | None = None,
     ) -> None:
         if split not in _SPLITS:
             raise ValueError(f"DemoSource split must be one of {_SPLITS}, got {split!r}")
@@ -95,6 +120,9 @@ class DemoSource(Dataset):
         self.indices = demo_split_indices()[split]
         self.num_bad = 0  # the embedded set has no bad samples; kept for the source interface
         _, labels = _load_digits()
+        self.labels_per_class = None if labels_per_class is None else int(labels_per_class)
+        if self.labels_per_class is not None:
+            self.indices = _per_class_subset(self.indices, labels, self.labels_per_class)
         self.targets = labels[self.indices].tolist()
 
     def __len__(self) -> int:
@@ -110,5 +138,6 @@ class DemoSource(Dataset):
     def __repr__(self) -> str:
         return (
             f"DemoSource(split={self.split!r}, image_size={self.image_size}, "
-            f"with_labels={self.with_labels}, len={len(self)})"
+            f"with_labels={self.with_labels}, labels_per_class={self.labels_per_class}, "
+            f"len={len(self)})"
         )

@@ -120,6 +120,11 @@ class ImageFolderSource(Dataset):
         self.targets = [index[p[0]] for p in top]
 
     @property
+    def label_names(self) -> list[str] | None:
+        """Class names in label order (the sorted class folders, e.g. ImageNet wnids)."""
+        return list(self.classes) if self.with_labels else None
+
+    @property
     def num_bad(self) -> int:
         """Bad files skipped so far, counted across DataLoader workers."""
         return self.num_bad_counter.value

@@ -29,22 +29,15 @@ import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 
 from bitrain import optim as optim_lib
+from bitrain.tasks.common import NonFiniteGuard, plain
 from bitrain.tokenizers.base import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
-def plain(cfg: Any) -> Any:
-    """A Hydra/OmegaConf node as plain, resolved Python containers (anything else unchanged)."""
-    if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
-
-
-class MaskedImageModeling(L.LightningModule):
+class MaskedImageModeling(NonFiniteGuard, L.LightningModule):
     """Pretrain a :class:`bitrain.models.beit.BeitMIM` against a frozen visual tokenizer.
 
     Args:
@@ -152,41 +145,6 @@ class MaskedImageModeling(L.LightningModule):
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=bs)
         return out["loss"]
 
-    def _skip_nonfinite(
-        self, loss: torch.Tensor, batch: Mapping[str, torch.Tensor], bs: int
-    ) -> torch.Tensor | None:
-        """Count a NaN/inf loss, warn with the batch's statistics, and skip (or stop the run).
-
-        Returns ``None`` (Lightning then skips backward; the optimizer step finds no gradients).
-        Under DDP Lightning refuses ``None``, so a zero loss tied to every trainable parameter is
-        returned instead: the gradient all-reduce still matches and this rank contributes zeros.
-
-        Raises:
-            FloatingPointError: more than ``max_nonfinite_steps`` steps had a non-finite loss.
-        """
-        self.nonfinite_steps += 1
-        step, stats = self.global_step, batch_statistics(batch)
-        self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=bs)
-        if self.nonfinite_steps > self.max_nonfinite_steps:
-            raise FloatingPointError(
-                f"training loss is {loss.item()} at step {step}: {self.nonfinite_steps} steps "
-                f"with a non-finite loss exceed task.max_nonfinite_steps="
-                f"{self.max_nonfinite_steps}. Batch: {stats}. Check the data for NaN/inf, lower "
-                "optim.lr, or use a gradient clip / bf16 instead of fp16"
-            )
-        log.warning(
-            "non-finite training loss (%s) at step %d: step skipped (%d of at most %d). Batch: %s",
-            loss.item(),
-            step,
-            self.nonfinite_steps,
-            self.max_nonfinite_steps,
-            stats,
-        )
-        if self._trainer is not None and self.trainer.world_size > 1:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            return torch.stack([p.sum() for p in params]).sum() * 0.0
-        return None
-
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         out = self.shared_step(batch)
         bs = batch["images"].shape[0]
@@ -200,26 +158,6 @@ class MaskedImageModeling(L.LightningModule):
 
     def configure_optimizers(self):
         return optim_lib.lightning_optimizers(self.model, self.trainer, self.optim_cfg)
-
-
-def batch_statistics(batch: Mapping[str, torch.Tensor]) -> str:
-    """One line describing a batch's image tensors: finite min/max/mean and non-finite counts."""
-    parts = []
-    for key in ("images", "tokenizer_images"):
-        x = batch.get(key)
-        if not isinstance(x, torch.Tensor):
-            continue
-        x = x.detach().float()
-        finite = torch.isfinite(x)
-        bad = int((~finite).sum())
-        vals = x[finite]
-        if vals.numel():
-            lo, hi, mean = vals.min().item(), vals.max().item(), vals.mean().item()
-            rng = f"min {lo:.4g} max {hi:.4g} mean {mean:.4g}"
-        else:
-            rng = "no finite values"
-        parts.append(f"{key} {tuple(x.shape)} {rng}, {bad} non-finite of {x.numel()}")
-    return "; ".join(parts) or "no image tensors in the batch"
 
 
 def check_compatible(model: torch.nn.Module, tokenizer: Tokenizer) -> None:

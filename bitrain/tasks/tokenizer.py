@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from bitrain import optim as optim_lib
-from bitrain.tasks.mim import plain
+from bitrain.tasks.common import plain
 from bitrain.tokenizers.dvae import DiscreteVAE, codebook_stats, save_dvae
 
 __all__ = ["DVAETraining", "temperature_at"]

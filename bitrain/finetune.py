@@ -1,0 +1,23 @@
+"""Fine-tune a classifier: ``python -m bitrain.finetune [+experiment=NAME] [model.pretrained=PATH]``.
+
+With no arguments it fine-tunes the embedded demo's tiny BEiT on 130 labelled digits, starting from
+the newest demo pretraining checkpoint (``model.pretrained=null``: from scratch). Everything is
+composed from ``configs/finetune.yaml``; see docs/finetuning.md.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from bitrain import runner
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="finetune")
+def main(cfg: DictConfig) -> dict:
+    """Compose -> build -> fit."""
+    return runner.train(cfg)
+
+
+if __name__ == "__main__":
+    main()

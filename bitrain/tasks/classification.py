@@ -1,0 +1,198 @@
+"""Supervised fine-tuning of a timm classifier as a LightningModule (``run_class_finetuning.py``).
+
+One step: optional Mixup/CutMix (timm ``Mixup``; its soft targets carry the label smoothing) on
+the batch, the classifier's logits, and the loss: soft-target cross entropy with mixing, else
+cross entropy with ``label_smoothing``. Validation reports ``val/loss`` (plain cross entropy),
+``val/top1`` and ``val/top5`` (torchmetrics, top-k clipped to the number of classes) and, with an
+EMA of the weights (timm ``ModelEmaV3``, updated after every optimizer step), the same for the
+EMA model as ``val/ema_top1`` / ``val/ema_top5``.
+
+The model is built by its config (``bitrain.models.classifier.create_classifier``: a timm model,
+optionally initialised from ``model.pretrained``); the optimizer by :mod:`bitrain.optim` with
+layer-wise lr decay folded into each group's lr. Label names (from the data module) are kept in
+every checkpoint (``checkpoint["label_names"]``), and hyper-parameters are plain containers, so
+``torch.load(..., weights_only=True)`` reads the ``.ckpt``. Non-finite losses: skipped and counted
+as in pretraining (:class:`bitrain.tasks.common.NonFiniteGuard`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from bitrain import optim as optim_lib
+from bitrain.tasks.common import NonFiniteGuard, plain
+
+__all__ = ["ImageClassification"]
+
+log = logging.getLogger(__name__)
+
+
+class ImageClassification(NonFiniteGuard, L.LightningModule):
+    """Fine-tune (or train from scratch) an image classifier.
+
+    Args:
+        model: config of the classifier (``_target_`` + arguments, incl. ``num_classes``).
+        optim: keyword arguments of :func:`bitrain.optim.build`.
+        mixup: ``timm.data.Mixup`` arguments (``mixup_alpha``, ``cutmix_alpha``, ``prob``,
+            ``switch_prob``, ``mode``), or None / both alphas 0 for no mixing.
+        label_smoothing: label smoothing of the targets (in the mixed soft targets too).
+        ema: ``{"decay": 0.9999}`` (+ other ``ModelEmaV3`` arguments) to keep an EMA of the
+            weights, evaluated separately; None for none.
+        compile: ``torch.compile`` the model's forward.
+        max_nonfinite_steps: NaN/inf training steps skipped before the run stops.
+        label_names: class names (normally taken from the data module at fit start).
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        mixup: Mapping[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+        ema: Mapping[str, Any] | None = None,
+        compile: bool = False,
+        max_nonfinite_steps: int = 10,
+        label_names: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        model, optim, mixup, ema = plain(model), plain(optim), plain(mixup), plain(ema)
+        if not 0.0 <= float(label_smoothing) < 1.0:
+            raise ValueError(f"task.label_smoothing must be in [0, 1), got {label_smoothing}")
+        if isinstance(max_nonfinite_steps, bool) or int(max_nonfinite_steps) < 0:
+            raise ValueError(f"task.max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
+        self.save_hyperparameters(
+            {
+                "model": model,
+                "optim": optim,
+                "mixup": mixup,
+                "label_smoothing": float(label_smoothing),
+                "ema": ema,
+                "compile": compile,
+                "max_nonfinite_steps": int(max_nonfinite_steps),
+            }
+        )
+        self.model = hydra.utils.instantiate(model)
+        self.num_classes = int(model["num_classes"])
+        self.optim_cfg = dict(optim)
+        self.label_smoothing = float(label_smoothing)
+        self.mixup_fn = _build_mixup(mixup, self.label_smoothing, self.num_classes)
+        self.ema = None
+        if ema:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, **ema)
+        self.__dict__["_forward"] = torch.compile(self.model) if compile else self.model
+        top_k = min(5, self.num_classes)
+        self.val_top1 = MulticlassAccuracy(self.num_classes, top_k=1)
+        self.val_top5 = MulticlassAccuracy(self.num_classes, top_k=top_k)
+        self.ema_top1 = MulticlassAccuracy(self.num_classes, top_k=1)
+        self.ema_top5 = MulticlassAccuracy(self.num_classes, top_k=top_k)
+        self.label_names = list(label_names) if label_names else None
+        self.max_nonfinite_steps = int(max_nonfinite_steps)
+        self.nonfinite_steps = 0
+        self._t_last: float | None = None
+
+    # --- Lightning hooks -------------------------------------------------------------------------
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes]``."""
+        return self._forward(images)
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = getattr(datamodule, "label_names", None)
+        if names is not None:
+            if len(names) != self.num_classes:
+                raise ValueError(
+                    f"the data has {len(names)} classes but model.num_classes={self.num_classes}"
+                )
+            self.label_names = list(names)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["label_names"] = self.label_names
+        checkpoint["nonfinite_steps"] = self.nonfinite_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_steps = int(checkpoint.get("nonfinite_steps", 0))
+        if checkpoint.get("label_names"):
+            self.label_names = list(checkpoint["label_names"])
+
+    def training_step(
+        self, batch: Mapping[str, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor | None:
+        images, labels = batch["images"], batch["labels"]
+        bs = images.shape[0]
+        if self.mixup_fn is not None:
+            if bs % 2:
+                raise ValueError(
+                    f"Mixup/CutMix needs an even batch size, got {bs}: set data.drop_last=true "
+                    "and an even data.batch_size"
+                )
+            images, targets = self.mixup_fn(images, labels)
+            logits = self(images)
+            loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            logits = self(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+            acc = (logits.detach().argmax(-1) == labels).float().mean()
+            self.log("train/acc", acc, prog_bar=True, batch_size=bs)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        peak = max(g["lr"] for g in self.optimizers().param_groups)  # the head (layer decay)
+        self.log("lr", peak, prog_bar=True, batch_size=bs)
+        now = time.perf_counter()
+        if self._t_last is not None:
+            world = self.trainer.world_size if self._trainer is not None else 1
+            self.log(
+                "train/images_per_sec", bs * world / max(now - self._t_last, 1e-9), batch_size=bs
+            )
+        self._t_last = now
+        if not bool(torch.isfinite(loss)):
+            return self._skip_nonfinite(loss, batch, bs)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After each optimizer step (not each micro-batch of a gradient accumulation).
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        if self.ema is not None and (batch_idx + 1) % accumulate == 0:
+            self.ema.update(self.model, step=self.global_step)
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch["images"], batch["labels"]
+        bs = images.shape[0]
+        logits = self(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        self.val_top1.update(logits, labels)
+        self.val_top5.update(logits, labels)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=bs)
+        self.log("val/top1", self.val_top1, prog_bar=True, batch_size=bs)
+        self.log("val/top5", self.val_top5, batch_size=bs)
+        if self.ema is not None:
+            ema_logits = self.ema.module(images)
+            self.ema_top1.update(ema_logits, labels)
+            self.ema_top5.update(ema_logits, labels)
+            self.log("val/ema_top1", self.ema_top1, batch_size=bs)
+            self.log("val/ema_top5", self.ema_top5, batch_size=bs)
+
+    def configure_optimizers(self):
+        return optim_lib.lightning_optimizers(self.model, self.trainer, self.optim_cfg)
+
+
+def _build_mixup(cfg: Mapping[str, Any] | None, smoothing: float, num_classes: int):
+    """The ``timm.data.Mixup`` of the config, or None when both alphas are 0 / no config."""
+    if not cfg:
+        return None
+    cfg = dict(cfg)
+    if not (cfg.get("mixup_alpha", 0) > 0 or cfg.get("cutmix_alpha", 0) > 0):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(**cfg, label_smoothing=smoothing, num_classes=num_classes)
