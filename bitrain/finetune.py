@@ -1,4 +1,4 @@
-"""Fine-tune a classifier: ``python -m bitrain.finetune [+experiment=NAME] [model.pretrained=PATH]``.
+"""Fine-tune a classifier: ``python -m bitrain.finetune [+experiment=NAME] [model.pretrained=P]``.
 
 With no arguments it fine-tunes the embedded demo's tiny BEiT on 130 labelled digits, starting from
 the newest demo pretraining checkpoint (``model.pretrained=null``: from scratch). Everything is
