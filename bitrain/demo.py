@@ -2,13 +2,19 @@
 
 1. Train the demo dVAE tokenizer on the demo's digits, unless ``tokenizers/demo_dvae.pt`` exists.
 2. Pretrain a tiny BEiT by MIM on the same images (``python -m bitrain.pretrain``).
-3. Report where everything went, per-stage times, the tokenizer's codebook usage, and the MIM loss
-   and masked accuracy at the start and the end of pretraining; write the run's plots and
-   ``report.md`` (``bitrain.report``).
+3. Fine-tune twice on 130 labelled digits with the same steps and seed (``python -m
+   bitrain.finetune``): from the MIM checkpoint of step 2, and from scratch; both are evaluated on
+   the 500 held-out test digits.
+4. Report where everything went, per-stage times, the tokenizer's codebook usage, the MIM loss and
+   masked accuracy at the start and the end of pretraining, and the two fine-tuned accuracies side
+   by side; write plots and ``report.md`` for pretraining and for the two fine-tuning runs
+   overlaid (``bitrain.report``), and say where the image panels are.
 
 Each stage runs as its own ``python -m`` command, exactly what a user would type, so the demo also
-checks the commands themselves. Extra arguments are passed to the pretraining command
-(e.g. ``python -m bitrain.demo trainer.max_steps=50``).
+checks the commands themselves. Extra arguments are Hydra overrides of the pretraining command
+(e.g. ``python -m bitrain.demo trainer.max_steps=50``), or, prefixed with ``finetune.``, of both
+fine-tuning commands (``finetune.trainer.max_steps=20``). ``--seeds 0,1,2`` fine-tunes both ways
+once per seed and prints the mean and spread (``docs/finetuning.md``).
 """
 
 from __future__ import annotations
@@ -60,10 +66,39 @@ def _start_end(series: list[tuple[int, float]], window: int = 5) -> tuple[float,
     return series[0][1], sum(last) / len(last)
 
 
+def _final_top1(run_dir: Path) -> float:
+    series = read_metric_series(run_dir / "metrics.csv", "val/top1")
+    if not series:
+        raise SystemExit(f"demo: the fine-tuning run {run_dir} logged no val/top1")
+    return series[-1][1]
+
+
+def _split_args(args: list[str]) -> tuple[list[str], list[str], list[int]]:
+    """Pretraining overrides, fine-tuning overrides (``finetune.`` prefix) and ``--seeds``."""
+    pretrain, finetune, seeds = [], [], [0]
+    it = iter(args)
+    for arg in it:
+        if arg == "--seeds" or arg.startswith("--seeds="):
+            value = arg.split("=", 1)[1] if "=" in arg else next(it, "")
+            try:
+                seeds = [int(v) for v in value.split(",") if v.strip()]
+            except ValueError:
+                raise SystemExit(
+                    f"demo: --seeds takes integers like 0,1,2, got {value!r}"
+                ) from None
+            if not seeds:
+                raise SystemExit("demo: --seeds needs at least one seed")
+        elif arg.startswith("finetune."):
+            finetune.append(arg[len("finetune.") :])
+        else:
+            pretrain.append(arg)
+    return pretrain, finetune, seeds
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the demo; return its figures (also logged as a summary)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
-    overrides = list(sys.argv[1:] if argv is None else argv)
+    overrides, ft_overrides, seeds = _split_args(list(sys.argv[1:] if argv is None else argv))
     stamp = datetime.now()
     day, clock = stamp.strftime("%Y-%m-%d"), stamp.strftime("%H-%M-%S")
     figures: dict = {}
@@ -117,10 +152,68 @@ def main(argv: list[str] | None = None) -> dict:
         )
     log.info("  checkpoint   %s", run_dir / "checkpoints" / "last.ckpt")
     log.info("  metrics      %s", metrics)
+    panels = sorted((run_dir / "panels").glob("*.png"))
+    if panels:
+        log.info(
+            "  panels       %s (%d images, e.g. %s)",
+            run_dir / "panels",
+            len(panels),
+            panels[-1].name,
+        )
     report = write_report([run_dir])
     figures["report"] = str(report)
+
+    # Fine-tuning: from the MIM checkpoint and from scratch, same steps and seed.
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    results: dict[str, list[float]] = {"pretrained": [], "scratch": []}
+    ft_runs: dict[str, list[Path]] = {"pretrained": [], "scratch": []}
+    t0 = time.perf_counter()
+    for seed in seeds:
+        for init, pretrained in (("pretrained", str(ckpt)), ("scratch", "null")):
+            ft_dir = Path("outputs") / "finetune" / day / f"{clock}-{init}-seed{seed}"
+            _run(
+                "bitrain.finetune",
+                ft_dir,
+                [f"model.pretrained={pretrained}", f"seed={seed}", *ft_overrides],
+            )
+            results[init].append(_final_top1(ft_dir))
+            ft_runs[init].append(ft_dir)
+    figures["finetune_seconds"] = time.perf_counter() - t0
+    figures["finetune_top1"] = results
+    figures["finetune_runs"] = {k: [str(p) for p in v] for k, v in ft_runs.items()}
+    ft_report = write_report(
+        [ft_runs["pretrained"][0], ft_runs["scratch"][0]],
+        out_dir=Path("outputs") / "finetune" / day / f"{clock}-report",
+    )
+    figures["finetune_report"] = str(ft_report)
+
+    log.info(
+        "fine-tuning    130 labelled digits, %s; top-1 on the 500 held-out test digits",
+        _seeds(seeds),
+    )
+    for init in ("pretrained", "scratch"):
+        accs = results[init]
+        label = "from MIM" if init == "pretrained" else "from scratch"
+        log.info("  %-13s %s   %s", label, _mean_spread(accs), ft_runs[init][0])
+    gap = [p - s for p, s in zip(results["pretrained"], results["scratch"])]
+    log.info("  gap          %s (pretrained - scratch, same steps and seed)", _mean_spread(gap))
     log.info("report        %s", report)
+    log.info("               %s (fine-tuning, both runs overlaid)", ft_report)
     return figures
+
+
+def _seeds(seeds: list[int]) -> str:
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
+
+
+def _mean_spread(values: list[float]) -> str:
+    """``0.788`` or ``0.781 +- 0.012 (n=3)`` (sample standard deviation)."""
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}%"
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    each = ", ".join(f"{100 * v:.1f}" for v in values)
+    return f"{100 * mean:.1f}% +- {100 * sd:.1f} (n={len(values)}: {each})"
 
 
 if __name__ == "__main__":

@@ -32,6 +32,10 @@ def test_demo_runs_from_any_directory_and_reports(tmp_path):
         "+trainer.limit_train_batches=6",
         "+trainer.limit_val_batches=1",
         "trainer.enable_progress_bar=false",
+        "finetune.trainer.max_steps=4",
+        "finetune.trainer.check_val_every_n_epoch=1",
+        "finetune.+trainer.limit_val_batches=2",
+        "finetune.trainer.enable_progress_bar=false",
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -46,6 +50,15 @@ def test_demo_runs_from_any_directory_and_reports(tmp_path):
     assert (run / ".hydra" / "config.yaml").is_file()
     assert (run / "metrics.csv").is_file()
     assert list((run / "wandb").glob("offline-run-*")), "no offline wandb run"
+    # Fine-tuned twice, same steps and seed: from the MIM checkpoint and from scratch.
+    assert "from MIM" in out and "from scratch" in out and "gap" in out
+    ft = sorted(
+        p.name.split("-", 3)[-1] for p in (tmp_path / "outputs" / "finetune").glob("*/*-seed0")
+    )
+    assert ft == ["pretrained-seed0", "scratch-seed0"], ft
+    for ft_run in (tmp_path / "outputs" / "finetune").glob("*/*-seed0"):
+        assert (ft_run / "checkpoints" / "last.ckpt").is_file()
+    assert list((tmp_path / "outputs" / "finetune").glob("*/*-report/report.md"))
 
 
 def test_pretrain_without_demo_tokenizer_says_how_to_get_one(tmp_path):
