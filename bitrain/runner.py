@@ -33,6 +33,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from bitrain.cluster import PreemptionCheckpoint, apply_global_batch, exit_code_for
+from bitrain.hyperrule import apply_hyperrule
 from bitrain.io import CheckpointError, atomic_save, load_torch_file
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,15 @@ OmegaConf.register_new_resolver(
     lambda task, *, _root_: latest_checkpoint(task, _root_.paths.log_dir),
     replace=True,
 )
+
+
+
+def _required(what: str) -> str:
+    raise ValueError(f"missing a value this config needs: give {what}")
+
+
+# ${required:KEY=WHAT} fails with a message naming the key when it is not overridden.
+OmegaConf.register_new_resolver("required", _required, replace=True)
 
 # Map-style training data resumes mid-epoch exactly (the data module's state + EpochSampler skip
 # the consumed samples), so Lightning's generic warning about non-resumable loaders is wrong here;
@@ -275,6 +285,7 @@ def build(
         cfg: the composed config.
         callbacks: callbacks to add to those of ``cfg.callbacks`` (a launcher's, a test's).
     """
+    apply_hyperrule(cfg)  # hyperrule: true -> BiT-HyperRule schedule, resolution, Mixup
     apply_global_batch(cfg)  # data.global_batch_size -> per-device batch + accumulation
     if "masking" in cfg and cfg.masking is not None:
         mask_generator = hydra.utils.instantiate(cfg.masking)

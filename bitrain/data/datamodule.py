@@ -435,6 +435,8 @@ class ClassificationDataModule(_BaseDataModule):
         transform: Training transform, image -> tensor (timm's ``create_transform``).
         val_transform: Evaluation transform (resize + centre crop); default: ``transform``.
         num_classes: Classes of the task; must match the source's ``label_names`` when it has them.
+        root: The dataset folder the sources' paths are built from in the config (kept for
+            reference; the sources read the data).
         Others: as :class:`PretrainDataModule`.
 
     Raises:
@@ -447,6 +449,7 @@ class ClassificationDataModule(_BaseDataModule):
         transform: Callable | None,
         val_transform: Callable | None = None,
         num_classes: int | None = None,
+        root: str | None = None,
         batch_size: int = 64,
         num_workers: int = 2,
         val_source: Any | None = None,
@@ -460,6 +463,7 @@ class ClassificationDataModule(_BaseDataModule):
             source, transform, batch_size, num_workers, val_source, pin_memory,
             persistent_workers, drop_last, shuffle, seed,
         )  # fmt: skip
+        self.root = root
         self.val_transform = val_transform if val_transform is not None else transform
         names = self.label_names
         if num_classes is not None and names is not None and len(names) != int(num_classes):

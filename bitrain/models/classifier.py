@@ -64,23 +64,36 @@ def create_classifier(
             unilm ``.pth``, timm state dict / safetensors, Hugging Face folder); None: random init.
         pretrained_strict: ``False`` loads what fits and warns about the rest.
         **timm_kwargs: further model arguments (``img_size``, ``drop_path_rate``,
-            ``global_pool``, ``head_init_scale``, ...).
+            ``global_pool``, ``head_init_scale``, ...). ``img_size`` is kept as a record for
+            models that take none (ResNets).
 
     Returns:
         The timm model, with ``bitrain_spec`` = the arguments that rebuild it (no ``pretrained``).
     """
     if int(num_classes) < 1:
         raise ValueError(f"model.num_classes must be >= 1, got {num_classes}")
+    kwargs = dict(timm_kwargs)
     try:
-        model = timm.create_model(
-            model_name, pretrained=False, num_classes=int(num_classes), **timm_kwargs
-        )
+        model = _create(model_name, int(num_classes), kwargs)
     except RuntimeError as err:  # timm: unknown model name
         raise ValueError(f"model.model_name={model_name!r}: {err}") from err
     model.bitrain_spec = {"model_name": model_name, "num_classes": int(num_classes), **timm_kwargs}
     if pretrained not in (None, ""):
         load_pretrained(model, pretrained, strict=pretrained_strict)
     return model
+
+
+def _create(model_name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    """``timm.create_model``; ``img_size`` is only a record for models without one (CNNs)."""
+    try:
+        return timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs)
+    except TypeError as err:
+        if "img_size" not in kwargs or "img_size" not in str(err):
+            raise
+        rest = {k: v for k, v in kwargs.items() if k != "img_size"}
+        model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **rest)
+        model.img_size = kwargs["img_size"]  # the training resolution, for data and predict
+        return model
 
 
 def _head_keys(model: nn.Module) -> set[str]:

@@ -11,7 +11,23 @@ import bitrain.runner  # noqa: F401  (registers the ${div:} resolver)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
-PRETRAIN_EXPERIMENTS = [e for e in EXPERIMENTS if e.startswith("beit_")]
+
+
+def _entry(experiment: str) -> str:
+    """The entry point an experiment belongs to, from its task_name (pretrain_* / finetune_*)."""
+    for line in (CONFIGS / "experiment" / f"{experiment}.yaml").read_text().splitlines():
+        if line.startswith("task_name:"):
+            return line.split(":", 1)[1].strip().split("_", 1)[0]
+    raise AssertionError(f"experiment {experiment} sets no task_name")
+
+
+PRETRAIN_EXPERIMENTS = [e for e in EXPERIMENTS if _entry(e) == "pretrain"]
+FINETUNE_EXPERIMENTS = [e for e in EXPERIMENTS if _entry(e) == "finetune"]
+
+
+def test_every_experiment_belongs_to_an_entry_point():
+    assert set(PRETRAIN_EXPERIMENTS) | set(FINETUNE_EXPERIMENTS) == set(EXPERIMENTS)
+    assert len(FINETUNE_EXPERIMENTS) == 5
 
 
 def _compose(name, overrides, tmp_path):
@@ -21,9 +37,10 @@ def _compose(name, overrides, tmp_path):
     return cfg
 
 
-@pytest.mark.parametrize("name", ["pretrain", "train_tokenizer"])
+@pytest.mark.parametrize("name", ["pretrain", "train_tokenizer", "finetune"])
 def test_primary_configs_compose(name, tmp_path):
-    cfg = _compose(name, [], tmp_path)
+    # finetune's default model.pretrained is the newest demo pretraining checkpoint: none in CI.
+    cfg = _compose(name, ["model.pretrained=null"] if name == "finetune" else [], tmp_path)
     assert cfg.task._target_
     assert cfg.trainer._target_ == "lightning.Trainer"
     assert cfg.paths.output_dir == str(tmp_path)
