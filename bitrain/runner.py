@@ -67,7 +67,6 @@ OmegaConf.register_new_resolver(
 )
 
 
-
 def _required(what: str) -> str:
     raise ValueError(f"missing a value this config needs: give {what}")
 
