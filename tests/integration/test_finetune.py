@@ -1,0 +1,82 @@
+"""Fine-tuning end to end on CPU: from a MIM checkpoint, from scratch, resume, no checkpoint."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitrain import runner
+from bitrain.models.beit import BeitMIM
+from bitrain.models.checkpoints import load_encoder_state, save_mim_model
+
+pytestmark = pytest.mark.slow
+
+FAST = [
+    "data.batch_size=16",
+    "logger=csv",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.max_steps=6",
+    "trainer.check_val_every_n_epoch=1",
+    "trainer.val_check_interval=3",
+    "+trainer.limit_val_batches=2",
+    "callbacks.model_checkpoint.every_n_train_steps=100",
+]
+
+
+@pytest.fixture(scope="module")
+def demo_mim_ckpt(tmp_path_factory):
+    """A random BeitMIM of the demo's shapes, saved as a bitrain pretraining checkpoint."""
+    torch.manual_seed(0)
+    model = BeitMIM(
+        img_size=32, patch_size=4, vocab_size=512, embed_dim=192, depth=4, num_heads=3,
+        drop_path_rate=0.0, init_values=0.1, init_std=0.04,
+    )  # fmt: skip
+    return save_mim_model(model, tmp_path_factory.mktemp("mim") / "last.ckpt"), model
+
+
+def test_finetune_from_mim_checkpoint_then_resume(compose_cfg, demo_mim_ckpt, tmp_path):
+    ckpt, mim = demo_mim_ckpt
+    run = tmp_path / "run"
+    summary = runner.train(compose_cfg("finetune", [*FAST, f"model.pretrained={ckpt}"], run))
+    assert summary["global_step"] == 6
+    assert 0.0 <= summary["metrics"]["val/top1"] <= 1.0
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["label_names"] == [str(d) for d in range(10)]
+    assert saved["hyper_parameters"]["model"]["pretrained"] == str(ckpt)
+    state, fmt = load_encoder_state(run / "checkpoints" / "last.ckpt")
+    assert fmt == "bitrain" and state["head.weight"].shape == (10, 192)
+    # Resume the same run to 8 steps: continues at step 6.
+    more = compose_cfg("finetune", [*FAST, f"model.pretrained={ckpt}", "trainer.max_steps=8",
+                                    "ckpt_path=auto"], run)  # fmt: skip
+    assert runner.train(more)["global_step"] == 8
+
+
+def test_scratch_and_pretrained_differ_only_in_init(compose_cfg, demo_mim_ckpt, tmp_path):
+    ckpt, mim = demo_mim_ckpt
+    cfg_pre = compose_cfg("finetune", [*FAST, f"model.pretrained={ckpt}"], tmp_path / "a")
+    cfg_scr = compose_cfg("finetune", [*FAST, "model.pretrained=null"], tmp_path / "b")
+    _, task_pre, _ = runner.build(cfg_pre)
+    _, task_scr, _ = runner.build(cfg_scr)
+    w_pre = task_pre.model.blocks[0].mlp.fc1.weight
+    assert torch.equal(w_pre, mim.blocks[0].mlp.fc1.weight)
+    assert not torch.equal(task_scr.model.blocks[0].mlp.fc1.weight, w_pre)
+
+
+def test_finetune_without_pretraining_says_what_to_run(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bitrain.finetune", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    err = proc.stderr + proc.stdout
+    assert "no pretrain checkpoint" in err and "make demo" in err, err[-2000:]
+    assert not list(Path(tmp_path).glob("outputs/finetune/*/*/checkpoints"))
