@@ -131,6 +131,33 @@ def main(argv: list[str] | None = None) -> dict:
         perplexity=stats.get("perplexity"),
     )
 
+    report = write_report([run_dir])
+    figures["report"] = str(report)
+
+    # Fine-tuning: from the MIM checkpoint and from scratch, same steps and seed.
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    results: dict[str, list[float]] = {"pretrained": [], "scratch": []}
+    ft_runs: dict[str, list[Path]] = {"pretrained": [], "scratch": []}
+    t0 = time.perf_counter()
+    for seed in seeds:
+        for init, pretrained in (("pretrained", str(ckpt)), ("scratch", "null")):
+            ft_dir = Path("outputs") / "finetune" / day / f"{clock}-{init}-seed{seed}"
+            _run(
+                "bitrain.finetune",
+                ft_dir,
+                [f"model.pretrained={pretrained}", f"seed={seed}", *ft_overrides],
+            )
+            results[init].append(_final_top1(ft_dir))
+            ft_runs[init].append(ft_dir)
+    figures["finetune_seconds"] = time.perf_counter() - t0
+    figures["finetune_top1"] = results
+    figures["finetune_runs"] = {k: [str(p) for p in v] for k, v in ft_runs.items()}
+    ft_report = write_report(
+        [ft_runs["pretrained"][0], ft_runs["scratch"][0]],
+        out_dir=Path("outputs") / "finetune" / day / f"{clock}-report",
+    )
+    figures["finetune_report"] = str(ft_report)
+
     log.info("\n==== bitrain demo summary ====")
     log.info("tokenizer      %s (trained in %.0f s)", TOKENIZER, figures["tokenizer_seconds"])
     if stats:
@@ -160,36 +187,13 @@ def main(argv: list[str] | None = None) -> dict:
             len(panels),
             panels[-1].name,
         )
-    report = write_report([run_dir])
-    figures["report"] = str(report)
-
-    # Fine-tuning: from the MIM checkpoint and from scratch, same steps and seed.
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    results: dict[str, list[float]] = {"pretrained": [], "scratch": []}
-    ft_runs: dict[str, list[Path]] = {"pretrained": [], "scratch": []}
-    t0 = time.perf_counter()
-    for seed in seeds:
-        for init, pretrained in (("pretrained", str(ckpt)), ("scratch", "null")):
-            ft_dir = Path("outputs") / "finetune" / day / f"{clock}-{init}-seed{seed}"
-            _run(
-                "bitrain.finetune",
-                ft_dir,
-                [f"model.pretrained={pretrained}", f"seed={seed}", *ft_overrides],
-            )
-            results[init].append(_final_top1(ft_dir))
-            ft_runs[init].append(ft_dir)
-    figures["finetune_seconds"] = time.perf_counter() - t0
-    figures["finetune_top1"] = results
-    figures["finetune_runs"] = {k: [str(p) for p in v] for k, v in ft_runs.items()}
-    ft_report = write_report(
-        [ft_runs["pretrained"][0], ft_runs["scratch"][0]],
-        out_dir=Path("outputs") / "finetune" / day / f"{clock}-report",
-    )
-    figures["finetune_report"] = str(ft_report)
 
     log.info(
-        "fine-tuning    130 labelled digits, %s; top-1 on the 500 held-out test digits",
+        "fine-tuning    130 labelled digits, %s, %d runs in %.0f s; top-1 on the 500 held-out "
+        "test digits",
         _seeds(seeds),
+        2 * len(seeds),
+        figures["finetune_seconds"],
     )
     for init in ("pretrained", "scratch"):
         accs = results[init]
