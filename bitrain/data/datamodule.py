@@ -10,7 +10,8 @@ Batches (``docs/architecture.md``):
 Reproducibility. Map-style training data is drawn by :class:`EpochSampler` (a
 ``DistributedSampler``: shuffled from ``(seed, epoch)``, split across ranks, and left in place by
 Lightning under DDP). It yields ``(epoch, index)`` keys, and sample ``index`` of epoch ``e`` gets
-its crop, flip and mask from the seed ``(seed, e, index)``. The data a step sees is therefore a
+its crop, flip and mask from the seed ``(seed, e, index)`` (torch, Python ``random`` and NumPy are
+all seeded from it, so timm's transforms are covered too). The data a step sees is therefore a
 function of ``(seed, epoch, step)`` alone: the same with 0 or 8 workers, and the same after a
 resume as in an uninterrupted run. Validation is fixed: sample ``i`` gets seed ``(seed, i)`` every
 epoch. Iterable sources (webdataset) seed each worker from the loader's generator
@@ -111,9 +112,18 @@ class _Samples:
         if self.per_sample_seed is None or key is None:
             return self.process(raw, self.generator())
         seed = _mix(self.per_sample_seed, *key)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.process(raw, torch.Generator().manual_seed(seed))
+        # Every RNG a transform may draw from: torch (torchvision), Python's random (timm's
+        # RandomResizedCrop, RandAugment, random erasing) and NumPy; restored afterwards.
+        py_state, np_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.process(raw, torch.Generator().manual_seed(seed))
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 class _MapDataset(_Samples, Dataset):

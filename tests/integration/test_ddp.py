@@ -36,15 +36,17 @@ RECORDER = textwrap.dedent(
 )
 
 
-def _run(tmp_path: Path, name: str, tokenizer: Path, overrides: list[str]) -> Path:
+def _run(
+    tmp_path: Path, name: str, tokenizer: Path | None, overrides: list[str], entry="pretrain"
+) -> Path:
     run = tmp_path / name
     rec = tmp_path / f"{name}_samples"
     rec.mkdir()
     cmd = [
         sys.executable,
         "-m",
-        "bitrain.pretrain",
-        f"tokenizer.weights_path={tokenizer}",
+        f"bitrain.{entry}",
+        *([f"tokenizer.weights_path={tokenizer}"] if tokenizer else []),
         f"hydra.run.dir={run}",
         "trainer.max_steps=6",
         "trainer.check_val_every_n_epoch=100",
@@ -53,7 +55,7 @@ def _run(tmp_path: Path, name: str, tokenizer: Path, overrides: list[str]) -> Pa
         "trainer.accelerator=cpu",
         "data.num_workers=0",
         "logger=csv",
-        "callbacks.panels=null",
+        *(["callbacks.panels=null"] if entry == "pretrain" else []),
         "callbacks.progress_bar.style=lines",
         "+callbacks.record._target_=recorder.RecordSamples",
         f"+callbacks.record.out_dir={rec}",
@@ -104,3 +106,30 @@ def test_two_gloo_processes_match_one_process(demo_tokenizer_file, tmp_path):
     assert diffs[worst] < 1e-4, (worst, diffs[worst])
     moved = (a["state_dict"]["model.lm_head.weight"] - 0).abs().sum()
     assert moved > 0
+
+
+def test_finetuning_on_two_gloo_processes_matches_one(tmp_path):
+    (tmp_path / "recorder.py").write_text(RECORDER)
+    common = ["model.pretrained=null", "model.drop_path_rate=0.0"]
+    one = _run(tmp_path, "one", None, [*common, "data.batch_size=16"], entry="finetune")
+    two = _run(
+        tmp_path,
+        "two",
+        None,
+        [*common, "trainer=ddp", "trainer.devices=2", "data.batch_size=8"],
+        entry="finetune",
+    )
+    ranks = [
+        json.loads((tmp_path / "two_samples" / f"rank{r}_epoch0.json").read_text()) for r in (0, 1)
+    ]
+    keys0 = {tuple(k) for k in ranks[0]["keys"]}
+    keys1 = {tuple(k) for k in ranks[1]["keys"]}
+    assert keys0 and not keys0 & keys1 and len(keys0 | keys1) == 130
+    a = torch.load(one / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(two / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 6
+    assert a["label_names"] == b["label_names"] == [str(d) for d in range(10)]
+    keys = [k for k in a["state_dict"] if k.startswith("model.")]
+    diffs = {k: (a["state_dict"][k] - b["state_dict"][k]).abs().max().item() for k in keys}
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] < 1e-4, (worst, diffs[worst])
