@@ -437,3 +437,65 @@ def _folder_state(folder: Path) -> tuple[dict[str, torch.Tensor], str]:
         ) from err
     _, _, state, _ = hf_classifier.load_hf_classifier(folder)
     return state, "hf"
+
+
+def load_classifier(
+    path_or_dir: str | os.PathLike, map_location: str | torch.device = "cpu", use_ema: bool = False
+) -> torch.nn.Module:
+    """A fine-tuned classifier as a timm model in eval mode, with ``label_names`` attached.
+
+    Supported: a bitrain fine-tuning ``.ckpt`` (``use_ema`` takes the EMA weights) and a timm hub
+    folder (``config.json`` with ``architecture`` and ``num_classes`` + ``model.safetensors``).
+
+    Raises:
+        FileNotFoundError: nothing at the path.
+        CheckpointError: another format, a pretraining checkpoint, or weights that do not fit.
+    """
+    import json
+
+    from bitrain.models.classifier import CLASSIFIER_TARGET, create_classifier
+
+    path = Path(path_or_dir).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"classifier checkpoint not found: '{path}'")
+    label_names = None
+    if path.is_dir():
+        config = (
+            json.loads((path / "config.json").read_text())
+            if (path / "config.json").is_file()
+            else {}
+        )
+        if "architecture" not in config:
+            raise CheckpointError(
+                f"'{path}' is not a timm model folder (config.json with 'architecture'); Hugging "
+                "Face classifier folders are not supported yet"
+            )
+        spec = {"model_name": config["architecture"], "num_classes": config["num_classes"]}
+        label_names = config.get("label_names")
+    else:
+        obj = load_torch_file(path, allow_namespace=True)
+        hparams = obj.get("hyper_parameters") if isinstance(obj, Mapping) else None
+        model_cfg = hparams.get("model") if isinstance(hparams, Mapping) else None
+        if not isinstance(model_cfg, Mapping):
+            raise CheckpointError(
+                f"'{path}' is not a bitrain fine-tuning checkpoint (no hyper_parameters['model'])"
+            )
+        if model_cfg.get("_target_") == BEIT_MIM_TARGET:
+            raise CheckpointError(
+                f"'{path}' is a pretraining (MIM) checkpoint, not a classifier: fine-tune it first "
+                f"with `python -m bitrain.finetune model.pretrained={path}`"
+            )
+        if model_cfg.get("_target_") != CLASSIFIER_TARGET:
+            raise CheckpointError(f"'{path}' holds a {model_cfg.get('_target_')}, not a classifier")
+        spec = {k: v for k, v in model_cfg.items() if k not in ("_target_", "pretrained")}
+        label_names = obj.get("label_names")
+    state, fmt = load_encoder_state(path, use_ema=use_ema)
+    model = create_classifier(**spec)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{fmt} checkpoint '{path}' does not fit its own model: {err}"
+        ) from err
+    model.label_names = list(label_names) if label_names else None
+    return model.to(map_location).eval()

@@ -1,0 +1,119 @@
+"""Evaluate a fine-tuned classifier: top-1 / top-5, loss, images per second, per-class accuracy.
+
+:func:`evaluate` loads the checkpoint (:func:`bitrain.models.checkpoints.load_classifier`), builds
+the config's data module with the checkpoint's model settings (so ``${model.img_size}`` in the
+data config is the resolution the model was trained at), runs its validation loader once under
+``torch.inference_mode`` and writes, into the output directory:
+
+* ``metrics.json``: ``top1``, ``top5``, ``loss``, ``images``, ``images_per_sec``, ``seconds``,
+  the checkpoint, EMA or not, the device;
+* ``per_class.csv``: ``class,name,count,correct,accuracy`` for every class.
+
+Top-k uses torchmetrics (``MulticlassAccuracy``, micro average; top-5 clipped to the number of
+classes); the loss is the mean cross entropy over all images.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torchmetrics.classification import MulticlassAccuracy
+
+from bitrain.models.checkpoints import load_classifier
+
+__all__ = ["evaluate"]
+
+log = logging.getLogger(__name__)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.inference_mode()
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Run the evaluation the config describes; return the metrics (also written to files)."""
+    ckpt = Path(str(cfg.ckpt_path)).expanduser()
+    model = load_classifier(ckpt, use_ema=bool(cfg.get("use_ema", False)))
+    with open_dict(cfg):
+        cfg.model = OmegaConf.create(dict(model.bitrain_spec))
+    datamodule = hydra.utils.instantiate(cfg.data)
+    if datamodule.val_source is None:
+        raise ValueError("the data config has no val_source to evaluate on: set data.val_source")
+    names = model.label_names
+    data_names = datamodule.label_names
+    num_classes = int(model.bitrain_spec["num_classes"])
+    if data_names is not None and names is not None and list(data_names) != list(names):
+        log.warning(
+            "the data's class names differ from the checkpoint's (%s... vs %s...): labels are "
+            "compared by index",
+            data_names[:3],
+            names[:3],
+        )
+    names = names or data_names or [str(i) for i in range(num_classes)]
+    device = _device(str(cfg.get("device", "auto")))
+    model.to(device)
+    top1 = MulticlassAccuracy(num_classes, top_k=1).to(device)
+    top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes)).to(device)
+    per_class = MulticlassAccuracy(num_classes, top_k=1, average="none").to(device)
+    count = torch.zeros(num_classes, dtype=torch.long, device=device)
+    loss_sum, n = 0.0, 0
+    start = time.perf_counter()
+    for batch in datamodule.val_dataloader():
+        images, labels = batch["images"].to(device), batch["labels"].to(device)
+        if int(labels.max()) >= num_classes:
+            raise ValueError(
+                f"label {int(labels.max())} in the data but the model has {num_classes} classes"
+            )
+        logits = model(images).float()
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        n += labels.numel()
+        top1.update(logits, labels)
+        top5.update(logits, labels)
+        per_class.update(logits, labels)
+        count += torch.bincount(labels, minlength=num_classes)
+    seconds = time.perf_counter() - start
+    metrics = {
+        "checkpoint": str(ckpt),
+        "ema": bool(cfg.get("use_ema", False)),
+        "device": str(device),
+        "images": n,
+        "top1": float(top1.compute()),
+        "top5": float(top5.compute()),
+        "loss": loss_sum / max(n, 1),
+        "seconds": seconds,
+        "images_per_sec": n / seconds if seconds > 0 else float("nan"),
+    }
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    accuracy = per_class.compute().cpu()  # the same top-1 rule as "top1", per class
+    with open(out / "per_class.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "name", "count", "correct", "accuracy"])
+        for c in range(num_classes):
+            k = int(count[c])
+            ok = round(float(accuracy[c]) * k)
+            writer.writerow([c, names[c], k, ok, f"{ok / k:.6f}" if k else ""])
+    log.info(
+        "top-1 %.4f  top-5 %.4f  loss %.4f  on %d images  (%.0f images/s on %s)",
+        metrics["top1"],
+        metrics["top5"],
+        metrics["loss"],
+        n,
+        metrics["images_per_sec"],
+        device,
+    )
+    log.info("wrote %s and %s", out / "metrics.json", out / "per_class.csv")
+    return metrics
