@@ -210,6 +210,14 @@ def build(
     return optimizer, scheduler
 
 
+def _amp_clipping(trainer) -> bool:
+    """Gradient clipping under Lightning's autocast precision plugin (16-mixed / bf16-mixed)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    clip = getattr(trainer, "gradient_clip_val", None)
+    return bool(clip) and isinstance(getattr(trainer, "precision_plugin", None), MixedPrecision)
+
+
 def lightning_optimizers(model: nn.Module, trainer, optim_cfg: dict) -> dict:
     """What a LightningModule's ``configure_optimizers`` returns: :func:`build` sized to the run.
 
@@ -218,6 +226,10 @@ def lightning_optimizers(model: nn.Module, trainer, optim_cfg: dict) -> dict:
     """
     total = int(trainer.estimated_stepping_batches)
     cfg = dict(optim_cfg)
+    if cfg.get("fused") is None and _amp_clipping(trainer):
+        # Lightning's mixed-precision plugin refuses gradient clipping with a fused optimizer
+        # (it unscales inside its step); the foreach kernels are used then.
+        cfg["fused"] = False
     if cfg.get("warmup_epochs") is not None and "steps_per_epoch" not in cfg:
         max_epochs = trainer.max_epochs
         if max_epochs is None or max_epochs < 1:
