@@ -50,6 +50,8 @@ class ImageClassification(NonFiniteGuard, L.LightningModule):
         compile: ``torch.compile`` the model's forward.
         max_nonfinite_steps: NaN/inf training steps skipped before the run stops.
         label_names: class names (normally taken from the data module at fit start).
+        eval_transform: config of the evaluation transform (``${data.val_transform}``), kept in
+            the checkpoint so ``python -m bitrain.predict`` preprocesses images the same way.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class ImageClassification(NonFiniteGuard, L.LightningModule):
         compile: bool = False,
         max_nonfinite_steps: int = 10,
         label_names: list[str] | None = None,
+        eval_transform: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         model, optim, mixup, ema = plain(model), plain(optim), plain(mixup), plain(ema)
@@ -78,6 +81,7 @@ class ImageClassification(NonFiniteGuard, L.LightningModule):
                 "ema": ema,
                 "compile": compile,
                 "max_nonfinite_steps": int(max_nonfinite_steps),
+                "eval_transform": plain(eval_transform),
             }
         )
         self.model = hydra.utils.instantiate(model)

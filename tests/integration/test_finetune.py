@@ -126,3 +126,36 @@ def test_evaluate_refuses_a_pretraining_checkpoint(demo_mim_ckpt, tmp_path):
     ckpt, _ = demo_mim_ckpt
     with pytest.raises(CheckpointError, match="pretraining .* not a classifier"):
         load_classifier(ckpt)
+
+
+def test_predict_prints_top_k_and_survives_a_bad_file(compose_cfg, demo_mim_ckpt, tmp_path):
+    import json
+
+    from bitrain.data.demo import DemoSource
+
+    ckpt, _ = demo_mim_ckpt
+    run = tmp_path / "ft"
+    runner.train(compose_cfg("finetune", [*FAST, f"model.pretrained={ckpt}"], run))
+    images = tmp_path / "images"
+    images.mkdir()
+    test = DemoSource("test")
+    for i in range(3):
+        test[i][0].save(images / f"digit_{i}.png")
+    (images / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "preds.json"
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bitrain.predict", f"ckpt_path={run}/checkpoints/last.ckpt",
+         f"images={images}", "top_k=3", f"output={out}", f"hydra.run.dir={tmp_path / 'p'}"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(str(images))]
+    assert len(lines) == 4 and any("broken.jpg: ERROR" in ln for ln in lines)
+    results = json.loads(out.read_text())
+    good = [r for r in results if "error" not in r]
+    assert len(good) == 3 and all(len(r["top"]) == 3 for r in good)
+    for r in good:
+        probs = [t["prob"] for t in r["top"]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+        assert all(t["label"] in [str(d) for d in range(10)] for t in r["top"])

@@ -1,0 +1,35 @@
+"""Predict: ``python -m bitrain.predict ckpt_path=PATH images=DIR_OR_FILE [top_k=5] [output=F]``.
+
+Prints, for each image, the top-k labels with their probabilities; ``output=FILE`` also writes
+them as JSON. See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+import bitrain.runner  # noqa: F401  (config resolvers)
+from bitrain.prediction import format_results, predict, write_json
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="predict")
+def main(cfg: DictConfig) -> list:
+    """Compose -> predict -> print (and write JSON)."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    results = predict(
+        cfg.ckpt_path, cfg.images, top_k=cfg.top_k, use_ema=cfg.use_ema, device=cfg.device
+    )
+    print(format_results(results), flush=True)
+    if cfg.get("output"):
+        print(f"wrote {write_json(results, cfg.output)}", flush=True)
+    if any("error" in r for r in results):
+        print(f"{sum('error' in r for r in results)} image(s) could not be read", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()
