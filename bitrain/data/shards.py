@@ -62,6 +62,10 @@ class WebDatasetSource(IterableDataset):
         image_keys: Extensions tried, in order, for the image of a sample.
         label_key: Extension holding the class index as text (webdataset's ``.cls``).
         seed: Seed of the shard order shared by all ranks and workers.
+        samples_per_epoch: Make every epoch exactly this many samples over all ranks and workers
+            (each worker yields ``samples_per_epoch // (world_size x workers)``, cycling over its
+            shards as needed), so ranks with fewer or smaller shards cannot end an epoch early
+            and leave the others waiting in a collective. ``None``: one pass over the shards.
 
     Raises:
         FileNotFoundError: a local shard does not exist (the message lists the missing ones).
@@ -76,6 +80,7 @@ class WebDatasetSource(IterableDataset):
         image_keys: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
         label_key: str = "cls",
         seed: int = 0,
+        samples_per_epoch: int | None = None,
     ) -> None:
         super().__init__()
         self.urls = expand_shard_urls(urls)
@@ -99,6 +104,9 @@ class WebDatasetSource(IterableDataset):
             raise ValueError("image_keys is empty: give at least one extension, e.g. ['jpg']")
         self.label_key = str(label_key).lstrip(".")
         self.seed = int(seed)
+        if samples_per_epoch is not None and int(samples_per_epoch) < 1:
+            raise ValueError(f"samples_per_epoch must be >= 1 or None, got {samples_per_epoch}")
+        self.samples_per_epoch = None if samples_per_epoch is None else int(samples_per_epoch)
         self.num_bad_counter = SharedCounter()
 
     @property
@@ -146,19 +154,57 @@ class WebDatasetSource(IterableDataset):
             warn_bad_once(name, str(err))
             return None
 
-    def __iter__(self) -> Iterator[Image.Image | tuple[Image.Image, int] | None]:
+    def _one_pass(self, shards: list[str], cycle: int) -> Iterator[Any]:
         from webdataset.filters import _shuffle
         from webdataset.tariterators import tarfile_samples
 
-        shards = self._shards_for_this_worker()
+        if self.shuffle and cycle:
+            shards = list(shards)
+            random.Random(torch.initial_seed() + cycle).shuffle(shards)
         samples: Iterator[dict[str, Any]] = tarfile_samples(
             ({"url": url} for url in shards), handler=self._handler
         )
         if self.shuffle:
-            rng = random.Random(torch.initial_seed() ^ 0x5A5A)
+            rng = random.Random((torch.initial_seed() ^ 0x5A5A) + cycle)
             samples = _shuffle(iter(samples), self.shuffle, min(100, self.shuffle), rng=rng)
         for sample in samples:
             yield self._decode(sample)
+
+    def _quota(self) -> int | None:
+        """Samples this worker yields per epoch (``samples_per_epoch`` split evenly), or None."""
+        if self.samples_per_epoch is None:
+            return None
+        world = 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+        info = torch.utils.data.get_worker_info()
+        workers = info.num_workers if info is not None else 1
+        return max(1, self.samples_per_epoch // (world * workers))
+
+    def __iter__(self) -> Iterator[Image.Image | tuple[Image.Image, int] | None]:
+        shards = self._shards_for_this_worker()
+        quota = self._quota()
+        if quota is None:
+            yield from self._one_pass(shards, 0)
+            return
+        if not shards:
+            raise ValueError(
+                f"WebDatasetSource: this rank/worker got no shard of {len(self.urls)}: use at "
+                "least (devices x nodes x data.num_workers) shards"
+            )
+        produced, cycle = 0, 0
+        while produced < quota:
+            good = 0
+            for item in self._one_pass(shards, cycle):
+                yield item
+                if item is not None:
+                    good += 1
+                    produced += 1
+                    if produced >= quota:
+                        return
+            if good == 0:
+                raise RuntimeError(f"WebDatasetSource: no readable sample in shards {shards[:3]}")
+            cycle += 1
 
     def __repr__(self) -> str:
         return (
