@@ -18,7 +18,6 @@ as in pretraining (:class:`bitrain.tasks.common.NonFiniteGuard`).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -152,13 +151,7 @@ class ImageClassification(NonFiniteGuard, L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         peak = max(g["lr"] for g in self.optimizers().param_groups)  # the head (layer decay)
         self.log("lr", peak, prog_bar=True, batch_size=bs)
-        now = time.perf_counter()
-        if self._t_last is not None:
-            world = self.trainer.world_size if self._trainer is not None else 1
-            self.log(
-                "train/images_per_sec", bs * world / max(now - self._t_last, 1e-9), batch_size=bs
-            )
-        self._t_last = now
+        self._log_throughput(bs)
         if not bool(torch.isfinite(loss)):
             return self._skip_nonfinite(loss, batch, bs)
         return loss

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,7 +46,19 @@ class NonFiniteGuard:
     """Skip, count and report training steps whose loss is NaN/inf (a LightningModule mixin).
 
     The module needs ``self.model``, ``self.nonfinite_steps`` and ``self.max_nonfinite_steps``.
+    It also logs the training throughput (:meth:`_log_throughput`).
     """
+
+    _t_last: float | None = None
+
+    def _log_throughput(self, batch_size: int) -> None:
+        """Log ``train/images_per_sec``: images x world size over the time since the last step."""
+        now = time.perf_counter()
+        if self._t_last is not None:
+            world = self.trainer.world_size if self._trainer is not None else 1
+            rate = batch_size * world / max(now - self._t_last, 1e-9)
+            self.log("train/images_per_sec", rate, batch_size=batch_size)
+        self._t_last = now
 
     def _skip_nonfinite(
         self, loss: torch.Tensor, batch: Mapping[str, torch.Tensor], bs: int

@@ -21,7 +21,6 @@ check costs one device-to-host sync per training step (``bool(torch.isfinite(los
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -132,13 +131,7 @@ class MaskedImageModeling(NonFiniteGuard, L.LightningModule):
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
         self.log("train/mim_acc", out["mim_acc"], prog_bar=True, batch_size=bs)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=bs)
-        now = time.perf_counter()
-        if self._t_last is not None:
-            world = self.trainer.world_size if self._trainer is not None else 1
-            self.log(
-                "train/images_per_sec", bs * world / max(now - self._t_last, 1e-9), batch_size=bs
-            )
-        self._t_last = now
+        self._log_throughput(bs)
         # The one host sync this adds per step; the statistics are only computed when it fires.
         if not bool(torch.isfinite(out["loss"])):
             return self._skip_nonfinite(out["loss"], batch, bs)
