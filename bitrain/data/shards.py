@@ -51,6 +51,22 @@ def expand_shard_urls(urls: str | Sequence[str]) -> list[str]:
     return expanded
 
 
+def _class_names(classes: str | Sequence[str] | None, local: list[str]) -> list[str] | None:
+    if classes is None:
+        if not local:
+            return None
+        path = os.path.join(os.path.dirname(local[0].removeprefix("file:")), "classes.txt")
+        if not os.path.isfile(path):
+            return None
+        classes = path
+    if isinstance(classes, str):
+        if not os.path.isfile(classes):
+            raise FileNotFoundError(f"WebDatasetSource: class list '{classes}' does not exist")
+        with open(classes) as f:
+            return [line.strip() for line in f if line.strip()]
+    return [str(c) for c in classes]
+
+
 class WebDatasetSource(IterableDataset):
     """Images (optionally with labels) streamed from WebDataset tar shards.
 
@@ -62,6 +78,9 @@ class WebDatasetSource(IterableDataset):
         image_keys: Extensions tried, in order, for the image of a sample.
         label_key: Extension holding the class index as text (webdataset's ``.cls``).
         seed: Seed of the shard order shared by all ranks and workers.
+        classes: Class names in index order: a list, or the path of a text file with one name
+            per line; ``None``: ``classes.txt`` next to the (local) shards if there is one
+            (``scripts/make_shards.py`` writes it). Exposed as ``label_names``.
         samples_per_epoch: Make every epoch exactly this many samples over all ranks and workers
             (each worker yields ``samples_per_epoch // (world_size x workers)``, cycling over its
             shards as needed), so ranks with fewer or smaller shards cannot end an epoch early
@@ -81,6 +100,7 @@ class WebDatasetSource(IterableDataset):
         label_key: str = "cls",
         seed: int = 0,
         samples_per_epoch: int | None = None,
+        classes: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.urls = expand_shard_urls(urls)
@@ -108,6 +128,7 @@ class WebDatasetSource(IterableDataset):
             raise ValueError(f"samples_per_epoch must be >= 1 or None, got {samples_per_epoch}")
         self.samples_per_epoch = None if samples_per_epoch is None else int(samples_per_epoch)
         self.num_bad_counter = SharedCounter()
+        self.label_names = _class_names(classes, local)
 
     @property
     def num_bad(self) -> int:
