@@ -70,7 +70,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     count = torch.zeros(num_classes, dtype=torch.long, device=device)
     loss_sum, n = 0.0, 0
     start = time.perf_counter()
-    for batch in datamodule.val_dataloader():
+    loader = datamodule.val_dataloader()
+    total = len(loader) if hasattr(loader, "__len__") else None
+    every = max(1, int(cfg.get("log_every_n_batches", 20)))
+    for i, batch in enumerate(loader):
         images, labels = batch["images"].to(device), batch["labels"].to(device)
         if int(labels.max()) >= num_classes:
             raise ValueError(
@@ -83,6 +86,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         top5.update(logits, labels)
         per_class.update(logits, labels)
         count += torch.bincount(labels, minlength=num_classes)
+        if (i + 1) % every == 0:  # one progress line every N batches (no bar in logs)
+            log.info(
+                "batch %d%s: %d images, running top-1 %.4f, %.0f images/s",
+                i + 1,
+                f"/{total}" if total else "",
+                n,
+                float(top1.compute()),
+                n / max(time.perf_counter() - start, 1e-9),
+            )
     seconds = time.perf_counter() - start
     metrics = {
         "checkpoint": str(ckpt),

@@ -101,10 +101,11 @@ def test_evaluate_reproduces_the_last_validation(compose_cfg, demo_mim_ckpt, tmp
     out = tmp_path / "eval"
     proc = subprocess.run(
         [sys.executable, "-m", "bitrain.evaluate", f"ckpt_path={run}/checkpoints/last.ckpt",
-         f"hydra.run.dir={out}"],
+         f"hydra.run.dir={out}", "log_every_n_batches=1"],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "batch 1/" in proc.stdout and "running top-1" in proc.stdout  # progress lines
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 500
     assert metrics["top1"] == pytest.approx(summary["metrics"]["val/top1"], abs=1e-6)
