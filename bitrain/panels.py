@@ -9,8 +9,9 @@
   4. the reconstruction with the model's *predicted* ids at the masked positions and the
      tokenizer's ids elsewhere, titled with the masked accuracy of that sample.
 
-  Columns 3 and 4 need a tokenizer that can decode (``Tokenizer.can_decode``: the trained dVAE);
-  DALL-E's encoder alone cannot, and then the panel has the first two columns.
+  Columns 3 and 4 need a tokenizer that can decode (``Tokenizer.can_decode``: the trained dVAE,
+  or DALL-E with ``tokenizer.decoder_path=.../decoder.pkl``); DALL-E's encoder alone cannot, and
+  then the panel has the first two columns.
 * :class:`TokenizerPanels` (tokenizer training): input / hard-code reconstruction pairs and the
   histogram of code usage over the epoch so far.
 

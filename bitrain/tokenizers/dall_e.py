@@ -15,6 +15,10 @@ needs to inert records, so no code from the file or from the ``dall_e`` package 
 are then copied into :class:`DallEEncoder`, whose parameters are plain ``nn.Conv2d`` ones named
 ``weight``/``bias`` instead of DALL-E's ``w``/``b``. Convert once to ``.safetensors`` with
 ``python -m bitrain.tokenizers.dall_e convert encoder.pkl encoder.safetensors``.
+
+With ``decoder_path`` (OpenAI's ``decoder.pkl``, read the same way into
+:class:`~bitrain.tokenizers.dall_e_decoder.DallEDecoder`) the tokenizer can also :meth:`decode`
+ids back to pixels, for the reconstruction columns of the MIM panels.
 """
 
 from __future__ import annotations
@@ -30,6 +34,12 @@ import torch
 
 from bitrain.io import CheckpointError
 from bitrain.tokenizers.base import Tokenizer
+from bitrain.tokenizers.dall_e_decoder import (
+    LOGIT_LAPLACE_EPS,
+    DallEDecoder,
+    load_dall_e_decoder,
+    unmap_pixels,
+)
 from bitrain.tokenizers.dall_e_encoder import (
     DALL_E_PICKLE_CLASSES,
     DallEEncoder,
@@ -43,19 +53,22 @@ from bitrain.tokenizers.dall_e_encoder import (
 
 __all__ = [
     "DALL_E_PICKLE_CLASSES",
+    "LOGIT_LAPLACE_EPS",
+    "DallEDecoder",
     "DallEEncoder",
     "DallEEncoderBlock",
     "DallETokenizer",
     "convert",
     "dall_e_key_to_native",
+    "load_dall_e_decoder",
     "load_dall_e_encoder",
     "map_pixels",
     "native_key_to_dall_e",
+    "unmap_pixels",
 ]
 
 log = logging.getLogger(__name__)
 
-LOGIT_LAPLACE_EPS = 0.1  # dall_e/utils.py: pixels live in [eps, 1 - eps] for the logit-Laplace loss
 _AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -70,7 +83,7 @@ def map_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 class DallETokenizer(Tokenizer):
-    """BEiT's visual tokenizer: argmax of DALL-E's encoder logits, frozen.
+    """BEiT's visual tokenizer: argmax of DALL-E's encoder logits, frozen; optionally a decoder.
 
     The architecture keys must equal what the weights file holds (a mismatch is a ``ValueError``
     naming both values): ``vocab_size`` sizes the model's LM head by interpolation, so silently
@@ -85,7 +98,11 @@ class DallETokenizer(Tokenizer):
         n_hid: width of the first group (256).
         n_blk_per_group: residual blocks per group (2).
         precision: ``"float32"`` (default), or ``"bfloat16"``/``"float16"`` autocast for the
-            trunk (the output conv stays float32), for speed on GPUs.
+            trunk (the output conv stays float32), for speed on GPUs; the decoder's too.
+        decoder_path: optional ``decoder.pkl`` (OpenAI's pickled ``dall_e.decoder.Decoder``) or a
+            state dict of it; with it :meth:`decode` turns ids back into pixels (for panels) and
+            ``can_decode`` is True. Its ``vocab_size`` and ``group_count`` must equal the
+            encoder's. ``None`` (default): no decoder, ``decode`` raises NotImplementedError.
     """
 
     def __init__(
@@ -97,6 +114,7 @@ class DallETokenizer(Tokenizer):
         n_hid: int = 256,
         n_blk_per_group: int = 2,
         precision: str = "float32",
+        decoder_path: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         if precision not in _AUTOCAST:
@@ -124,8 +142,23 @@ class DallETokenizer(Tokenizer):
         self.input_size = input_size
         self.grid_size = (input_size // downsample, input_size // downsample)
         self.precision = precision
-        self.freeze()
+        self.decoder: DallEDecoder | None = None
+        self.decoder_path = None if decoder_path is None else str(decoder_path)
+        if decoder_path is not None:
+            # Expected from the encoder: the same codes, and as many 2x upsamplings as it pools,
+            # so a grid decodes to input_size pixels.
+            self.decoder = load_dall_e_decoder(
+                decoder_path, vocab_size=vocab_size, group_count=group_count, output_channels=3
+            )
+            self.decoder.to(memory_format=torch.channels_last)
+            log.info("DALL-E decoder from %s: %s", decoder_path, self.decoder.hparams)
+        self.freeze()  # encoder and decoder: eval mode, no gradients
         log.info("DALL-E tokenizer from %s: %s", weights_path, self.encoder.hparams)
+
+    @property
+    def can_decode(self) -> bool:
+        """Whether :meth:`decode` is available: True when built with a ``decoder_path``."""
+        return self.decoder is not None
 
     def preprocess(self, images_01: torch.Tensor) -> torch.Tensor:
         """DALL-E's ``map_pixels``: ``[..., H, W]`` pixels in [0, 1] -> [0.1, 0.9], same shape."""
@@ -157,6 +190,38 @@ class DallETokenizer(Tokenizer):
             with torch.inference_mode(False):
                 ids = ids.clone()
         return ids
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1] ``[B, 3, H, W]`` (float32) of token ids ``[B, gh, gw]``; no grad.
+
+        DALL-E's reconstruction: ``unmap_pixels(sigmoid(decoder(one_hot(ids))[:, :3]))``;
+        ``H = gh * 2**(group_count-1)`` (``input_size`` for a grid of ``grid_size``).
+
+        Raises:
+            NotImplementedError: the tokenizer was built without ``decoder_path``.
+            ValueError: ``ids`` is not an integer ``[B, gh, gw]`` tensor in ``[0, vocab_size)``.
+        """
+        if self.decoder is None:
+            raise NotImplementedError(
+                "this DallETokenizer has no decoder, so it cannot decode token ids: pass "
+                "tokenizer.decoder_path=.../decoder.pkl (OpenAI's DALL-E decoder, from "
+                "https://cdn.openai.com/dall-e/decoder.pkl; see docs/tokenizers.md)"
+            )
+        if ids.ndim != 3 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(
+                f"DallETokenizer.decode expects integer token ids [B, gh, gw], got "
+                f"{ids.dtype} {list(ids.shape)}"
+            )
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise ValueError(
+                f"DallETokenizer.decode: ids must lie in [0, {self.vocab_size}), got "
+                f"[{int(ids.min())}, {int(ids.max())}]"
+            )
+        ids = ids.long()
+        amp = _AUTOCAST[self.precision]
+        with torch.autocast(device_type=ids.device.type, dtype=amp, enabled=amp is not None):
+            return self.decoder.decode(ids).float()
 
     def save_state_dict(self, path: str | os.PathLike) -> Path:
         """Write the encoder's weights to ``path`` (``.safetensors`` or torch); see :func:`convert`.

@@ -103,3 +103,25 @@ def test_a_failing_panel_warns_and_training_goes_on(tmp_path, caplog):
 def test_histogram(tmp_path):
     path = save_histogram(torch.tensor([5, 0, 3, 1]), tmp_path / "h.png")
     assert Image.open(path).size[0] > 100
+
+
+def test_mim_panel_with_dall_e_decoder_has_reconstructions(tmp_path):
+    """DALL-E tokenizer: reconstructions only when decoder_path is given."""
+    from bitrain.tokenizers.dall_e_decoder import DallEDecoder, save_decoder
+    from bitrain.tokenizers.dall_e_encoder import DallEEncoder, save_encoder
+
+    torch.manual_seed(0)
+    hp = {"group_count": 4, "n_hid": 16, "n_blk_per_group": 1, "vocab_size": 64}
+    enc = save_encoder(DallEEncoder(input_channels=3, **hp), tmp_path / "enc.safetensors")
+    dec = save_decoder(DallEDecoder(n_init=16, **hp), tmp_path / "dec.safetensors")
+    tok = {"_target_": "bitrain.tokenizers.dall_e.DallETokenizer", "weights_path": str(enc),
+           "input_size": 64, **hp}  # fmt: skip
+    for decoder_path, columns in ((None, 2), (str(dec), 4)):
+        task = MaskedImageModeling(MODEL, {**tok, "decoder_path": decoder_path}, {"lr": 1e-3})
+        cb = MIMPanels(dirpath=str(tmp_path / str(columns)), every_n_steps=1, num_images=2)
+        batch = {**_batch(2), "tokenizer_images": torch.rand(2, 3, 64, 64)}
+        cb.on_train_batch_end(_trainer(1), task, None, batch, 0)
+        assert len(cb.written) == 1, columns
+        image = Image.open(cb.written[0])
+        ratio = image.width / image.height
+        assert (ratio > 1.4) == (columns == 4), (columns, image.size)
