@@ -1,0 +1,864 @@
+"""Hugging Face image classifiers (BEiT, ViT, BiT) <-> timm classifiers of bitrain.
+
+Reads and writes Hugging Face folders of ``BeitForImageClassification``,
+``ViTForImageClassification`` and ``BitForImageClassification`` (and of the head-less
+``BeitModel`` / ``ViTModel`` / ``BitModel``) with our own code; ``transformers`` is never imported
+here, it is only the reference the parity tests compare against. Folders are read through
+:func:`bitrain.models.hf.load_hf_folder`; weights may use the transformers 5.x key spelling or the
+4.x one (:data:`LEGACY_RENAMES`), and head-less folders may lack the ``beit.`` / ``vit.`` /
+``bit.`` prefix. Folders are written in the 4.x spelling, which transformers 4 and 5 both load.
+
+timm architectures (the ``model_name`` of the spec; the spec's other keys override its sizes):
+
+* BEiT -> ``beit_base_patch16_224`` (``timm.models.beit.Beit``). HF ``use_mean_pooling=True``
+  (mean of the patch tokens, then ``beit.pooler.layernorm``) is timm ``global_pool="avg"`` (its
+  ``fc_norm``); ``use_mean_pooling=False`` (the CLS token after ``beit.layernorm``) is
+  ``global_pool="token"`` (its ``norm``). Absolute position embeddings, per-layer and shared
+  relative position tables (timm's Beit has both, so a shared table stays shared) and LayerScale
+  map one to one.
+* ViT -> ``vit_base_patch32_224`` (``timm.models.vision_transformer.VisionTransformer``, class
+  token, ``global_pool="token"``, final ``norm``, no ``fc_norm``).
+* BiT -> ``resnetv2_{50x1,101x1,152x2}_bit`` (``timm.models.resnetv2.ResNetV2``: weight
+  standardised convs with eps 1e-8, group norm, pre-activation bottlenecks, the "fixed" stem of
+  conv, zero pad 1, max pool 3/2). timm's BiT names fix the depths, so only the depths
+  ``[3, 4, 6, 3]``, ``[3, 4, 23, 3]`` and ``[3, 8, 36, 3]`` have a timm name; the widths travel as
+  ``channels`` / ``stem_chs``. Only HF's ``layer_type="preactivation"`` with
+  ``global_padding=None``, ``embedding_dynamic_padding=False``, ``output_stride=32`` and
+  ``width_factor=1`` is the same network as timm's; anything else is a :class:`CheckpointError`.
+
+Key map (transformers 5.x spelling on the left; ``{p}`` is ``beit`` or ``vit``)::
+
+    {p}.embeddings.cls_token                             cls_token
+    {p}.embeddings.position_embeddings                   pos_embed
+    {p}.embeddings.patch_embeddings.projection.*         patch_embed.proj.*
+    beit.shared_position_bias.relative_position_bias_table
+                                                         rel_pos_bias.relative_position_bias_table
+    {p}.layers.i.attention.{q,k,v}_proj.weight           blocks.i.attn.qkv.weight  (stacked q;k;v)
+    beit.layers.i.attention.{q,v}_proj.bias              blocks.i.attn.{q,v}_bias  (k has no bias)
+    vit.layers.i.attention.{q,k,v}_proj.bias             blocks.i.attn.qkv.bias    (stacked q;k;v)
+    {p}.layers.i.attention.o_proj.*                      blocks.i.attn.proj.*
+    beit.layers.i.relative_position_bias.relative_position_bias_table
+                                                         blocks.i.attn.relative_position_bias_table
+    {p}.layers.i.layernorm_{before,after}.*              blocks.i.norm{1,2}.*
+    {p}.layers.i.mlp.fc{1,2}.*                           blocks.i.mlp.fc{1,2}.*
+    beit.layers.i.lambda_{1,2}                           blocks.i.gamma_{1,2}
+    {p}.layernorm.*   (CLS pooling)                      norm.*
+    beit.pooler.layernorm.*   (mean pooling)             fc_norm.*
+    classifier.*                                         head.*
+
+    bit.embedder.convolution.weight                      stem.conv.weight
+    bit.encoder.stages.s.layers.j.conv{1,2,3}.weight     stages.s.blocks.j.conv{1,2,3}.weight
+    bit.encoder.stages.s.layers.j.norm{1,2,3}.*          stages.s.blocks.j.norm{1,2,3}.*
+    bit.encoder.stages.s.layers.j.downsample.conv.weight stages.s.blocks.j.downsample.conv.weight
+    bit.norm.*                                           norm.*
+    classifier.1.weight  [C, F]  (Linear)                head.fc.weight  [C, F, 1, 1]  (1x1 conv)
+    classifier.1.bias                                    head.fc.bias
+
+Dropped on import: ``{p}.embeddings.mask_token`` and ViT's ``vit.pooler.dense.*`` (a classifier
+does not use them) and ``relative_position_index`` buffers.
+
+Norm settings that timm's constructors do not take as plain values: HF's ``layer_norm_eps``
+(default 1e-12; timm's BEiT and ViT use 1e-6) and BiT's ``num_groups`` (timm uses 32).
+:func:`create_classifier` cannot record them (it passes every spec key to timm), so
+:func:`build_classifier_from_hf` sets them on the built model's ``LayerNorm`` / ``GroupNorm``
+modules after creation (:func:`apply_norm_settings`); a model rebuilt from the spec alone has
+timm's values. :func:`save_hf_classifier` reads them back from the modules, so they travel both
+ways with the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from bitrain.io import CheckpointError, atomic_write_bytes
+from bitrain.models.hf import load_hf_folder
+
+__all__ = [
+    "ARCHITECTURES",
+    "LEGACY_RENAMES",
+    "apply_norm_settings",
+    "build_classifier_from_hf",
+    "from_hf_classifier",
+    "hf_norm_settings",
+    "load_hf_classifier",
+    "save_hf_classifier",
+    "to_hf_classifier",
+]
+
+log = logging.getLogger(__name__)
+
+# HF architecture -> (family, has a classification head).
+ARCHITECTURES: dict[str, tuple[str, bool]] = {
+    "BeitForImageClassification": ("beit", True),
+    "BeitModel": ("beit", False),
+    "ViTForImageClassification": ("vit", True),
+    "ViTModel": ("vit", False),
+    "BitForImageClassification": ("bit", True),
+    "BitModel": ("bit", False),
+}
+TIMM_BEIT = "beit_base_patch16_224"
+TIMM_VIT = "vit_base_patch32_224"
+# BiT depths -> (timm name, its fixed width factor).
+TIMM_BIT: dict[tuple[int, ...], tuple[str, int]] = {
+    (3, 4, 6, 3): ("resnetv2_50x1_bit", 1),
+    (3, 4, 23, 3): ("resnetv2_101x1_bit", 1),
+    (3, 8, 36, 3): ("resnetv2_152x2_bit", 2),
+}
+TIMM_LAYER_NORM_EPS = 1e-6  # partial(LayerNorm, eps=1e-6) in timm's Beit / VisionTransformer
+TIMM_GROUPS = 32  # partial(GroupNormAct, num_groups=32) in timm's ResNetV2
+_HF_LAYER_NORM_EPS = 1e-12  # BeitConfig / ViTConfig default
+_BIT_CONV_EPS = 1e-8  # HF's BiT weight standardisation eps (hard-coded), timm's *_bit models too
+_BIT_GROUP_NORM_EPS = 1e-5  # HF's BitGroupNormActivation (hard-coded), timm's GroupNormAct too
+
+# transformers 4.x (and the Hub's checkpoints) -> 5.x spelling, for BEiT and ViT weights.
+LEGACY_RENAMES: list[tuple[str, str]] = [
+    (r"^(beit|vit)\.encoder\.layer\.", r"\1.layers."),
+    (r"^beit\.encoder\.relative_position_bias\.", "beit.shared_position_bias."),
+    (r"\.attention\.attention\.relative_position_bias\.", ".relative_position_bias."),
+    (r"\.attention\.attention\.query\.", ".attention.q_proj."),
+    (r"\.attention\.attention\.key\.", ".attention.k_proj."),
+    (r"\.attention\.attention\.value\.", ".attention.v_proj."),
+    (r"\.attention\.output\.dense\.", ".attention.o_proj."),
+    (r"\.intermediate\.dense\.", ".mlp.fc1."),
+    (r"\.output\.dense\.", ".mlp.fc2."),
+    (r"\.gamma_([12])$", r".lambda_\1"),  # pre-release spelling of the layer-scale vectors
+]
+# 5.x -> 4.x, for writing.
+_TO_LEGACY: list[tuple[str, str]] = [
+    (r"^(beit|vit)\.layers\.", r"\1.encoder.layer."),
+    (r"^beit\.shared_position_bias\.", "beit.encoder.relative_position_bias."),
+    (
+        r"^(beit\.encoder\.layer\.\d+)\.relative_position_bias\.",
+        r"\1.attention.attention.relative_position_bias.",
+    ),
+    (r"\.attention\.q_proj\.", ".attention.attention.query."),
+    (r"\.attention\.k_proj\.", ".attention.attention.key."),
+    (r"\.attention\.v_proj\.", ".attention.attention.value."),
+    (r"\.attention\.o_proj\.", ".attention.output.dense."),
+    (r"\.mlp\.fc1\.", ".intermediate.dense."),
+    (r"\.mlp\.fc2\.", ".output.dense."),
+]
+
+
+def _wb(hf: str, timm: str) -> dict[str, str]:
+    return {f"{hf}.weight": f"{timm}.weight", f"{hf}.bias": f"{timm}.bias"}
+
+
+# Per-block names (after "{p}.layers.i." / "blocks.i."), q/k/v aside.
+_BLOCK: dict[str, str] = {
+    **_wb("layernorm_before", "norm1"),
+    **_wb("layernorm_after", "norm2"),
+    **_wb("attention.o_proj", "attn.proj"),
+    **_wb("mlp.fc1", "mlp.fc1"),
+    **_wb("mlp.fc2", "mlp.fc2"),
+    "lambda_1": "gamma_1",
+    "lambda_2": "gamma_2",
+    "relative_position_bias.relative_position_bias_table": "attn.relative_position_bias_table",
+}
+
+
+def _top(family: str) -> dict[str, str]:
+    """Whole-model names (HF 5.x -> timm) of a BEiT or ViT classifier."""
+    p = family
+    out = {
+        f"{p}.embeddings.cls_token": "cls_token",
+        f"{p}.embeddings.position_embeddings": "pos_embed",
+        **_wb(f"{p}.embeddings.patch_embeddings.projection", "patch_embed.proj"),
+        **_wb(f"{p}.layernorm", "norm"),
+        **_wb("classifier", "head"),
+    }
+    if family == "beit":
+        out["beit.shared_position_bias.relative_position_bias_table"] = (
+            "rel_pos_bias.relative_position_bias_table"
+        )
+        out.update(_wb("beit.pooler.layernorm", "fc_norm"))
+    return out
+
+
+_BIT_BLOCK = re.compile(
+    r"^bit\.encoder\.stages\.(\d+)\.layers\.(\d+)\."
+    r"(conv[123]\.weight|norm[123]\.(?:weight|bias)|downsample\.conv\.weight)$"
+)
+_BIT_TOP: dict[str, str] = {
+    "bit.embedder.convolution.weight": "stem.conv.weight",
+    **_wb("bit.norm", "norm"),
+    **_wb("classifier.1", "head.fc"),
+}
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def _architecture(config: Mapping[str, Any]) -> tuple[str, str, bool]:
+    """``(architecture, family, has_head)`` of a HF config, or a :class:`CheckpointError`."""
+    architectures = list(config.get("architectures") or [])
+    for arch in architectures:
+        if arch in ARCHITECTURES:
+            return (arch, *ARCHITECTURES[arch])
+    raise CheckpointError(
+        f"Hugging Face config has architectures {architectures or '(none)'}; bitrain imports "
+        f"only {', '.join(ARCHITECTURES)} as a timm classifier"
+    )
+
+
+def normalize_hf_keys(state_dict: Mapping[str, torch.Tensor], family: str) -> dict[str, Any]:
+    """HF keys in 5.x spelling with the family prefix; ``relative_position_index`` dropped.
+
+    Head-less models (``BeitModel`` ...) are saved without the ``beit.``/``vit.``/``bit.``
+    prefix; it is added.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith("relative_position_index"):
+            continue  # a buffer derived from the grid, regenerated by the model
+        if not key.startswith((f"{family}.", "classifier.")):
+            key = f"{family}.{key}"
+        if family != "bit":
+            for pattern, repl in LEGACY_RENAMES:
+                key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+def _square(config: Mapping[str, Any], name: str, default: int) -> int:
+    value = config.get(name, default)
+    if isinstance(value, list | tuple):
+        if len(set(value)) != 1:
+            raise CheckpointError(f"Hugging Face config: {name}={value} is not square")
+        value = value[0]
+    return int(value)
+
+
+def _mlp_ratio(config: Mapping[str, Any], hidden: int) -> float:
+    inner = int(config.get("intermediate_size", 4 * hidden))
+    ratio = inner / hidden
+    if int(hidden * ratio) != inner:
+        raise CheckpointError(
+            f"Hugging Face config: intermediate_size={inner} is not int(hidden_size * r) for "
+            f"r = {ratio}; timm cannot build this MLP width"
+        )
+    return ratio
+
+
+def _transformer_spec(config: Mapping[str, Any], family: str) -> dict[str, Any]:
+    """``create_classifier`` kwargs (less ``num_classes``) of a BEiT or ViT config."""
+    if config.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(
+            f"Hugging Face {family} config uses hidden_act={config['hidden_act']!r}; timm's model "
+            "uses exact GELU ('gelu')"
+        )
+    hidden = int(config.get("hidden_size", 768))
+    spec: dict[str, Any] = {
+        "model_name": TIMM_BEIT if family == "beit" else TIMM_VIT,
+        "img_size": _square(config, "image_size", 224),
+        "patch_size": _square(config, "patch_size", 16),
+        "in_chans": int(config.get("num_channels", 3)),
+        "embed_dim": hidden,
+        "depth": int(config.get("num_hidden_layers", 12)),
+        "num_heads": int(config.get("num_attention_heads", 12)),
+        "mlp_ratio": _mlp_ratio(config, hidden),
+    }
+    if family == "beit":
+        layer_scale = float(config.get("layer_scale_init_value", 0.1))
+        spec.update(
+            global_pool="avg" if config.get("use_mean_pooling", True) else "token",
+            use_abs_pos_emb=bool(config.get("use_absolute_position_embeddings", False)),
+            use_rel_pos_bias=bool(config.get("use_relative_position_bias", False)),
+            use_shared_rel_pos_bias=bool(config.get("use_shared_relative_position_bias", False)),
+            init_values=max(layer_scale, 0.0),  # 0: none (timm.create_model drops None)
+        )
+    else:
+        spec.update(global_pool="token", qkv_bias=bool(config.get("qkv_bias", True)))
+    return spec
+
+
+def _transformer_state(sd: Mapping[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+    top = _top(family)
+    dropped = {
+        f"{family}.embeddings.mask_token",
+        "vit.pooler.dense.weight",
+        "vit.pooler.dense.bias",
+    }
+    layer = re.compile(rf"^{family}\.layers\.(\d+)\.(.+)$")
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[int, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, value in sd.items():
+        if key in dropped:
+            continue
+        if key in top:
+            out[top[key]] = value
+            continue
+        match = layer.match(key)
+        if match is None:
+            unknown.append(key)
+            continue
+        i, rest = int(match.group(1)), match.group(2)
+        proj = re.fullmatch(r"attention\.([qkv])_proj\.(weight|bias)", rest)
+        if proj:
+            qkv.setdefault(i, {})[f"{proj.group(1)}.{proj.group(2)}"] = value
+        elif rest in _BLOCK:
+            out[f"blocks.{i}.{_BLOCK[rest]}"] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(
+            f"Hugging Face {family} weights have keys with no timm name: {sorted(unknown)[:6]}"
+        )
+    for i, parts in sorted(qkv.items()):
+        missing = {"q.weight", "k.weight", "v.weight"} - parts.keys()
+        if missing:
+            raise CheckpointError(
+                f"Hugging Face {family} layer {i} lacks attention {sorted(missing)}"
+            )
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([parts[f"{n}.weight"] for n in "qkv"])
+        if family == "beit":
+            if "k.bias" in parts and bool(parts["k.bias"].any()):
+                raise CheckpointError(
+                    f"Hugging Face BEiT layer {i} has a non-zero key bias; timm's Beit has none"
+                )
+            for name in ("q", "v"):
+                if f"{name}.bias" in parts:
+                    out[f"blocks.{i}.attn.{name}_bias"] = parts[f"{name}.bias"]
+        else:
+            biases = [parts.get(f"{n}.bias") for n in "qkv"]
+            if all(b is not None for b in biases):
+                out[f"blocks.{i}.attn.qkv.bias"] = torch.cat(biases)
+            elif any(b is not None for b in biases):
+                raise CheckpointError(
+                    f"Hugging Face ViT layer {i} has biases on only some of q/k/v"
+                )
+    return out
+
+
+def _make_div(value: float, divisor: int = 8) -> int:
+    """Channel rounding of HF's BiT and timm's ResNetV2 (``make_div`` / ``make_divisible``)."""
+    new = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * value else new
+
+
+def _bit_spec(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``create_classifier`` kwargs (less ``num_classes``) of a BiT config."""
+    checks = {
+        "layer_type": (config.get("layer_type", "preactivation"), "preactivation"),
+        "global_padding": (config.get("global_padding"), None),
+        "embedding_dynamic_padding": (bool(config.get("embedding_dynamic_padding", False)), False),
+        "hidden_act": (config.get("hidden_act", "relu"), "relu"),
+        "output_stride": (int(config.get("output_stride", 32)), 32),
+        "width_factor": (int(config.get("width_factor", 1)), 1),
+    }
+    for name, (value, wanted) in checks.items():
+        if value != wanted:
+            raise CheckpointError(
+                f"Hugging Face BiT config has {name}={value!r}; timm's ResNetV2 BiT models are "
+                f"the same network only for {name}={wanted!r} (pre-activation bottlenecks, "
+                "symmetric padding, a fixed stem, no dilation), so this model cannot be imported"
+            )
+    depths = tuple(int(d) for d in config.get("depths", (3, 4, 6, 3)))
+    if depths not in TIMM_BIT:
+        raise CheckpointError(
+            f"Hugging Face BiT config has depths={list(depths)}; timm names BiT models only with "
+            f"depths {[list(d) for d in TIMM_BIT]} (resnetv2_50x1_bit, resnetv2_101x1_bit, "
+            "resnetv2_152x2_bit), and create_classifier cannot override a timm name's depths"
+        )
+    name, wf = TIMM_BIT[depths]
+    hidden = [int(h) for h in config.get("hidden_sizes", (256, 512, 1024, 2048))]
+    stem = int(config.get("embedding_size", 64))
+    for what, chs in (("hidden_sizes", hidden), ("embedding_size", [stem])):
+        if any(_make_div(c) != c or c % wf for c in chs):
+            raise CheckpointError(
+                f"Hugging Face BiT config has {what}={chs if len(chs) > 1 else chs[0]}: timm "
+                f"rounds widths to multiples of 8 (and {name} multiplies them by {wf}), so these "
+                "cannot be built exactly"
+            )
+    groups = int(config.get("num_groups", TIMM_GROUPS))
+    normed = sorted({stem, *hidden, *(_make_div(h * 0.25) for h in hidden)})
+    bad = [c for c in normed if c % TIMM_GROUPS or c % groups]
+    if bad:
+        raise CheckpointError(
+            f"Hugging Face BiT config has group-normed widths {bad} not divisible by "
+            f"{TIMM_GROUPS} (timm builds every BiT group norm with 32 groups before bitrain sets "
+            f"num_groups={groups}) or by num_groups; such a model cannot be rebuilt by "
+            "create_classifier"
+        )
+    return {
+        "model_name": name,
+        "img_size": _square(config, "image_size", 224),
+        "in_chans": int(config.get("num_channels", 3)),
+        "channels": [c // wf for c in hidden],
+        "stem_chs": stem // wf,
+    }
+
+
+def _bit_state(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in sd.items():
+        match = _BIT_BLOCK.match(key)
+        if match:
+            out[f"stages.{match.group(1)}.blocks.{match.group(2)}.{match.group(3)}"] = value
+        elif key in _BIT_TOP:
+            if key == "classifier.1.weight":
+                value = value.reshape(*value.shape, 1, 1)
+            out[_BIT_TOP[key]] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(
+            f"Hugging Face BiT weights have keys with no timm name: {sorted(unknown)[:6]}"
+        )
+    return out
+
+
+def _label_names(config: Mapping[str, Any], num_classes: int | None) -> list[str] | None:
+    """Class names from ``id2label`` (by index); None when absent or HF's ``LABEL_i`` defaults."""
+    id2label = config.get("id2label") or {}
+    if not id2label:
+        return None
+    try:
+        items = sorted((int(k), str(v)) for k, v in id2label.items())
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"Hugging Face config id2label has non-integer keys ({err})") from err
+    if [i for i, _ in items] != list(range(len(items))):
+        raise CheckpointError("Hugging Face config id2label keys are not 0 .. n-1")
+    names = [name for _, name in items]
+    if all(name == f"LABEL_{i}" for i, name in enumerate(names)):
+        return None
+    if num_classes is not None and len(names) != num_classes:
+        raise CheckpointError(
+            f"Hugging Face config id2label has {len(names)} labels but the classifier has "
+            f"{num_classes} outputs"
+        )
+    return names
+
+
+def hf_norm_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The norm settings of a HF config that timm's constructors cannot take.
+
+    Returns:
+        ``{"layer_norm_eps": float}`` (BEiT, ViT) or ``{"group_norm_groups": int}`` (BiT): the
+        keyword arguments of :func:`apply_norm_settings`.
+    """
+    _, family, _ = _architecture(config)
+    if family == "bit":
+        return {"group_norm_groups": int(config.get("num_groups", TIMM_GROUPS))}
+    return {"layer_norm_eps": float(config.get("layer_norm_eps", _HF_LAYER_NORM_EPS))}
+
+
+def apply_norm_settings(
+    model: nn.Module, layer_norm_eps: float | None = None, group_norm_groups: int | None = None
+) -> nn.Module:
+    """Set ``eps`` on every ``nn.LayerNorm`` / ``num_groups`` on every ``nn.GroupNorm``.
+
+    Both are plain attributes read in ``forward``; the parameters do not change.
+
+    Raises:
+        CheckpointError: a group norm's channels are not divisible by ``group_norm_groups``.
+    """
+    for name, module in model.named_modules():
+        if layer_norm_eps is not None and isinstance(module, nn.LayerNorm):
+            module.eps = float(layer_norm_eps)
+        if group_norm_groups is not None and isinstance(module, nn.GroupNorm):
+            if module.num_channels % int(group_norm_groups):
+                raise CheckpointError(
+                    f"group norm '{name}' has {module.num_channels} channels, not divisible by "
+                    f"num_groups={group_norm_groups}"
+                )
+            module.num_groups = int(group_norm_groups)
+    return model
+
+
+def from_hf_classifier(
+    state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Convert HF classifier weights to timm keys.
+
+    Args:
+        state_dict: HF weights (5.x or 4.x key spelling).
+        config: the folder's ``config.json`` as a dict.
+
+    Returns:
+        ``(spec, state_dict)``: ``spec`` = ``create_classifier`` kwargs (``num_classes`` None for
+        a head-less model), ``state_dict`` in timm names. See :func:`hf_norm_settings` for what
+        the spec cannot carry.
+
+    Raises:
+        CheckpointError: another architecture, a config timm cannot build, or unknown weights.
+    """
+    _, family, _ = _architecture(config)
+    sd = normalize_hf_keys(state_dict, family)
+    if family == "bit":
+        spec, state = _bit_spec(config), _bit_state(sd)
+        head = state.get("head.fc.weight")
+    else:
+        spec, state = _transformer_spec(config, family), _transformer_state(sd, family)
+        head = state.get("head.weight")
+    num_classes = int(head.shape[0]) if head is not None else None
+    return {"model_name": spec.pop("model_name"), "num_classes": num_classes, **spec}, state
+
+
+def _load(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict]:
+    state, config = load_hf_folder(folder)
+    _architecture(config)  # the clear error before any other
+    spec, timm_state = from_hf_classifier(state, config)
+    return spec, timm_state, config
+
+
+def load_hf_classifier(
+    folder: str | os.PathLike,
+) -> tuple[str, dict[str, Any], dict[str, torch.Tensor], list[str] | None]:
+    """Read a HF image-classifier folder as a timm classifier.
+
+    Args:
+        folder: a folder with ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``
+            / a sharded index) of one of :data:`ARCHITECTURES`.
+
+    Returns:
+        ``(model_name, spec, state_dict, label_names)``: ``create_classifier(**spec)`` builds the
+        model (``spec["num_classes"]`` is None for a head-less folder: the caller chooses), the
+        timm ``state_dict`` loads into it with ``strict=True``, ``label_names`` come from
+        ``id2label`` (None when they are HF's ``LABEL_i`` defaults). The norm settings timm cannot
+        take (see the module docstring) are applied by :func:`build_classifier_from_hf`.
+
+    Raises:
+        FileNotFoundError: no ``config.json`` or weights in the folder.
+        CheckpointError: another architecture, or a model timm cannot represent.
+    """
+    spec, state, config = _load(folder)
+    return spec["model_name"], spec, state, _label_names(config, spec["num_classes"])
+
+
+def build_classifier_from_hf(
+    folder: str | os.PathLike, num_classes: int | None = None
+) -> nn.Module:
+    """A HF image-classifier folder as a timm model in eval mode, with ``label_names``.
+
+    ``create_classifier(**spec)``, then :func:`apply_norm_settings` (HF's ``layer_norm_eps`` /
+    BiT ``num_groups``, when they differ from timm's), then a strict load of the weights.
+
+    Args:
+        folder: the HF folder (see :func:`load_hf_classifier`).
+        num_classes: classes of a fresh head, for a head-less folder (``BeitModel`` ...) only.
+
+    Raises:
+        FileNotFoundError: no ``config.json`` or weights in the folder.
+        CheckpointError: unsupported folder, weights that do not fit, or ``num_classes`` missing
+            (head-less folder) / given for a folder that has a head of its own.
+    """
+    from bitrain.models.classifier import create_classifier
+
+    spec, state, config = _load(folder)
+    headless = spec["num_classes"] is None
+    if headless and num_classes is None:
+        raise CheckpointError(
+            f"Hugging Face folder '{folder}' ({config['architectures']}) has no classification "
+            "head: pass num_classes to build a classifier with a fresh head"
+        )
+    if not headless and num_classes not in (None, spec["num_classes"]):
+        raise CheckpointError(
+            f"Hugging Face folder '{folder}' has a {spec['num_classes']}-class head; "
+            f"num_classes={num_classes} is only for head-less folders"
+        )
+    if headless:
+        spec["num_classes"] = int(num_classes)
+    try:
+        model = create_classifier(**spec)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"cannot build the timm model for '{folder}' ({spec}): {err}"
+        ) from err
+    settings = hf_norm_settings(config)
+    apply_norm_settings(model, **settings)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise CheckpointError(
+            f"Hugging Face folder '{folder}' does not fit {spec['model_name']}({spec}): {err}"
+        ) from err
+    fresh = ("head.", "fc_norm.") if headless else ()
+    missing = [k for k in result.missing_keys if not (fresh and k.startswith(fresh))]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"Hugging Face folder '{folder}' does not fit {spec['model_name']}({spec}): missing "
+            f"{missing[:6]}, unexpected {result.unexpected_keys[:6]}"
+        )
+    if headless and result.missing_keys:
+        log.info("'%s' has no head: left fresh %s", folder, result.missing_keys)
+    model.label_names = None if headless else _label_names(config, spec["num_classes"])
+    return model.eval()
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def _family(model: nn.Module) -> str:
+    if isinstance(model, timm.models.beit.Beit):
+        return "beit"
+    if isinstance(model, timm.models.vision_transformer.VisionTransformer):
+        return "vit"
+    if isinstance(model, timm.models.resnetv2.ResNetV2):
+        return "bit"
+    raise CheckpointError(
+        f"save_hf_classifier: a {type(model).__name__} has no Hugging Face classifier "
+        "counterpart; supported: timm Beit, VisionTransformer and ResNetV2 (BiT)"
+    )
+
+
+def _one_value(model: nn.Module, kind: type[nn.Module], attr: str) -> Any:
+    values = {getattr(m, attr) for m in model.modules() if isinstance(m, kind)}
+    if len(values) != 1:
+        raise CheckpointError(
+            f"to_hf_classifier: the model's {kind.__name__} layers have {attr} values "
+            f"{sorted(values)}; Hugging Face configs have one"
+        )
+    return values.pop()
+
+
+def _num_classes(model: nn.Module, weight: torch.Tensor | None) -> int:
+    if weight is None:
+        raise CheckpointError(
+            "to_hf_classifier: the model has no classification head (num_classes=0)"
+        )
+    return int(weight.shape[0])
+
+
+def _transformer_to_hf(model: nn.Module, family: str) -> tuple[dict, dict[str, Any]]:
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    top = {v: k for k, v in _top(family).items()}
+    block = {v: k for k, v in _BLOCK.items()}
+    dim = int(model.embed_dim)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key.endswith("relative_position_index"):
+            continue
+        if key in top:
+            out[top[key]] = value
+            continue
+        match = re.match(r"^blocks\.(\d+)\.(.+)$", key)
+        if match is None:
+            raise CheckpointError(f"to_hf_classifier: no Hugging Face name for timm key {key!r}")
+        i, rest = match.group(1), match.group(2)
+        pre = f"{family}.layers.{i}.attention."
+        if rest in ("attn.qkv.weight", "attn.qkv.bias"):
+            kind = rest.rsplit(".", 1)[1]
+            for name, part in zip("qkv", value.split(dim, dim=0), strict=True):
+                out[f"{pre}{name}_proj.{kind}"] = part
+        elif rest in ("attn.q_bias", "attn.v_bias"):
+            out[f"{pre}{rest[5]}_proj.bias"] = value
+        elif rest in block:
+            out[f"{family}.layers.{i}.{block[rest]}"] = value
+        else:
+            raise CheckpointError(f"to_hf_classifier: no Hugging Face name for timm key {key!r}")
+    blocks = model.blocks
+    attn = blocks[0].attn
+    patch = model.patch_embed
+    img, grid = tuple(patch.img_size), tuple(patch.patch_size)
+    if img[0] != img[1] or grid[0] != grid[1]:
+        raise CheckpointError(f"to_hf_classifier: image {img} / patch {grid} are not square")
+    eps = _one_value(model, nn.LayerNorm, "eps")
+    config: dict[str, Any] = {
+        "hidden_size": dim,
+        "num_hidden_layers": len(blocks),
+        "num_attention_heads": int(attn.num_heads),
+        "intermediate_size": int(blocks[0].mlp.fc1.out_features),
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
+        "layer_norm_eps": float(eps),
+        "image_size": int(img[0]),
+        "patch_size": int(grid[0]),
+        "num_channels": int(patch.proj.in_channels),
+    }
+    if family == "beit":
+        if model.global_pool == "avg" and isinstance(model.fc_norm, nn.LayerNorm):
+            mean_pooling = True
+        elif model.global_pool == "token" and isinstance(model.norm, nn.LayerNorm):
+            mean_pooling = False
+        else:
+            raise CheckpointError(
+                f"to_hf_classifier: timm Beit with global_pool={model.global_pool!r} and "
+                f"fc_norm={type(model.fc_norm).__name__}; Hugging Face BEiT pools by mean + "
+                "fc_norm (global_pool='avg') or by the normed CLS token (global_pool='token')"
+            )
+        if attn.q_bias is None:  # HF always has q/v biases
+            for i in range(len(blocks)):
+                for name in ("q", "v"):
+                    out[f"beit.layers.{i}.attention.{name}_proj.bias"] = torch.zeros(dim)
+        init_values = getattr(model, "bitrain_spec", {}).get("init_values")
+        has_scale = getattr(blocks[0], "gamma_1", None) is not None
+        config.update(
+            architectures=["BeitForImageClassification"],
+            model_type="beit",
+            use_mask_token=False,
+            use_absolute_position_embeddings=model.pos_embed is not None,
+            use_relative_position_bias=getattr(attn, "relative_position_bias_table", None)
+            is not None,
+            use_shared_relative_position_bias=model.rel_pos_bias is not None,
+            layer_scale_init_value=float(init_values or 0.1) if has_scale else 0.0,
+            drop_path_rate=0.0,
+            use_mean_pooling=mean_pooling,
+        )
+        head = sd.get("head.weight")
+    else:
+        no_cls = getattr(model, "no_embed_class", False) or model.cls_token is None
+        if no_cls or getattr(model, "num_reg_tokens", 0) or model.global_pool != "token":
+            raise CheckpointError(
+                "to_hf_classifier: Hugging Face ViT needs a timm VisionTransformer with a class "
+                "token in pos_embed, no register tokens and global_pool='token'; got "
+                f"global_pool={model.global_pool!r}"
+            )
+        if not isinstance(model.fc_norm, nn.Identity) or not isinstance(model.norm, nn.LayerNorm):
+            raise CheckpointError("to_hf_classifier: ViT with fc_norm / without a final norm")
+        config.update(
+            architectures=["ViTForImageClassification"],
+            model_type="vit",
+            qkv_bias="blocks.0.attn.qkv.bias" in sd,
+            encoder_stride=int(grid[0]),
+        )
+        head = sd.get("head.weight")
+    config["num_labels"] = _num_classes(model, head)
+    return out, config
+
+
+def _bit_to_hf(model: nn.Module) -> tuple[dict, dict[str, Any]]:
+    from timm.layers import StdConv2d
+    from timm.models.resnetv2 import PreActBottleneck
+
+    stem = model.stem
+    problems = []
+    if not isinstance(getattr(stem, "conv", None), StdConv2d):
+        problems.append("the stem conv is not a weight-standardised StdConv2d")
+    if not isinstance(getattr(stem, "pad", None), nn.ConstantPad2d) or not isinstance(
+        getattr(stem, "pool", None), nn.MaxPool2d
+    ):
+        problems.append("the stem is not BiT's 'fixed' stem (conv, zero pad 1, max pool 3/2)")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m is not model.head.fc]
+    if any(not isinstance(m, StdConv2d) or m.eps != _BIT_CONV_EPS for m in convs):
+        problems.append(f"not every conv is a StdConv2d with eps={_BIT_CONV_EPS}")
+    blocks = [b for stage in model.stages for b in stage.blocks]
+    if any(not isinstance(b, PreActBottleneck) for b in blocks):
+        problems.append("the blocks are not pre-activation bottlenecks")
+    if any(m.dilation != (1, 1) for m in convs):
+        problems.append("it uses dilation (output_stride < 32)")
+    if not isinstance(model.norm, nn.GroupNorm):
+        problems.append("it has no final group norm (not pre-activation)")
+    if _one_value(model, nn.GroupNorm, "eps") != _BIT_GROUP_NORM_EPS:
+        problems.append(f"its group norms do not use eps={_BIT_GROUP_NORM_EPS}")
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    if any(not isinstance(getattr(m, "act", None), nn.ReLU) for m in norms):
+        problems.append("its activation is not ReLU")
+    if problems:
+        raise CheckpointError(
+            "to_hf_classifier: this ResNetV2 is not a Hugging Face BiT network: "
+            + "; ".join(problems)
+        )
+    back = {v: k for k, v in _BIT_TOP.items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        value = value.detach()
+        match = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(.+)$", key)
+        if match:
+            out[f"bit.encoder.stages.{match.group(1)}.layers.{match.group(2)}.{match.group(3)}"] = (
+                value
+            )
+        elif key in back:
+            out[back[key]] = value.flatten(1) if key == "head.fc.weight" else value
+        else:
+            raise CheckpointError(f"to_hf_classifier: no Hugging Face name for timm key {key!r}")
+    spec = getattr(model, "bitrain_spec", {})
+    config = {
+        "architectures": ["BitForImageClassification"],
+        "model_type": "bit",
+        "num_channels": int(stem.conv.in_channels),
+        "embedding_size": int(stem.conv.out_channels),
+        "hidden_sizes": [int(stage.blocks[0].conv3.out_channels) for stage in model.stages],
+        "depths": [len(stage.blocks) for stage in model.stages],
+        "layer_type": "preactivation",
+        "hidden_act": "relu",
+        "global_padding": None,
+        "num_groups": int(_one_value(model, nn.GroupNorm, "num_groups")),
+        "drop_path_rate": 0.0,
+        "embedding_dynamic_padding": False,
+        "output_stride": 32,
+        "width_factor": 1,
+        "image_size": int(spec.get("img_size", getattr(model, "img_size", 224))),
+        "num_labels": _num_classes(model, model.state_dict().get("head.fc.weight")),
+    }
+    return out, config
+
+
+def to_hf_classifier(
+    model: nn.Module, label_names: list[str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Export a timm classifier as HF weights (4.x spelling) and a complete ``config.json`` dict.
+
+    Args:
+        model: a timm Beit, VisionTransformer or ResNetV2 (BiT) with a head, e.g. from
+            :func:`~bitrain.models.classifier.create_classifier`.
+        label_names: class names for ``id2label`` / ``label2id``; default ``LABEL_i``.
+
+    Raises:
+        CheckpointError: a model Hugging Face's classifiers cannot represent.
+        ValueError: ``label_names`` of the wrong length.
+    """
+    family = _family(model)
+    if family == "bit":
+        out, config = _bit_to_hf(model)
+    else:
+        out, config = _transformer_to_hf(model, family)
+        out = {_to_legacy(k): v for k, v in out.items()}
+    n = config.pop("num_labels")
+    names = [f"LABEL_{i}" for i in range(n)] if label_names is None else list(label_names)
+    if len(names) != n:
+        raise ValueError(
+            f"save_hf_classifier: {len(names)} label_names for a {n}-class model; give one name "
+            "per class, in class-index order"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError("save_hf_classifier: label_names has duplicates (label2id needs unique)")
+    config["id2label"] = {str(i): str(name) for i, name in enumerate(names)}
+    config["label2id"] = {str(name): i for i, name in enumerate(names)}
+    return {k: v.clone().contiguous() for k, v in out.items()}, config
+
+
+def _to_legacy(key: str) -> str:
+    for pattern, repl in _TO_LEGACY:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def save_hf_classifier(
+    model: nn.Module, folder: str | os.PathLike, label_names: list[str] | None = None
+) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that ``AutoModelForImageClassification`` loads.
+
+    Args:
+        model: see :func:`to_hf_classifier`.
+        folder: created if missing; existing files of the same names are replaced atomically.
+        label_names: class names; default: ``model.label_names`` when the model has them.
+
+    Returns:
+        The folder.
+    """
+    if label_names is None:
+        label_names = getattr(model, "label_names", None)
+    state, config = to_hf_classifier(model, label_names)
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / ".model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / "model.safetensors")
+    atomic_write_bytes(folder / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+    return folder
