@@ -2,6 +2,7 @@
 
 With no arguments: the newest demo fine-tuning checkpoint on the demo's 500 test digits. Writes
 ``metrics.json`` (top-1, top-5, loss, images/s) and ``per_class.csv``; see docs/evaluation.md.
+``task=linear_probe``: the BEiT linear probe of a frozen encoder (:mod:`bitrain.linear_probe`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from omegaconf import DictConfig
 
 import bitrain.runner  # noqa: F401  (config resolvers)
 from bitrain.evaluation import evaluate
+from bitrain.linear_probe import linear_probe
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
 def main(cfg: DictConfig) -> dict:
-    """Compose -> evaluate."""
+    """Compose -> evaluate (``task=classify``) or linear probe (``task=linear_probe``)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    if cfg.task.name == "linear_probe":
+        return linear_probe(cfg)
     return evaluate(cfg)
 
 

@@ -23,6 +23,7 @@ def compose_cfg():
 def demo_tokenizer_file(tmp_path_factory):
     """A random dVAE with the demo's shapes (32 px, 8x8 grid, 512 codes), saved as bitrain does."""
     import torch
+
     from bitrain.tokenizers.dvae import DiscreteVAE, save_dvae
 
     torch.manual_seed(0)
