@@ -1,10 +1,11 @@
 """Top-k predictions of a classifier for image files (``python -m bitrain.predict``).
 
 The images are preprocessed with the checkpoint's own evaluation transform (kept by fine-tuning in
-``hyper_parameters["eval_transform"]``), else with timm's data config of the model. Class names
-come from the checkpoint (``label_names``), else from timm's ImageNet class lists when the model
-has 1000 or 21,841 classes, else they are the class indices. A file that cannot be decoded gets
-an ``error`` entry; the others are still predicted.
+``hyper_parameters["eval_transform"]``; a Hugging Face folder's ``preprocessor_config.json``; a timm
+folder's ``pretrained_cfg``: see ``load_classifier``), else with timm's data config of the model.
+Class names come from the checkpoint (``label_names``), else from timm's ImageNet class lists when
+the model has 1000 or 21,841 classes, else they are the class indices. A file that cannot be
+decoded gets an ``error`` entry; the others are still predicted.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def class_names(model: torch.nn.Module, num_classes: int) -> list[str]:
 
 
 def _transform(ckpt: Path, model: torch.nn.Module):
+    node = getattr(model, "bitrain_eval_transform", None)  # set by load_classifier, any format
+    if node:
+        return hydra.utils.instantiate(node)
     if ckpt.is_file():
         obj = load_torch_file(ckpt, allow_namespace=True)
         node = (obj.get("hyper_parameters") or {}).get("eval_transform")

@@ -1,60 +1,135 @@
-"""Convert BEiT masked-image-modeling weights between bitrain, official unilm and Hugging Face.
+"""Convert BEiT pretraining weights or fine-tuned classifiers between checkpoint formats.
 
 Formats (see docs/checkpoints.md):
 
 * ``bitrain``  -- a Lightning-layout ``.ckpt``: ``{"state_dict": {"model.<key>": ...},
-  "hyper_parameters": {"model": {"_target_": "bitrain.models.beit.BeitMIM", ...}}}``. As a source,
-  any ``.ckpt`` written by ``bitrain.pretrain`` works too.
-* ``official`` -- a ``.pth`` as ``unilm/beit/run_beit_pretraining.py`` saves it (``{"model": ...,
-  "args": Namespace}``).
-* ``hf``       -- a ``BeitForMaskedImageModeling`` folder (``config.json`` + ``model.safetensors``).
+  "hyper_parameters": {"model": {"_target_": ..., ...}}}``. As a source, any ``.ckpt`` written by
+  ``bitrain.pretrain`` or ``bitrain.finetune`` works too.
+* ``official`` -- a ``.pth`` as unilm's ``run_beit_pretraining.py`` / ``run_class_finetuning.py``
+  save it (``{"model": ..., "args": Namespace}``); classifiers: BEiT only.
+* ``hf``       -- a Hugging Face folder (``config.json`` + ``model.safetensors``):
+  ``BeitForMaskedImageModeling`` for pretraining weights; ``BeitForImageClassification``,
+  ``ViTForImageClassification`` or ``BitForImageClassification`` (+ ``preprocessor_config.json``)
+  for classifiers.
+* ``timm``     -- classifiers only: a timm hub folder (``config.json`` with ``architecture`` +
+  ``model.safetensors``), as ``timm.models.push_to_hf_hub`` writes it. As a source, a bare timm
+  state dict (``.pth``/``.safetensors``) works too, with ``--model-name`` (and ``--model-kwargs``).
 
-Example::
+The source kind is detected: a masked-image-modeling (pretraining) checkpoint is converted as a
+``BeitMIM`` (``bitrain``/``official``/``hf``), anything else as a classifier
+(:func:`bitrain.models.checkpoints.load_classifier` / ``save_classifier``; label names and the
+evaluation preprocessing travel with it).
+
+Examples::
 
     python scripts/convert_checkpoint.py --src beit_base_patch16_224_pt22k.pth
         --dst out/beit-base-mim --dst-format hf      (one line)
+    python scripts/convert_checkpoint.py --src outputs/finetune/<run>/checkpoints/last.ckpt
+        --dst out/beit-cls-hf --dst-format hf        (one line)
 
-Every input is read weights-only; the converted model is reloaded from the destination and its
-tensors compared with the source's before the script reports success.
+Every input is read weights-only. Unless ``--no-verify``, the destination is reloaded and compared
+with the source before the script reports success: a pretraining model tensor by tensor (bit
+exact), a classifier by its logits on a random batch (max abs difference <= 1e-5) and its label
+names.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from bitrain.io import CheckpointError, load_torch_file
 from bitrain.models.checkpoints import (
+    CLASSIFIER_FORMATS,
     FORMATS,
     build_mim_model,
+    load_classifier,
     load_mim_model,
     load_mim_state,
+    save_classifier,
     save_mim_model,
 )
 
 log = logging.getLogger("convert_checkpoint")
 
+ALL_FORMATS = tuple(dict.fromkeys((*FORMATS, *CLASSIFIER_FORMATS)))
+LOGIT_TOL = 1e-5
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", required=True, help="source file or Hugging Face folder")
+    parser.add_argument("--src", required=True, help="source file or model folder")
     parser.add_argument(
-        "--src-format", choices=FORMATS, default=None, help="source format (default: detect)"
+        "--src-format", choices=ALL_FORMATS, default=None, help="source format (default: detect)"
     )
-    parser.add_argument("--dst", required=True, help="destination file (or folder for hf)")
-    parser.add_argument("--dst-format", choices=FORMATS, required=True, help="destination format")
+    parser.add_argument("--dst", required=True, help="destination file (or folder: hf, timm)")
+    parser.add_argument(
+        "--dst-format", choices=ALL_FORMATS, required=True, help="destination format"
+    )
     parser.add_argument(
         "--no-verify", action="store_true", help="skip reloading the destination to compare"
+    )
+    parser.add_argument(
+        "--use-ema", action="store_true", help="classifiers: convert the EMA weights"
+    )
+    parser.add_argument(
+        "--model-name",
+        default=None,
+        help="classifiers: timm architecture of a bare state dict (e.g. beit_base_patch16_224)",
+    )
+    parser.add_argument(
+        "--model-kwargs",
+        default=None,
+        help="classifiers: JSON of further create_classifier arguments, e.g. '{\"img_size\": 384}'",
     )
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the conversion; returns the process exit code (0 on success)."""
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+def is_mim_source(path: str | Path) -> bool:
+    """Whether ``path`` holds BEiT masked-image-modeling (pretraining) weights."""
+    from bitrain.models.checkpoints import BEIT_MIM_TARGET
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        cfg = path / "config.json"
+        if not cfg.is_file():
+            return False
+        try:
+            config = json.loads(cfg.read_text())
+        except json.JSONDecodeError:
+            return False
+        architectures = config.get("architectures") or []
+        return any(str(a).endswith("ForMaskedImageModeling") for a in architectures)
+    if not path.is_file() or path.suffix == ".safetensors":
+        return False
+    obj = load_torch_file(path, allow_namespace=True)
+    if not isinstance(obj, Mapping):
+        return False
+    if "state_dict" in obj and "hyper_parameters" in obj:
+        model_cfg = (obj.get("hyper_parameters") or {}).get("model") or {}
+        return isinstance(model_cfg, Mapping) and model_cfg.get("_target_") == BEIT_MIM_TARGET
+    state = next((obj[k] for k in ("model", "module") if isinstance(obj.get(k), Mapping)), obj)
+    keys = {str(k).removeprefix("module.") for k in state}
+    return "lm_head.weight" in keys
+
+
+def _convert_mim(args: argparse.Namespace) -> int:
+    if args.dst_format not in FORMATS:
+        log.error(
+            "--src %s holds pretraining (MIM) weights; --dst-format must be one of %s (%s is for "
+            "classifiers)",
+            args.src,
+            FORMATS,
+            args.dst_format,
+        )
+        return 2
     state, kwargs, found = load_mim_state(args.src)
     if args.src_format is not None and found != args.src_format:
         log.error("--src %s is a %s checkpoint, not %s", args.src, found, args.src_format)
@@ -70,6 +145,75 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         log.info("verified: %d tensors identical after reloading %s", len(back), out)
     return 0
+
+
+def _input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    spec = getattr(model, "bitrain_spec", {}) or {}
+    size = spec.get("img_size") or getattr(model, "img_size", None)
+    if size is None:
+        size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[1:]
+    h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+    return int(spec.get("in_chans", 3)), int(h), int(w)
+
+
+def _convert_classifier(args: argparse.Namespace) -> int:
+    extra: dict[str, Any] = {}
+    if args.model_kwargs:
+        try:
+            extra = json.loads(args.model_kwargs)
+        except json.JSONDecodeError as err:
+            log.error("--model-kwargs is not valid JSON: %s", err)
+            return 2
+        if not isinstance(extra, dict):
+            log.error("--model-kwargs must be a JSON object, got %s", args.model_kwargs)
+            return 2
+    if extra and not args.model_name:
+        log.error("--model-kwargs needs --model-name")
+        return 2
+    kwargs = {"model_name": args.model_name, **extra} if args.model_name else {}
+    model = load_classifier(args.src, use_ema=args.use_ema, **kwargs)
+    found = model.bitrain_source_format
+    if args.src_format is not None and found != args.src_format:
+        log.error("--src %s is a %s checkpoint, not %s", args.src, found, args.src_format)
+        return 2
+    out = save_classifier(model, args.dst, args.dst_format)
+    log.info("%s (%s classifier) -> %s (%s)", args.src, found, out, args.dst_format)
+    if args.no_verify:
+        return 0
+    back = load_classifier(out)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *_input_shape(model), generator=gen)
+    with torch.inference_mode():
+        diff = (back(x).float() - model(x).float()).abs().max().item()
+    if not diff <= LOGIT_TOL:
+        log.error(
+            "verification failed: logits differ by %.3g (> %g) after reloading", diff, LOGIT_TOL
+        )
+        return 1
+    if back.label_names != model.label_names:
+        log.error(
+            "verification failed: label names %s after reloading, %s before",
+            (back.label_names or [])[:5],
+            (model.label_names or [])[:5],
+        )
+        return 1
+    log.info(
+        "verified: logits equal within %.3g and label names kept after reloading %s", diff, out
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the conversion; returns the process exit code (0 on success)."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if is_mim_source(args.src):
+            return _convert_mim(args)
+        return _convert_classifier(args)
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
+        log.error("%s", err)
+        return 2
 
 
 if __name__ == "__main__":
