@@ -24,6 +24,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -133,26 +134,32 @@ def check_trainer(cfg: DictConfig) -> tuple[list[Check], int]:
 
 
 def check_tokenizer(cfg: DictConfig) -> list[Check]:
-    """The tokenizer weights file exists and can be read."""
+    """The tokenizer weights file (and DALL-E's optional decoder file) exist and can be read."""
     path = _get(cfg, "tokenizer.weights_path")
     if path is None:
         return [Check("tokenizer", True, "no weights_path in the tokenizer config")]
+    checks = [_check_file("tokenizer", "weights_path", path)]
+    decoder = _get(cfg, "tokenizer.decoder_path")
+    if decoder is not None:
+        checks.append(_check_file("tokenizer decoder", "decoder_path", decoder))
+    return checks
+
+
+def _check_file(name: str, key: str, path: Any) -> Check:
     path = Path(str(path)).expanduser()
     if not path.is_file():
-        return [
-            Check(
-                "tokenizer",
-                False,
-                f"weights file '{path}' not found (set paths.tokenizers_dir or "
-                "tokenizer.weights_path; how to get or train one: docs/tokenizers.md)",
-            )
-        ]
+        return Check(
+            name,
+            False,
+            f"{key.split('_')[0]} file '{path}' not found (set paths.tokenizers_dir or "
+            f"tokenizer.{key}; how to get or train one: docs/tokenizers.md)",
+        )
     try:
         with open(path, "rb") as f:
             f.read(64)
     except OSError as err:
-        return [Check("tokenizer", False, f"weights file '{path}' is not readable: {err}")]
-    return [Check("tokenizer", True, f"{path} ({path.stat().st_size / 2**20:.1f} MiB)")]
+        return Check(name, False, f"{key.split('_')[0]} file '{path}' is not readable: {err}")
+    return Check(name, True, f"{path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
 def _count_images(root: Path) -> int:

@@ -139,3 +139,18 @@ def test_batch_derived_from_the_recipe_global_batch(tmp_path, tokenizers_dir):
     cfg = doctor.compose_config([*base, "+experiment=beit_base", "trainer.devices=3"])
     (batch,) = doctor.check_batch(cfg, 3)
     assert not batch.ok and "does not split evenly" in batch.detail
+
+
+def test_missing_dall_e_decoder_is_reported(tmp_path):
+    enc = tmp_path / "dall_e" / "encoder.pkl"
+    enc.parent.mkdir()
+    enc.write_bytes(b"x" * 100)
+    overrides = [
+        f"paths.tokenizers_dir={tmp_path}",
+        f"paths.log_dir={tmp_path}",
+        "tokenizer=dall_e",
+    ]
+    problems = _problems([*overrides, f"tokenizer.decoder_path={tmp_path}/nope.pkl"])
+    assert "tokenizer decoder" in problems and "decoder file" in problems["tokenizer decoder"]
+    assert "tokenizer" not in problems
+    assert "tokenizer decoder" not in _problems([*overrides, f"tokenizer.decoder_path={enc}"])
