@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -33,20 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitrain.io import (
-    CheckpointError,
-    PickledModule,
-    atomic_save,
-    atomic_write_bytes,
-    flatten_module_state,
-    load_pickled_module,
-)
-from bitrain.tokenizers.dall_e_encoder import (
-    _conv,
-    _is_safetensors,
-    dall_e_key_to_native,
-    native_key_to_dall_e,
-)
+from bitrain.io import CheckpointError, PickledModule
+from bitrain.tokenizers._dall_e_io import DallEFile, conv_layout, load_module, save_module
+from bitrain.tokenizers.dall_e_encoder import _check_sizes, _conv, _ResidualBlock, _run, _stack
 
 __all__ = [
     "DALL_E_DECODER_PICKLE_CLASSES",
@@ -86,6 +74,22 @@ DECODER_HINT = (
     "set tokenizer.decoder_path to it, or leave decoder_path null (no reconstructions in panels); "
     "bitrain never downloads. See docs/tokenizers.md"
 )
+_FILE = DallEFile(
+    noun="decoder",
+    pickle_classes=DALL_E_DECODER_PICKLE_CLASSES,
+    hparams=DECODER_HPARAMS,
+    config_key="tokenizer.decoder_path",
+    missing_hint=DECODER_HINT,
+    mismatch_advice=(
+        "The decoder must decode the encoder's ids to the token view's size: point "
+        "tokenizer.decoder_path at the decoder released with the encoder"
+    ),
+    mistaken=(
+        "dall_e.encoder",
+        "This looks like DALL-E's encoder.pkl: decoder_path wants decoder.pkl "
+        "(https://cdn.openai.com/dall-e/decoder.pkl)",
+    ),
+)
 
 
 def unmap_pixels(x: torch.Tensor) -> torch.Tensor:
@@ -93,8 +97,10 @@ def unmap_pixels(x: torch.Tensor) -> torch.Tensor:
     return ((x - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS)).clamp(0, 1)
 
 
-class DallEDecoderBlock(nn.Module):
+class DallEDecoderBlock(_ResidualBlock):
     """Residual block ``id_path(x) + post_gain * res_path(x)`` (``dall_e.decoder.DecoderBlock``).
+
+    Its residual path's kernels are 1, 3, 3, 3 (the encoder's are 3, 3, 3, 1).
 
     Args:
         n_in: input channels.
@@ -103,26 +109,7 @@ class DallEDecoderBlock(nn.Module):
     """
 
     def __init__(self, n_in: int, n_out: int, n_layers: int) -> None:
-        super().__init__()
-        n_hid = n_out // 4
-        self.post_gain = 1 / n_layers**2
-        self.id_path = _conv(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        self.res_path = nn.Sequential(
-            OrderedDict(
-                relu_1=nn.ReLU(),  # not in place: x also feeds id_path
-                conv_1=_conv(n_in, n_hid, 1),
-                relu_2=nn.ReLU(inplace=True),
-                conv_2=_conv(n_hid, n_hid, 3),
-                relu_3=nn.ReLU(inplace=True),
-                conv_3=_conv(n_hid, n_hid, 3),
-                relu_4=nn.ReLU(inplace=True),
-                conv_4=_conv(n_hid, n_out, 3),
-            )
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, n_in, H, W] -> [B, n_out, H, W]``."""
-        return self.id_path(x) + self.post_gain * self.res_path(x)
+        super().__init__(n_in, n_out, n_layers, (1, 3, 3, 3))
 
 
 class DallEDecoder(nn.Module):
@@ -154,34 +141,19 @@ class DallEDecoder(nn.Module):
     ) -> None:
         super().__init__()
         values = (group_count, n_init, n_hid, n_blk_per_group, output_channels, vocab_size)
-        for name, value in zip(DECODER_HPARAMS, values):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"DallEDecoder: {name} must be a positive int, got {value!r}")
-        if vocab_size < 2 or n_hid % 4:
-            raise ValueError(
-                f"DallEDecoder: need vocab_size >= 2 and n_hid divisible by 4, got "
-                f"vocab_size={vocab_size}, n_hid={n_hid}"
-            )
         self.hparams = dict(zip(DECODER_HPARAMS, values))
+        _check_sizes("DallEDecoder", self.hparams, n_hid, vocab_size)
         self.upsample = 2 ** (group_count - 1)
         self.output_channels = output_channels
         self.vocab_size = vocab_size
-        n_layers = group_count * n_blk_per_group
-        layers: OrderedDict[str, nn.Module] = OrderedDict(input=_conv(vocab_size, n_init, 1))
-        n_in = n_init
-        for g in range(group_count):
-            n_out = n_hid * 2 ** (group_count - 1 - g)
-            group: OrderedDict[str, nn.Module] = OrderedDict()
-            for i in range(n_blk_per_group):
-                group[f"block_{i + 1}"] = DallEDecoderBlock(n_in, n_out, n_layers)
-                n_in = n_out
-            if g < group_count - 1:
-                group["upsample"] = nn.Upsample(scale_factor=2, mode="nearest")
-            layers[f"group_{g + 1}"] = nn.Sequential(group)
-        layers["output"] = nn.Sequential(
-            OrderedDict(relu=nn.ReLU(), conv=_conv(n_in, 2 * output_channels, 1))
+        self.blocks = _stack(
+            _conv(vocab_size, n_init, 1),
+            [n_hid * 2 ** (group_count - 1 - g) for g in range(group_count)],
+            n_blk_per_group,
+            DallEDecoderBlock,
+            ("upsample", lambda: nn.Upsample(scale_factor=2, mode="nearest")),
+            2 * output_channels,
         )
-        self.blocks = nn.Sequential(layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Logit-Laplace statistics ``[B, 2*C, h*u, w*u]`` of codes ``[B, vocab_size, h, w]``.
@@ -212,15 +184,7 @@ class DallEDecoder(nn.Module):
         return self._trunk(h.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last))
 
     def _trunk(self, h: torch.Tensor) -> torch.Tensor:
-        for name, layer in self.blocks.named_children():
-            if name == "input":
-                continue
-            if name == "output":
-                with torch.autocast(device_type=h.device.type, enabled=False):
-                    h = layer(h.float())
-            else:
-                h = layer(h)
-        return h
+        return _run(self.blocks, h, skip="input")
 
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """Pixels in [0, 1] ``[B, C, h*u, w*u]`` (float32) of token ids ``[B, h, w]``.
@@ -229,70 +193,6 @@ class DallEDecoder(nn.Module):
         """
         stats = self.forward_ids(ids)
         return unmap_pixels(torch.sigmoid(stats[:, : self.output_channels].float()))
-
-
-def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """Tensors of a decoder file in native naming, and its architecture.
-
-    The architecture comes from tensor names and shapes; ``decoder.pkl`` also records it as
-    attributes (``n_init``, ``n_hid`` ...), which must agree with the shapes.
-    """
-    recorded: dict[str, int] = {}
-    if _is_safetensors(path):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            raw: Mapping[str, object] = load_file(path)
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"could not read DALL-E decoder '{path}': {err}") from err
-    else:
-        try:
-            obj = load_pickled_module(
-                path, DALL_E_DECODER_PICKLE_CLASSES, what="DALL-E decoder", allow_state_dict=True
-            )
-        except CheckpointError as err:
-            if "dall_e.encoder" in str(err):
-                raise CheckpointError(
-                    f"{err}. This looks like DALL-E's encoder.pkl: decoder_path wants "
-                    "decoder.pkl (https://cdn.openai.com/dall-e/decoder.pkl)"
-                ) from err
-            raise
-        if isinstance(obj, PickledModule):
-            if obj.class_path != "dall_e.decoder.Decoder":
-                raise CheckpointError(
-                    f"'{path}' holds a pickled {obj.class_path}, not a dall_e.decoder.Decoder; "
-                    "point tokenizer.decoder_path at DALL-E's decoder.pkl"
-                )
-            _check_upsampling(obj, path)
-            # decoder.pkl records its attrs fields; group_count is a class attribute there.
-            recorded = {
-                k: obj.state[k]
-                for k in DECODER_HPARAMS
-                if isinstance(obj.state.get(k), int) and not isinstance(obj.state.get(k), bool)
-            }
-            raw = flatten_module_state(obj)
-        else:
-            raw = obj
-    state: dict[str, torch.Tensor] = {}
-    for key, value in raw.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise CheckpointError(
-                f"'{path}' is not a DALL-E decoder state dict: entry {key!r} is a "
-                f"{type(value).__name__}, expected a tensor under a string key"
-            )
-        native = dall_e_key_to_native(key)
-        if native in state:
-            raise CheckpointError(f"'{path}' holds '{native}' twice (in both namings)")
-        state[native] = value
-    inferred = _infer_hparams(state, path)
-    odd = {k: (v, inferred[k]) for k, v in recorded.items() if v != inferred[k]}
-    if odd:  # build from the tensors, never from attributes alone (a crafted n_hid=10**9)
-        raise CheckpointError(
-            f"'{path}' is inconsistent: its attributes and tensor shapes disagree on "
-            + ", ".join(f"{k} ({a} vs {b})" for k, (a, b) in odd.items())
-        )
-    return state, inferred
 
 
 def _check_upsampling(root: PickledModule, path: Path) -> None:
@@ -317,15 +217,7 @@ def _check_upsampling(root: PickledModule, path: Path) -> None:
 
 def _infer_hparams(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, int]:
     """Architecture from tensor names and shapes (a state dict records nothing else)."""
-    for key in ("blocks.input.weight", "blocks.output.conv.weight"):
-        if key not in state:
-            raise CheckpointError(
-                f"'{path}' is not a DALL-E decoder: it has no '{key}' (nor its DALL-E name "
-                f"'{native_key_to_dall_e(key)}'); found {sorted(state)[:5]}..."
-            )
-    first, last = state["blocks.input.weight"], state["blocks.output.conv.weight"]
-    if first.ndim != 4 or last.ndim != 4:
-        raise CheckpointError(f"'{path}' is not a DALL-E decoder: its convolutions are not 4-D")
+    first, last, group_count, n_blk_per_group = conv_layout(state, path, _FILE.what)
     if tuple(first.shape[2:]) != (1, 1):
         raise CheckpointError(
             f"'{path}' is not a DALL-E decoder: its input conv is "
@@ -337,13 +229,11 @@ def _infer_hparams(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, i
             f"'{path}' is not a DALL-E decoder: its output conv has {last.shape[0]} channels, "
             "expected an even number (mean and log-scale per image channel)"
         )
-    groups = {k.split(".")[1] for k in state if k.startswith("blocks.group_")}
-    blocks = {k.split(".")[2] for k in state if k.startswith("blocks.group_1.block_")}
     return {
-        "group_count": len(groups),
+        "group_count": group_count,
         "n_init": int(first.shape[0]),
         "n_hid": int(last.shape[1]),
-        "n_blk_per_group": len(blocks),
+        "n_blk_per_group": n_blk_per_group,
         "output_channels": int(last.shape[0]) // 2,
         "vocab_size": int(first.shape[1]),
     }
@@ -352,58 +242,34 @@ def _infer_hparams(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, i
 def load_dall_e_decoder(path: str | os.PathLike, **expected: int) -> DallEDecoder:
     """Build a :class:`DallEDecoder` from ``decoder.pkl``, ``.safetensors`` or ``.pt``/``.pth``.
 
-    The format is detected from the file's content. State dicts may use our names or DALL-E's.
+    Read as :func:`~bitrain.tokenizers.dall_e_encoder.load_dall_e_encoder` reads the encoder
+    (format sniffed, our names or DALL-E's); a pickle must also upsample as DALL-E's does.
 
     Args:
-        path: the weights file.
-        **expected: hyper-parameters the caller was configured with (``vocab_size=8192`` ...);
-            each must equal what the file holds.
+        path: the decoder file (``tokenizer.decoder_path``).
+        **expected: the tokenizer's hyper-parameters (``vocab_size`` ...), each equal to the file's.
 
     Raises:
-        FileNotFoundError: no file at ``path`` (the message says where to get it).
+        FileNotFoundError: nothing at ``path`` (the message says where to get the file).
         ValueError: the file's architecture differs from ``expected``.
-        CheckpointError: the file is unsafe, corrupt, or its tensors do not fit the architecture.
+        CheckpointError: an unsafe, corrupt or encoder file, or tensors that do not fit.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"DALL-E decoder weights not found: expected a file at '{path}'. {DECODER_HINT}"
-        )
-    state, hparams = _read_state(path)
-    wrong = {k: (v, hparams[k]) for k, v in expected.items() if k in hparams and hparams[k] != v}
-    if wrong:
-        listed = ", ".join(
-            f"{k}={want} in the config but {got} in the file" for k, (want, got) in wrong.items()
-        )
-        raise ValueError(
-            f"DALL-E decoder '{path}' does not match the tokenizer config: {listed}. The "
-            "decoder must decode the encoder's ids to the token view's size: point "
-            "tokenizer.decoder_path at the decoder released with the encoder"
-        )
+    return load_module(
+        path,
+        _FILE,
+        expected,
+        infer=_infer_hparams,
+        build=_build,
+        check_pickle=_check_upsampling,
+    )
+
+
+def _build(hparams: dict[str, int], path: Path) -> DallEDecoder:
+    """The decoder of a file's architecture; one it cannot build is not a usable file."""
     try:
-        decoder = DallEDecoder(**hparams)
+        return DallEDecoder(**hparams)
     except ValueError as err:
         raise CheckpointError(f"'{path}' is not a usable DALL-E decoder: {err}") from err
-    _copy_strict(decoder, state, path)
-    return decoder
-
-
-def _copy_strict(decoder: DallEDecoder, state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Copy every tensor into ``decoder``, or fail listing what is missing, extra or misshapen."""
-    own = decoder.state_dict()
-    problems = [f"missing '{k}'" for k in own if k not in state]
-    problems += [f"unexpected '{k}'" for k in state if k not in own]
-    problems += [
-        f"'{k}' is {tuple(state[k].shape)} in the file but {tuple(v.shape)} in the decoder"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if problems:
-        shown = "; ".join(problems[:8]) + (
-            f"; and {len(problems) - 8} more" if len(problems) > 8 else ""
-        )
-        raise CheckpointError(f"DALL-E decoder '{path}' does not fit {decoder.hparams}: {shown}")
-    decoder.load_state_dict({k: v.float() for k, v in state.items()})
 
 
 def save_decoder(decoder: DallEDecoder, path: str | os.PathLike) -> Path:
@@ -412,14 +278,4 @@ def save_decoder(decoder: DallEDecoder, path: str | os.PathLike) -> Path:
     A ``*.safetensors`` path gets safetensors (with the architecture as metadata), anything else a
     ``torch.save`` of the state dict; both load back without unpickling any code.
     """
-    path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save
-
-        meta = {
-            "format": "bitrain.dall_e_decoder",
-            **{k: str(v) for k, v in decoder.hparams.items()},
-        }
-        return atomic_write_bytes(path, save(state, metadata=meta))
-    return atomic_save(state, path)
+    return save_module(decoder, path, _FILE.noun)

@@ -1,4 +1,4 @@
-"""Fixtures for the model tests: tiny BeitMIM configurations and random inputs."""
+"""Fixtures for the model tests: tiny BeitMIM / BEiT classifier configurations, random inputs."""
 
 from __future__ import annotations
 
@@ -13,6 +13,22 @@ TINY = {
     "depth": 2,
     "num_heads": 4,
     "drop_path_rate": 0.0,
+}
+
+
+# ``create_classifier`` kwargs (less the timm name and num_classes) of a tiny timm BEiT classifier:
+# relative position bias per layer, LayerScale, mean pooling.
+TINY_BEIT_CLASSIFIER = {
+    "img_size": 32,
+    "patch_size": 8,
+    "embed_dim": 48,
+    "depth": 2,
+    "num_heads": 3,
+    "init_values": 0.1,
+    "use_abs_pos_emb": False,
+    "use_rel_pos_bias": True,
+    "use_shared_rel_pos_bias": False,
+    "global_pool": "avg",
 }
 
 
@@ -52,6 +68,12 @@ def images():
 def make_tiny():
     """Factory: ``make_tiny(seed=0, perturb=True, **BeitMIM overrides)``."""
     return make_model
+
+
+@pytest.fixture
+def beit_spec():
+    """A fresh copy of :data:`TINY_BEIT_CLASSIFIER` (for ``beit_base_patch16_224``)."""
+    return dict(TINY_BEIT_CLASSIFIER)
 
 
 @pytest.fixture

@@ -18,18 +18,6 @@ MIM = dict(
     drop_path_rate=0.0,
     use_shared_rel_pos_bias=True,
 )
-CLS = dict(
-    img_size=32,
-    patch_size=8,
-    embed_dim=48,
-    depth=2,
-    num_heads=3,
-    init_values=0.1,
-    use_abs_pos_emb=False,
-    use_rel_pos_bias=True,
-    use_shared_rel_pos_bias=False,
-    global_pool="avg",
-)
 NAME = "beit_base_patch16_224"
 
 
@@ -42,20 +30,20 @@ def mim():
     return model
 
 
-def test_random_init_and_spec():
-    model = create_classifier(NAME, 5, **CLS)
-    assert model.bitrain_spec == {"model_name": NAME, "num_classes": 5, **CLS}
+def test_random_init_and_spec(beit_spec):
+    model = create_classifier(NAME, 5, **beit_spec)
+    assert model.bitrain_spec == {"model_name": NAME, "num_classes": 5, **beit_spec}
     assert model.head.out_features == 5
     assert model.head.weight.abs().max() < 1e-3  # head_init_scale 0.001 (timm's default for BEiT)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
     with pytest.raises(ValueError, match="num_classes"):
-        create_classifier(NAME, 0, **CLS)
+        create_classifier(NAME, 0, **beit_spec)
 
 
 @pytest.mark.parametrize("fmt", ["bitrain", "official", "hf"])
-def test_from_every_mim_format(tmp_path, mim, fmt):
+def test_from_every_mim_format(tmp_path, mim, fmt, beit_spec):
     path = save_mim_model(mim, tmp_path / ("ckpt" if fmt == "hf" else f"m.{fmt}"), format=fmt)
-    model = create_classifier(NAME, 7, pretrained=str(path), **CLS)
+    model = create_classifier(NAME, 7, pretrained=str(path), **beit_spec)
     shared = mim.rel_pos_bias.relative_position_bias_table
     for block in model.blocks:  # the shared bias, copied into every block
         assert torch.equal(block.attn.relative_position_bias_table, shared)
@@ -67,9 +55,9 @@ def test_from_every_mim_format(tmp_path, mim, fmt):
     assert torch.equal(model.fc_norm.weight, torch.ones(48))
 
 
-def test_resolution_change_resizes_tables(tmp_path, mim):
+def test_resolution_change_resizes_tables(tmp_path, mim, beit_spec):
     path = save_mim_model(mim, tmp_path / "m.ckpt")
-    model = create_classifier(NAME, 3, pretrained=str(path), **{**CLS, "img_size": 48})
+    model = create_classifier(NAME, 3, pretrained=str(path), **{**beit_spec, "img_size": 48})
     table = model.blocks[0].attn.relative_position_bias_table
     assert table.shape == ((2 * 6 - 1) ** 2 + 3, 3)
     # The 3 cls-token entries are kept as they are.
@@ -77,8 +65,8 @@ def test_resolution_change_resizes_tables(tmp_path, mim):
     assert model(torch.randn(1, 3, 48, 48)).shape == (1, 3)
 
 
-def test_constant_table_stays_constant_when_resized():
-    model = create_classifier(NAME, 3, **{**CLS, "img_size": 48})
+def test_constant_table_stays_constant_when_resized(beit_spec):
+    model = create_classifier(NAME, 3, **{**beit_spec, "img_size": 48})
     table = torch.full(((2 * 4 - 1) ** 2 + 3, 3), 0.5)
     state = {"rel_pos_bias.relative_position_bias_table": table}
     out, notes = adapt_state_dict(state, model)
@@ -88,28 +76,28 @@ def test_constant_table_stays_constant_when_resized():
     assert any("expanded" in n for n in notes) and any("resized" in n for n in notes)
 
 
-def test_other_shape_is_a_clear_error_unless_partial(tmp_path, mim):
+def test_other_shape_is_a_clear_error_unless_partial(tmp_path, mim, beit_spec):
     path = save_mim_model(mim, tmp_path / "m.ckpt")
     with pytest.raises(CheckpointError, match=r"shape mismatch: .*\(48,\) != \(96,\)"):
-        create_classifier(NAME, 3, pretrained=str(path), **{**CLS, "embed_dim": 96})
+        create_classifier(NAME, 3, pretrained=str(path), **{**beit_spec, "embed_dim": 96})
     model = create_classifier(
-        NAME, 3, pretrained=str(path), pretrained_strict=False, **{**CLS, "depth": 3}
+        NAME, 3, pretrained=str(path), pretrained_strict=False, **{**beit_spec, "depth": 3}
     )
     assert torch.equal(model.blocks[0].mlp.fc1.weight, mim.blocks[0].mlp.fc1.weight)
 
 
-def test_classifier_checkpoint_keeps_its_head_when_classes_match(tmp_path):
+def test_classifier_checkpoint_keeps_its_head_when_classes_match(tmp_path, beit_spec):
     torch.manual_seed(1)
-    source = create_classifier(NAME, 4, **CLS)
+    source = create_classifier(NAME, 4, **beit_spec)
     torch.save({"model": source.state_dict()}, tmp_path / "ft.pth")  # official fine-tuned layout
-    same = create_classifier(NAME, 4, pretrained=str(tmp_path / "ft.pth"), **CLS)
+    same = create_classifier(NAME, 4, pretrained=str(tmp_path / "ft.pth"), **beit_spec)
     assert torch.equal(same.head.weight, source.head.weight)
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(same.eval()(x), source.eval()(x))
-    other = create_classifier(NAME, 9, pretrained=str(tmp_path / "ft.pth"), **CLS)
+    other = create_classifier(NAME, 9, pretrained=str(tmp_path / "ft.pth"), **beit_spec)
     assert other.head.out_features == 9 and torch.equal(other.fc_norm.weight, source.fc_norm.weight)
 
 
-def test_missing_checkpoint_says_what_to_give(tmp_path):
+def test_missing_checkpoint_says_what_to_give(tmp_path, beit_spec):
     with pytest.raises(FileNotFoundError, match="official BEiT .pth"):
-        create_classifier(NAME, 3, pretrained=str(tmp_path / "nope.pth"), **CLS)
+        create_classifier(NAME, 3, pretrained=str(tmp_path / "nope.pth"), **beit_spec)

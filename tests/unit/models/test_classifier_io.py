@@ -35,18 +35,6 @@ ROOT = Path(__file__).resolve().parents[3]
 TOL = 1e-5
 LABELS = ["ant", "bee", "cat", "dog", "eel", "fox"]
 BEIT = "beit_base_patch16_224"
-BEIT_SPEC = dict(
-    img_size=32,
-    patch_size=8,
-    embed_dim=48,
-    depth=2,
-    num_heads=3,
-    init_values=0.1,
-    use_abs_pos_emb=False,
-    use_rel_pos_bias=True,
-    use_shared_rel_pos_bias=False,
-    global_pool="avg",
-)
 # The fine-tuning config's evaluation transform (configs/data/cls/*.yaml val_transform).
 EVAL_NODE = {
     "_target_": "timm.data.create_transform",
@@ -69,10 +57,16 @@ def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def beit(seed: int = 0, num_classes: int = len(LABELS), **overrides) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = create_classifier(BEIT, num_classes, **{**BEIT_SPEC, **overrides})
-    return _perturb(model, seed)
+@pytest.fixture
+def beit(beit_spec):
+    """Factory: ``beit(seed=0, num_classes=6, **overrides)``, a tiny perturbed BEiT classifier."""
+
+    def make(seed: int = 0, num_classes: int = len(LABELS), **overrides) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        model = create_classifier(BEIT, num_classes, **{**beit_spec, **overrides})
+        return _perturb(model, seed)
+
+    return make
 
 
 def vit() -> torch.nn.Module:
@@ -133,7 +127,7 @@ def finetune_ckpt(model: torch.nn.Module, path: Path, ema: torch.nn.Module | Non
 
 
 @pytest.mark.parametrize("fmt", CLASSIFIER_FORMATS)
-def test_beit_round_trip_every_format(tmp_path, fmt):
+def test_beit_round_trip_every_format(tmp_path, fmt, beit):
     source = beit()
     source.label_names = LABELS
     out = save_classifier(source, dst(tmp_path, fmt), fmt, eval_transform=EVAL_NODE)
@@ -159,7 +153,7 @@ def test_vit_and_bit_round_trip(tmp_path, make, fmt):
         assert {m.num_groups for m in back.modules() if isinstance(m, torch.nn.GroupNorm)} == {8}
 
 
-def test_hf_norm_eps_survives_every_export(tmp_path):
+def test_hf_norm_eps_survives_every_export(tmp_path, beit):
     """HF's default LayerNorm eps (1e-12) is no timm argument: exports record it."""
     source = apply_norm_settings(beit(), layer_norm_eps=1e-12)
     hf = load_classifier(save_classifier(source, tmp_path / "hf", "hf"))
@@ -172,7 +166,7 @@ def test_hf_norm_eps_survives_every_export(tmp_path):
         assert max_diff(source, back, x) <= TOL, fmt
 
 
-def test_finetune_ckpt_and_its_ema(tmp_path):
+def test_finetune_ckpt_and_its_ema(tmp_path, beit):
     model, ema = beit(0), beit(1)
     path = finetune_ckpt(model, tmp_path / "last.ckpt", ema=ema)
     x = batch(model)
@@ -181,7 +175,7 @@ def test_finetune_ckpt_and_its_ema(tmp_path):
     assert load_classifier(path).bitrain_eval_transform == EVAL_NODE
 
 
-def test_timm_loads_our_timm_folder(tmp_path):
+def test_timm_loads_our_timm_folder(tmp_path, beit):
     timm = pytest.importorskip("timm")
     source = beit()
     folder = save_classifier(source, tmp_path / "timm", "timm", label_names=LABELS)
@@ -192,14 +186,14 @@ def test_timm_loads_our_timm_folder(tmp_path):
     assert max_diff(source, theirs, batch(source)) <= TOL
 
 
-def test_bare_state_dict_needs_model_name(tmp_path):
+def test_bare_state_dict_needs_model_name(tmp_path, beit, beit_spec):
     source = beit()
     torch.save(source.state_dict(), tmp_path / "bare.pth")
     save_file(source.state_dict(), str(tmp_path / "bare.safetensors"))
     for name in ("bare.pth", "bare.safetensors"):
         with pytest.raises(CheckpointError, match="bare state dict.*pass model_name"):
             load_classifier(tmp_path / name)
-        back = load_classifier(tmp_path / name, model_name=BEIT, **BEIT_SPEC)  # classes: head
+        back = load_classifier(tmp_path / name, model_name=BEIT, **beit_spec)  # classes: head
         assert back.bitrain_source_format == "timm"
         assert max_diff(source, back, batch(source)) <= TOL
     with pytest.raises(ValueError, match="without model_name"):
@@ -231,7 +225,7 @@ OFFICIAL_VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", list(OFFICIAL_VARIANTS))
-def test_official_without_args_inferred_from_shapes(tmp_path, variant):
+def test_official_without_args_inferred_from_shapes(tmp_path, variant, beit):
     source = beit(**OFFICIAL_VARIANTS[variant])
     state = unilm_state(source)
     assert any(k.endswith("relative_position_index") for k in state) or variant.startswith("cls")
@@ -244,7 +238,7 @@ def test_official_without_args_inferred_from_shapes(tmp_path, variant):
         assert spec[key] == source.bitrain_spec[key], key
 
 
-def test_official_with_args_as_run_class_finetuning_saves(tmp_path):
+def test_official_with_args_as_run_class_finetuning_saves(tmp_path, beit):
     source, ema = beit(0), beit(1)
     args = argparse.Namespace(
         model="beit_base_patch16_224",
@@ -276,7 +270,7 @@ def test_official_with_args_as_run_class_finetuning_saves(tmp_path):
     assert max_diff(ema, load_classifier(tmp_path / "checkpoint-best.pth", use_ema=True), x) <= TOL
 
 
-def test_official_export_is_unilm_layout(tmp_path):
+def test_official_export_is_unilm_layout(tmp_path, beit):
     source = beit()
     path = save_classifier(source, tmp_path / "ft.pth", "official", label_names=LABELS)
     obj = torch.load(path, weights_only=False)
@@ -311,7 +305,7 @@ def test_pretraining_checkpoints_say_fine_tune_first(tmp_path):
             load_classifier(path)
 
 
-def test_unknown_and_unsupported_inputs(tmp_path):
+def test_unknown_and_unsupported_inputs(tmp_path, beit):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_classifier(tmp_path / "missing.ckpt")
     (tmp_path / "empty").mkdir()
@@ -345,7 +339,7 @@ def test_unknown_and_unsupported_inputs(tmp_path):
         save_classifier(source, tmp_path / "x.ckpt", "bitrain", label_names=["a", "b"])
 
 
-def test_headless_hf_folder_is_not_a_classifier(tmp_path):
+def test_headless_hf_folder_is_not_a_classifier(tmp_path, beit):
     folder = save_classifier(beit(), tmp_path / "hf", "hf")
     config = json.loads((folder / "config.json").read_text())
     config["architectures"] = ["BeitModel"]
@@ -383,7 +377,7 @@ def test_processor_config_rebuilds_the_eval_transform(node):
         assert torch.equal(transform(img), rebuilt(img))
 
 
-def test_hf_image_processor_reads_our_preprocessor_config(tmp_path):
+def test_hf_image_processor_reads_our_preprocessor_config(tmp_path, beit):
     transformers = pytest.importorskip("transformers")
     folder = save_classifier(beit(), tmp_path / "hf", "hf", eval_transform=EVAL_NODE)
     config = json.loads((folder / "preprocessor_config.json").read_text())
@@ -416,7 +410,7 @@ def cli():
     return module
 
 
-def test_convert_bitrain_hf_bitrain(tmp_path, cli):
+def test_convert_bitrain_hf_bitrain(tmp_path, cli, beit):
     source = beit()
     ckpt = finetune_ckpt(source, tmp_path / "last.ckpt")
     assert cli.main(["--src", str(ckpt), "--dst", str(tmp_path / "hf"), "--dst-format", "hf"]) == 0
@@ -429,7 +423,7 @@ def test_convert_bitrain_hf_bitrain(tmp_path, cli):
 
 
 @pytest.mark.parametrize("fmt", ["timm", "official"])
-def test_convert_bitrain_to(tmp_path, cli, fmt):
+def test_convert_bitrain_to(tmp_path, cli, fmt, beit):
     source = beit()
     ckpt = finetune_ckpt(source, tmp_path / "last.ckpt")
     out = dst(tmp_path, fmt)
@@ -438,12 +432,12 @@ def test_convert_bitrain_to(tmp_path, cli, fmt):
     assert max_diff(source, back, batch(source)) <= TOL and back.label_names == LABELS
 
 
-def test_convert_bare_state_dict_and_errors(tmp_path, cli):
+def test_convert_bare_state_dict_and_errors(tmp_path, cli, beit, beit_spec):
     source = beit()
     torch.save(source.state_dict(), tmp_path / "bare.pth")
     base = ["--src", str(tmp_path / "bare.pth"), "--dst", str(tmp_path / "t"), "--dst-format"]
     assert cli.main([*base, "timm"]) == 2  # no --model-name
-    kwargs = json.dumps(BEIT_SPEC)
+    kwargs = json.dumps(beit_spec)
     assert cli.main([*base, "timm", "--model-name", BEIT, "--model-kwargs", kwargs]) == 0
     assert max_diff(source, load_classifier(tmp_path / "t"), batch(source)) <= TOL
     from bitrain.models.beit import BeitMIM
@@ -477,7 +471,7 @@ def assert_same_top5(a: list[dict], b: list[dict]) -> float:
 
 
 @pytest.mark.parametrize("fmt", ["hf", "timm"])
-def test_predict_parity_after_export(tmp_path, cli, fmt):
+def test_predict_parity_after_export(tmp_path, cli, fmt, beit):
     from bitrain.prediction import predict
 
     ckpt = finetune_ckpt(beit(), tmp_path / "last.ckpt")
@@ -491,7 +485,7 @@ def test_predict_parity_after_export(tmp_path, cli, fmt):
 
 
 @pytest.mark.slow
-def test_predict_cli_on_hf_folder_matches_ckpt(tmp_path, cli):
+def test_predict_cli_on_hf_folder_matches_ckpt(tmp_path, cli, beit):
     ckpt = finetune_ckpt(beit(), tmp_path / "last.ckpt")
     assert cli.main(["--src", str(ckpt), "--dst", str(tmp_path / "hf"), "--dst-format", "hf"]) == 0
     images = write_images(tmp_path / "images")
