@@ -69,7 +69,7 @@ def test_hyperparameters_are_plain_and_model_built(tmp_path):
         OmegaConf.create(TINY_MODEL), OmegaConf.create(OPTIM), weights_path=str(tmp_path / "t.pt")
     )
     assert type(task.hparams["model"]) is dict and type(task.hparams["optim"]) is dict
-    assert task.model.grid_size == (4, 4) and task.hparams.kl_weight == 3e-3
+    assert task.model.grid_size == (4, 4) and task.hparams.kl_weight == 1e-3
 
 
 @pytest.mark.parametrize(
