@@ -11,8 +11,11 @@ Follows the BEiT paper (Bao et al., 2021) §2.2-2.5 and the official pretraining
 
 The blocks are timm's, unchanged: parameter names equal the official checkpoint's
 (``blocks.i.attn.qkv.weight``, ``q_bias``/``v_bias``, ``gamma_1``/``gamma_2``,
-``rel_pos_bias.relative_position_bias_table``, ...), and attention runs through timm's fused
-``scaled_dot_product_attention`` with the relative position bias passed as ``attn_mask``.
+``rel_pos_bias.relative_position_bias_table``, ...). On GPUs attention runs through timm's fused
+``scaled_dot_product_attention`` with the relative position bias passed as ``attn_mask``; on the
+CPU through timm's explicit path (``softmax(q k^T * scale + bias) v``), the same arithmetic but
+faster there: with a bias that needs a gradient, CPU SDPA falls back to its math backend, which
+adds a guard against fully masked rows and scales q and k separately (see ``_select_attention``).
 
 Initialisation is the official one: truncated normal with std ``init_std`` *truncated at one
 standard deviation* (``trunc_normal_(std=0.02, a=-0.02, b=0.02)``, the paper's "small range
@@ -124,6 +127,32 @@ class BeitMIM(Beit):
         self.mask_token = nn.Parameter(torch.empty(1, 1, embed_dim))
         self.lm_head = nn.Linear(embed_dim, vocab_size)
         self.init_weights()
+        # timm's own choice (False with TIMM_FUSED_ATTN=0 or when exporting), kept off the CPU.
+        self._timm_fused_attn = all(blk.attn.fused_attn for blk in self.blocks)
+        self._select_attention()
+
+    # --- attention kernel per device --------------------------------------------------------------
+
+    def _select_attention(self) -> None:
+        """Fused SDPA attention off the CPU, timm's explicit attention on it.
+
+        On the CPU, SDPA with a float ``attn_mask`` that requires grad (the learned relative
+        position bias) runs its math backend, which costs more than timm's explicit path (a
+        ``-inf`` row guard per softmax, q and k each scaled): about 4% of a tiny-model training
+        step on 1-2 cores. GPUs keep flash / memory-efficient kernels. Numerically the two paths
+        agree to float32 rounding.
+        """
+        if "_timm_fused_attn" not in self.__dict__:  # during Beit.__init__
+            return
+        on_cpu = self.cls_token.device.type == "cpu"
+        for blk in self.blocks:
+            blk.attn.fused_attn = self._timm_fused_attn and not on_cpu
+
+    def _apply(self, fn: Any, recurse: bool = True) -> BeitMIM:
+        """``Module._apply`` (``to``, ``cuda``, ...), then the attention kernel for the device."""
+        out = super()._apply(fn, recurse)
+        self._select_attention()
+        return out
 
     # --- initialisation ---------------------------------------------------------------------------
 

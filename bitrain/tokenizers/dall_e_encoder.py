@@ -113,8 +113,18 @@ class _ResidualBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, n_in, H, W] -> [B, n_out, H, W]``."""
-        return self.id_path(x) + self.post_gain * self.res_path(x)
+        """``[B, n_in, H, W] -> [B, n_out, H, W]``.
+
+        The residual is scaled and summed in place in the residual path's fresh output (its last
+        layer is a conv, which keeps nothing for backward): the same float operations as
+        ``id_path(x) + post_gain * res_path(x)`` (addition commutes exactly), without two
+        temporaries the size of the feature map.
+        """
+        res = self.res_path(x)
+        ident = self.id_path(x)
+        if res.dtype != ident.dtype or res.shape != ident.shape:
+            return ident + self.post_gain * res  # type promotion / broadcasting: out of place
+        return res.mul_(self.post_gain).add_(ident)
 
 
 def _check_sizes(owner: str, sizes: Mapping[str, object], n_hid: int, vocab_size: int) -> None:

@@ -110,7 +110,9 @@ def test_no_weight_decay_and_group_matcher(tiny_model):
     assert "mask_token" in matcher["stem"]
 
 
-def test_attention_uses_fused_sdpa_with_rel_pos_bias(tiny_model, images, make_mask, monkeypatch):
+def test_attention_kernel_per_device(tiny_model, images, make_mask, monkeypatch):
+    """CPU: timm's explicit attention; off the CPU: fused SDPA with the rel-pos bias as
+    ``attn_mask``. Both give the same logits and gradients (float32 rounding)."""
     seen = []
     real = F.scaled_dot_product_attention
 
@@ -119,8 +121,34 @@ def test_attention_uses_fused_sdpa_with_rel_pos_bias(tiny_model, images, make_ma
         return real(q, k, v, attn_mask=attn_mask, **kw)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    tiny_model(images, make_mask(2, 16, 4))
+    with torch.no_grad():  # a non-zero bias, so that both paths really add it
+        tiny_model.rel_pos_bias.relative_position_bias_table.normal_(std=0.5)
+    mask = make_mask(2, 16, 4)
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        tiny_model.zero_grad(set_to_none=True)
+        out = tiny_model(images, mask)
+        out.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+        return out.detach(), grads
+
+    assert not any(blk.attn.fused_attn for blk in tiny_model.blocks)  # built on the CPU
+    explicit, explicit_grads = run()
+    assert seen == []
+    for blk in tiny_model.blocks:  # what the model runs on a GPU
+        blk.attn.fused_attn = True
+    fused, fused_grads = run()
     assert len(seen) == 2 and all(m is not None and m.shape[-2:] == (17, 17) for m in seen)
+    torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-6)
+    assert explicit_grads.keys() == fused_grads.keys()
+    assert "rel_pos_bias.relative_position_bias_table" in fused_grads
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(explicit_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    # Any device move re-selects: back to explicit on the CPU, fused elsewhere (meta stands in).
+    tiny_model.to(torch.float32)
+    assert not any(blk.attn.fused_attn for blk in tiny_model.blocks)
+    tiny_model.to("meta")
+    assert all(blk.attn.fused_attn for blk in tiny_model.blocks)
 
 
 def test_variants_without_layer_scale_and_with_per_layer_bias(make_tiny, images, make_mask):
