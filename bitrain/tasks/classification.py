@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from bitrain import optim as optim_lib
-from bitrain.tasks.common import NonFiniteGuard, plain
+from bitrain.tasks.common import NONFINITE_CHECKS, NonFiniteGuard, plain
 
 __all__ = ["ImageClassification"]
 
@@ -48,6 +48,8 @@ class ImageClassification(NonFiniteGuard, L.LightningModule):
             weights, evaluated separately; None for none.
         compile: ``torch.compile`` the model's forward.
         max_nonfinite_steps: NaN/inf training steps skipped before the run stops.
+        nonfinite_check: ``auto`` | ``sync`` | ``device``: how a NaN/inf step is skipped
+            (:class:`bitrain.tasks.common.NonFiniteGuard`).
         label_names: class names (normally taken from the data module at fit start).
         eval_transform: config of the evaluation transform (``${data.val_transform}``), kept in
             the checkpoint so ``python -m bitrain.predict`` preprocesses images the same way.
@@ -62,6 +64,7 @@ class ImageClassification(NonFiniteGuard, L.LightningModule):
         ema: Mapping[str, Any] | None = None,
         compile: bool = False,
         max_nonfinite_steps: int = 10,
+        nonfinite_check: str = "auto",
         label_names: list[str] | None = None,
         eval_transform: Mapping[str, Any] | None = None,
     ) -> None:
@@ -71,6 +74,10 @@ class ImageClassification(NonFiniteGuard, L.LightningModule):
             raise ValueError(f"task.label_smoothing must be in [0, 1), got {label_smoothing}")
         if isinstance(max_nonfinite_steps, bool) or int(max_nonfinite_steps) < 0:
             raise ValueError(f"task.max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
+        if nonfinite_check not in NONFINITE_CHECKS:
+            raise ValueError(
+                f"task.nonfinite_check must be one of {NONFINITE_CHECKS}, got {nonfinite_check!r}"
+            )
         self.save_hyperparameters(
             {
                 "model": model,
@@ -80,6 +87,7 @@ class ImageClassification(NonFiniteGuard, L.LightningModule):
                 "ema": ema,
                 "compile": compile,
                 "max_nonfinite_steps": int(max_nonfinite_steps),
+                "nonfinite_check": nonfinite_check,
                 "eval_transform": plain(eval_transform),
             }
         )
@@ -101,6 +109,7 @@ class ImageClassification(NonFiniteGuard, L.LightningModule):
         self.ema_top5 = MulticlassAccuracy(self.num_classes, top_k=top_k)
         self.label_names = list(label_names) if label_names else None
         self.max_nonfinite_steps = int(max_nonfinite_steps)
+        self.nonfinite_check = nonfinite_check
         self.nonfinite_steps = 0
         self._t_last: float | None = None
 
@@ -121,6 +130,7 @@ class ImageClassification(NonFiniteGuard, L.LightningModule):
             self.label_names = list(names)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._drain_nonfinite(block=True)  # steps flagged on the device count too
         checkpoint["label_names"] = self.label_names
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
 
@@ -152,9 +162,7 @@ class ImageClassification(NonFiniteGuard, L.LightningModule):
         peak = max(g["lr"] for g in self.optimizers().param_groups)  # the head (layer decay)
         self.log("lr", peak, prog_bar=True, batch_size=bs)
         self._log_throughput(bs)
-        if not bool(torch.isfinite(loss)):
-            return self._skip_nonfinite(loss, batch, bs)
-        return loss
+        return self._check_loss(loss, batch, bs)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # After each optimizer step (not each micro-batch of a gradient accumulation).

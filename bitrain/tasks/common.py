@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["NonFiniteGuard", "batch_statistics", "plain"]
+__all__ = ["NONFINITE_CHECKS", "NonFiniteGuard", "batch_statistics", "plain"]
+
+NONFINITE_CHECKS = ("auto", "sync", "device")
 
 log = logging.getLogger("bitrain.tasks")
 
@@ -45,11 +48,28 @@ def batch_statistics(batch: Mapping[str, torch.Tensor]) -> str:
 class NonFiniteGuard:
     """Skip, count and report training steps whose loss is NaN/inf (a LightningModule mixin).
 
-    The module needs ``self.model``, ``self.nonfinite_steps`` and ``self.max_nonfinite_steps``.
+    The module needs ``self.model``, ``self.nonfinite_steps``, ``self.max_nonfinite_steps`` and
+    ``self.nonfinite_check`` (one of :data:`NONFINITE_CHECKS`); ``training_step`` ends with
+    ``return self._check_loss(loss, batch, batch_size)``. Two ways to skip a bad step:
+
+    * ``sync``: ``bool(torch.isfinite(loss))`` on the host (one device-to-host sync per step);
+      a bad step returns ``None``, so Lightning runs no backward and the optimizer sees no
+      gradients. Works with every optimizer and precision.
+    * ``device``: no sync. The finite flag stays on the device and is handed to the optimizer as
+      ``found_inf`` (what AMP's GradScaler does): torch's fused Adam/AdamW/SGD kernels then skip
+      the update on the device (weights, moments and step count untouched). Under DDP the flag is
+      all-reduced (max) first, so every rank skips together; with gradient accumulation a bad
+      micro-batch skips the whole optimizer step. The host reads the flag later through a pinned
+      copy and a CUDA event, once the GPU has got there (at most a step or two late), and counts,
+      warns and stops exactly as ``sync`` does; checkpoints and the end of training wait for it.
+    * ``auto`` (default): ``device`` on CUDA with a fused optimizer and without a fp16 grad scaler
+      (which owns ``found_inf``), else ``sync``. On a CPU the sync costs nothing.
+
     It also logs the training throughput (:meth:`_log_throughput`).
     """
 
     _t_last: float | None = None
+    nonfinite_check: str = "auto"
 
     def _log_throughput(self, batch_size: int) -> None:
         """Log ``train/images_per_sec``: images x world size over the time since the last step."""
@@ -59,6 +79,86 @@ class NonFiniteGuard:
             rate = batch_size * world / max(now - self._t_last, 1e-9)
             self.log("train/images_per_sec", rate, batch_size=batch_size)
         self._t_last = now
+
+    def _check_loss(
+        self, loss: torch.Tensor, batch: Mapping[str, torch.Tensor], bs: int
+    ) -> torch.Tensor | None:
+        """The end of ``training_step``: the loss to backpropagate, or ``None`` to skip."""
+        if self._skips_on_device():
+            self._flag_on_device(loss, batch)
+        elif not bool(torch.isfinite(loss)):  # the one host sync of the step
+            return self._skip_nonfinite(loss, batch, bs)
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=bs)
+        return loss
+
+    def _inner_optimizer(self) -> Any:
+        opt = self.optimizers(use_pl_optimizer=False)
+        return opt if not isinstance(opt, list) else None
+
+    def _skips_on_device(self) -> bool:
+        if self.nonfinite_check == "sync" or self._trainer is None:
+            return False
+        opt = self._inner_optimizer()
+        fused = bool(opt is not None and getattr(opt, "_step_supports_amp_scaling", False))
+        scaler = str(self.trainer.precision) in ("16-mixed", "16")
+        if self.nonfinite_check == "device":
+            if not fused or scaler:
+                raise ValueError(
+                    "task.nonfinite_check=device needs a fused optimizer (optim.fused, AdamW / "
+                    "SGD on CUDA or CPU) and no fp16 grad scaler; use 'auto' or 'sync'"
+                )
+            return True
+        return fused and not scaler and self.device.type == "cuda"
+
+    def _flag_on_device(self, loss: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> None:
+        """Hand the step's non-finite flag to the fused optimizer; read it on the host later."""
+        self._drain_nonfinite(block=False)
+        bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(())
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        opt = self._inner_optimizer()
+        previous = getattr(opt, "found_inf", None)
+        if not self.__dict__.get("_nonfinite_fresh", True) and previous is not None:
+            # A bad micro-batch skips the whole (accumulated) step.
+            opt.found_inf = torch.maximum(bad, previous)
+        else:
+            opt.found_inf = bad
+        self.__dict__["_nonfinite_fresh"] = False
+        if bad.device.type == "cuda":
+            host = torch.empty((), dtype=torch.float32, pin_memory=True)
+            host.copy_(bad, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = bad, None
+        self._pending_nonfinite().append((self.global_step, host, event, batch))
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        # The next micro-batch starts a new accumulation window (a new found_inf).
+        self.__dict__["_nonfinite_fresh"] = True
+
+    def _pending_nonfinite(self) -> deque:
+        if "_nonfinite_pending" not in self.__dict__:
+            self.__dict__["_nonfinite_pending"] = deque()
+        return self.__dict__["_nonfinite_pending"]
+
+    def _drain_nonfinite(self, block: bool = True) -> None:
+        """Count the flagged steps whose flag has reached the host (all of them with ``block``)."""
+        pending = self._pending_nonfinite()
+        while pending:
+            step, host, event, batch = pending[0]
+            if event is not None:
+                if not block and not event.query():
+                    return
+                event.synchronize()
+            pending.popleft()
+            # Micro-batches of one accumulated step share the global step: count the step once.
+            if float(host) > 0 and self.__dict__.get("_nonfinite_last_step") != step:
+                self.__dict__["_nonfinite_last_step"] = step
+                self._record_nonfinite("NaN/inf", step, batch, skipped_on="device")
+
+    def on_train_end(self) -> None:
+        self._drain_nonfinite(block=True)
 
     def _skip_nonfinite(
         self, loss: torch.Tensor, batch: Mapping[str, torch.Tensor], bs: int
@@ -72,25 +172,33 @@ class NonFiniteGuard:
         Raises:
             FloatingPointError: more than ``max_nonfinite_steps`` steps had a non-finite loss.
         """
-        self.nonfinite_steps += 1
-        step, stats = self.global_step, batch_statistics(batch)
+        self._record_nonfinite(loss.item(), self.global_step, batch, skipped_on="host")
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=bs)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            return torch.stack([p.sum() for p in params]).sum() * 0.0
+        return None
+
+    def _record_nonfinite(
+        self, value: Any, step: int, batch: Mapping[str, torch.Tensor], skipped_on: str
+    ) -> None:
+        """Count one skipped step; warn, or raise past ``max_nonfinite_steps``."""
+        self.nonfinite_steps += 1
+        stats = batch_statistics(batch)
         if self.nonfinite_steps > self.max_nonfinite_steps:
             raise FloatingPointError(
-                f"training loss is {loss.item()} at step {step}: {self.nonfinite_steps} steps "
+                f"training loss is {value} at step {step}: {self.nonfinite_steps} steps "
                 f"with a non-finite loss exceed task.max_nonfinite_steps="
                 f"{self.max_nonfinite_steps}. Batch: {stats}. Check the data for NaN/inf, lower "
                 "optim.lr, or use a gradient clip / bf16 instead of fp16"
             )
         log.warning(
-            "non-finite training loss (%s) at step %d: step skipped (%d of at most %d). Batch: %s",
-            loss.item(),
+            "non-finite training loss (%s) at step %d: step skipped (on the %s; %d of at most "
+            "%d). Batch: %s",
+            value,
             step,
+            skipped_on,
             self.nonfinite_steps,
             self.max_nonfinite_steps,
             stats,
         )
-        if self._trainer is not None and self.trainer.world_size > 1:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            return torch.stack([p.sum() for p in params]).sum() * 0.0
-        return None

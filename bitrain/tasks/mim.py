@@ -14,8 +14,9 @@ weights live in their own file, and keeping it out saves DALL-E's 54M parameters
 Non-finite losses: a step whose loss is NaN or inf is skipped (``training_step`` returns ``None``,
 so Lightning runs no backward; the optimizer sees no gradients and leaves weights and AdamW moments
 untouched), counted (``train/nonfinite_steps``, kept in checkpoints) and reported with the batch's
-statistics; more than ``max_nonfinite_steps`` such steps raise :class:`FloatingPointError`. The
-check costs one device-to-host sync per training step (``bool(torch.isfinite(loss))``).
+statistics; more than ``max_nonfinite_steps`` such steps raise :class:`FloatingPointError`. On a
+GPU with a fused optimizer the step is skipped on the device instead (no host sync per step;
+``nonfinite_check``, :class:`bitrain.tasks.common.NonFiniteGuard`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from bitrain import optim as optim_lib
-from bitrain.tasks.common import NonFiniteGuard, plain
+from bitrain.tasks.common import NONFINITE_CHECKS, NonFiniteGuard, plain
 from bitrain.tokenizers.base import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class MaskedImageModeling(NonFiniteGuard, L.LightningModule):
         compile: wrap the encoder in ``torch.compile`` (static shapes: the mask count is fixed).
         max_nonfinite_steps: how many training steps with a NaN/inf loss are skipped (with a
             warning) before the run stops with :class:`FloatingPointError`; 0 stops at the first.
+        nonfinite_check: ``auto`` | ``sync`` | ``device``: how a NaN/inf step is skipped
+            (:class:`bitrain.tasks.common.NonFiniteGuard`).
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class MaskedImageModeling(NonFiniteGuard, L.LightningModule):
         optim: Mapping[str, Any],
         compile: bool = False,
         max_nonfinite_steps: int = 10,
+        nonfinite_check: str = "auto",
     ) -> None:
         super().__init__()
         if isinstance(max_nonfinite_steps, bool) or not isinstance(max_nonfinite_steps, int):
@@ -64,6 +68,10 @@ class MaskedImageModeling(NonFiniteGuard, L.LightningModule):
                 f"task.max_nonfinite_steps={max_nonfinite_steps} must be >= 0 "
                 "(0: stop at the first NaN/inf loss)"
             )
+        if nonfinite_check not in NONFINITE_CHECKS:
+            raise ValueError(
+                f"task.nonfinite_check must be one of {NONFINITE_CHECKS}, got {nonfinite_check!r}"
+            )
         model, tokenizer, optim = plain(model), plain(tokenizer), plain(optim)
         self.save_hyperparameters(
             {
@@ -72,6 +80,7 @@ class MaskedImageModeling(NonFiniteGuard, L.LightningModule):
                 "optim": optim,
                 "compile": compile,
                 "max_nonfinite_steps": max_nonfinite_steps,
+                "nonfinite_check": nonfinite_check,
             }
         )
         self.model = hydra.utils.instantiate(model)
@@ -89,6 +98,7 @@ class MaskedImageModeling(NonFiniteGuard, L.LightningModule):
         self.__dict__["_forward"] = torch.compile(self.model) if compile else self.model
         self._t_last: float | None = None
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_check = nonfinite_check
         self.nonfinite_steps = 0
 
     # --- Lightning hooks -------------------------------------------------------------------------
@@ -116,6 +126,7 @@ class MaskedImageModeling(NonFiniteGuard, L.LightningModule):
         return {"loss": loss, "mim_acc": acc, "targets": targets}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._drain_nonfinite(block=True)  # steps flagged on the device count too
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -132,11 +143,7 @@ class MaskedImageModeling(NonFiniteGuard, L.LightningModule):
         self.log("train/mim_acc", out["mim_acc"], prog_bar=True, batch_size=bs)
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, batch_size=bs)
         self._log_throughput(bs)
-        # The one host sync this adds per step; the statistics are only computed when it fires.
-        if not bool(torch.isfinite(out["loss"])):
-            return self._skip_nonfinite(out["loss"], batch, bs)
-        self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=bs)
-        return out["loss"]
+        return self._check_loss(out["loss"], batch, bs)
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         out = self.shared_step(batch)

@@ -51,12 +51,17 @@ class FirstStep(L.Callback):
         self.start = trainer.global_step
 
 
-def test_nonfinite_losses_are_skipped_and_counted(compose_cfg, demo_tokenizer_file, tmp_path):
+@pytest.mark.parametrize("check", ["sync", "device"])
+def test_nonfinite_losses_are_skipped_and_counted(
+    compose_cfg, demo_tokenizer_file, tmp_path, check
+):
+    """sync: skipped on the host; device: fused AdamW's found_inf skips it, no host sync."""
     overrides = [
         *FAST,
         f"tokenizer.weights_path={demo_tokenizer_file}",
         "trainer.max_steps=4",
         "task.max_nonfinite_steps=2",
+        f"task.nonfinite_check={check}",
     ]
     poison = PoisonBatches({1, 2})
     summary = runner.train(compose_cfg("pretrain", overrides, tmp_path), callbacks=[poison])
@@ -75,7 +80,8 @@ def test_nonfinite_losses_are_skipped_and_counted(compose_cfg, demo_tokenizer_fi
     assert math.isfinite(summary["metrics"]["train/loss"])
 
 
-def test_too_many_nonfinite_losses_stop_the_run(compose_cfg, demo_tokenizer_file, tmp_path):
+@pytest.mark.parametrize("check", ["sync", "device"])
+def test_too_many_nonfinite_losses_stop_the_run(compose_cfg, demo_tokenizer_file, tmp_path, check):
     cfg = compose_cfg(
         "pretrain",
         [
@@ -83,6 +89,7 @@ def test_too_many_nonfinite_losses_stop_the_run(compose_cfg, demo_tokenizer_file
             f"tokenizer.weights_path={demo_tokenizer_file}",
             "trainer.max_steps=4",
             "task.max_nonfinite_steps=1",
+            f"task.nonfinite_check={check}",
         ],
         tmp_path,
     )
@@ -137,3 +144,26 @@ def test_auto_in_an_empty_run_dir_starts_fresh(compose_cfg, demo_tokenizer_file,
     first = FirstStep()
     assert runner.train(cfg, callbacks=[first])["global_step"] == 1
     assert first.start == 0
+
+
+def test_device_skip_with_accumulation_skips_the_whole_step(
+    compose_cfg, demo_tokenizer_file, tmp_path
+):
+    """A NaN in the 1st of 2 accumulated micro-batches (the 2nd is finite) skips the step."""
+    overrides = [
+        *FAST,
+        f"tokenizer.weights_path={demo_tokenizer_file}",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.max_steps=2",
+        "task.nonfinite_check=device",
+    ]
+    poison = PoisonBatches({0})
+    summary = runner.train(compose_cfg("pretrain", overrides, tmp_path), callbacks=[poison])
+    assert summary["global_step"] == 2
+    before, _ = poison.params_around[0]
+    _, after = poison.params_around[1]  # micro-batches 0 and 1 = optimizer step 0: skipped
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    before, after = poison.params_around[3]  # step 1 (micro-batches 2 and 3) trains
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["nonfinite_steps"] == 1
