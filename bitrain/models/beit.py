@@ -270,12 +270,29 @@ class BeitMIM(Beit):
                 x = blk(x, shared_rel_pos_bias=rel_pos_bias)
         return self.norm(x)
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def masked_index(flat: torch.Tensor, num_masked: int) -> torch.Tensor:
+        """Positions ``[B, num_masked]`` of the masked patches, raster order, without a host sync.
+
+        ``flat`` is a ``[B, N]`` bool mask with exactly ``num_masked`` True per row; the result
+        indexes what ``x[flat]`` selects, in the same order (a stable sort instead of ``nonzero``,
+        whose output size the host must know).
+        """
+        order = torch.argsort(flat.to(torch.uint8), dim=1, descending=True, stable=True)
+        return order[:, :num_masked].sort(dim=1).values
+
+    def forward(
+        self, images: torch.Tensor, mask: torch.Tensor, num_masked: int | None = None
+    ) -> torch.Tensor:
         """Logits over the visual vocabulary at the masked positions only.
 
         Args:
             images: ``[B, C, H, W]`` normalized pixels.
             mask: ``[B, gh, gw]`` or ``[B, N]`` bool, True = masked; the same count per image.
+            num_masked: that count, when the caller knows it: the masked tokens are then gathered
+                by :meth:`masked_index` with no device-to-host sync (static shapes for
+                ``torch.compile`` too); the count is checked on the CPU and, asynchronously, on
+                CUDA. ``None``: boolean indexing (one sync) after checking the counts.
 
         Returns:
             ``[B, n_masked, vocab_size]``, positions in raster order within each image (the order of
@@ -286,6 +303,12 @@ class BeitMIM(Beit):
         """
         flat = self.flat_mask(mask)  # [B, N]
         batch = flat.shape[0]
+        if num_masked is not None:
+            _check_count_async(flat, num_masked)
+            index = self.masked_index(flat, num_masked)
+            x = self.forward_features(images, flat)[:, 1:]  # [B, N, D]
+            x = x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            return self.lm_head(x)
         if not torch.compiler.is_compiling():
             counts = flat.sum(dim=1)
             if batch and bool((counts != counts[0]).any()):
@@ -297,6 +320,21 @@ class BeitMIM(Beit):
         x = self.forward_features(images, flat)[:, 1:]  # [B, N, D]
         x = x[flat].reshape(batch, -1, x.shape[-1])  # [B, n_masked, D], raster order
         return self.lm_head(x)
+
+
+def _check_count_async(flat: torch.Tensor, num_masked: int) -> None:
+    """Each row of ``flat`` has ``num_masked`` True: checked now on a CPU, async on CUDA."""
+    if torch.compiler.is_compiling():
+        return
+    ok = (flat.sum(dim=1) == num_masked).all()
+    if flat.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(
+                f"BeitMIM: every image must have exactly {num_masked} masked patches, got counts "
+                f"{flat.sum(dim=1).tolist()}"
+            )
+    elif flat.device.type == "cuda":
+        torch._assert_async(ok, f"BeitMIM: an image has not exactly {num_masked} masked patches")
 
 
 def _check_args(

@@ -109,9 +109,26 @@ class MaskedImageModeling(NonFiniteGuard, L.LightningModule):
     def on_validation_start(self) -> None:
         self.tokenizer.to(self.device)
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, mask: torch.Tensor, num_masked: int | None = None
+    ) -> torch.Tensor:
         """Masked logits ``[B, n_masked, vocab]``."""
-        return self._forward(images, mask)
+        return self._forward(images, mask, num_masked)
+
+    def _static_masked_count(self, mask: torch.Tensor) -> int | None:
+        """The masked count per image, learnt once (one sync), on CUDA; ``None`` on a CPU.
+
+        The masking generator masks exactly ``num_masking_patches`` per image, so the count is
+        fixed for a run; with it, targets and logits are gathered with no host sync per step
+        (``BeitMIM.forward(num_masked=...)`` checks the count asynchronously). ``static_mask``
+        (``auto`` | ``true`` | ``false``) forces either way.
+        """
+        mode = getattr(self, "static_mask", "auto")
+        if mode is False or (mode == "auto" and mask.device.type != "cuda"):
+            return None
+        if "_num_masked" not in self.__dict__:
+            self.__dict__["_num_masked"] = int(mask[0].sum())
+        return self.__dict__["_num_masked"]
 
     def shared_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Loss and masked accuracy of one batch ``{"images", "tokenizer_images", "mask"}``."""
@@ -119,8 +136,12 @@ class MaskedImageModeling(NonFiniteGuard, L.LightningModule):
         with torch.no_grad():
             tok_in = self.tokenizer.preprocess(batch["tokenizer_images"])
             ids = self.tokenizer.encode(tok_in).flatten(1)  # [B, N]
-        targets = ids[mask].view(mask.shape[0], -1)  # [B, n_masked], raster order like the logits
-        logits = self(images, mask)  # [B, n_masked, V]
+        k = self._static_masked_count(mask)
+        if k is None:
+            targets = ids[mask].view(mask.shape[0], -1)  # [B, n_masked], raster order as logits
+        else:
+            targets = ids.gather(1, self.model.masked_index(mask, k))
+        logits = self(images, mask, k)  # [B, n_masked, V]
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         acc = (logits.detach().argmax(-1) == targets).float().mean()
         return {"loss": loss, "mim_acc": acc, "targets": targets}

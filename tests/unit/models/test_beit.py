@@ -194,3 +194,13 @@ def test_base_config_has_86m_encoder_parameters():
     assert model.lm_head.out_features == 8192 and model.grid_size == (14, 14)
     assert model.model_kwargs["init_values"] == pytest.approx(0.1)
     assert model.model_kwargs["drop_path_rate"] == pytest.approx(0.1)
+
+
+def test_static_masked_count_gathers_what_boolean_indexing_selects(tiny_model, images, make_mask):
+    """forward(num_masked=k): the sync-free gather equals x[mask], and a wrong k is refused."""
+    mask = make_mask(2, 16, 6, seed=5)
+    torch.testing.assert_close(tiny_model(images, mask, num_masked=6), tiny_model(images, mask))
+    index = BeitMIM.masked_index(mask, 6)
+    assert torch.equal(index, torch.stack([m.nonzero().flatten() for m in mask]))
+    with pytest.raises(ValueError, match="exactly 5 masked patches"):
+        tiny_model(images, mask, num_masked=5)

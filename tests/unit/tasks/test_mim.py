@@ -75,3 +75,16 @@ def test_unequal_mask_counts_are_refused(tok_cfg):
     batch["mask"].view(2, -1)[0, :] = True  # image 0: all 64 masked, image 1: 20
     with pytest.raises(ValueError):
         task.shared_step(batch)
+
+
+def test_static_mask_step_equals_the_boolean_step(tok_cfg):
+    """The GPU path (gather by a fixed count, no host sync) gives the same loss as the CPU path."""
+    task = MaskedImageModeling(MODEL, tok_cfg, OPTIM).eval()
+    batch = _batch(n_masked=20)
+    plain_out = task.shared_step(batch)
+    task.static_mask = True
+    static_out = task.shared_step(batch)
+    assert task._num_masked == 20
+    torch.testing.assert_close(static_out["loss"], plain_out["loss"])
+    torch.testing.assert_close(static_out["mim_acc"], plain_out["mim_acc"])
+    assert torch.equal(static_out["targets"], plain_out["targets"])
