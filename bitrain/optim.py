@@ -211,11 +211,22 @@ def build(
 
 
 def _amp_clipping(trainer) -> bool:
-    """Gradient clipping under Lightning's autocast precision plugin (16-mixed / bf16-mixed)."""
+    """Gradient clipping under fp16 autocast with a grad scaler (``16-mixed``).
+
+    The scaler unscales inside a fused optimizer's step, too late for clipping, so Lightning
+    refuses the combination. ``bf16-mixed`` has no scaler: the tasks clip themselves there
+    (:meth:`bitrain.tasks.common.NonFiniteGuard.configure_gradient_clipping`) and keep the fused
+    optimizer.
+    """
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     clip = getattr(trainer, "gradient_clip_val", None)
-    return bool(clip) and isinstance(getattr(trainer, "precision_plugin", None), MixedPrecision)
+    plugin = getattr(trainer, "precision_plugin", None)
+    return (
+        bool(clip)
+        and isinstance(plugin, MixedPrecision)
+        and getattr(plugin, "scaler", None) is not None
+    )
 
 
 def lightning_optimizers(model: nn.Module, trainer, optim_cfg: dict) -> dict:
@@ -227,7 +238,7 @@ def lightning_optimizers(model: nn.Module, trainer, optim_cfg: dict) -> dict:
     total = int(trainer.estimated_stepping_batches)
     cfg = dict(optim_cfg)
     if cfg.get("fused") is None and _amp_clipping(trainer):
-        # Lightning's mixed-precision plugin refuses gradient clipping with a fused optimizer
+        # Under fp16's grad scaler Lightning refuses gradient clipping with a fused optimizer
         # (it unscales inside its step); the foreach kernels are used then.
         cfg["fused"] = False
     if cfg.get("warmup_epochs") is not None and "steps_per_epoch" not in cfg:

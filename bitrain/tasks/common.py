@@ -133,6 +133,37 @@ class NonFiniteGuard:
             host, event = bad, None
         self._pending_nonfinite().append((self.global_step, host, event, batch))
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: Any,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip as Lightning does, except under ``bf16-mixed``, where the tasks clip themselves.
+
+        Lightning's autocast plugin refuses to clip for a fused optimizer because fp16's grad
+        scaler unscales inside the fused step; bf16 autocast has no scaler, so the gradients are
+        already true gradients and are clipped exactly as in full precision. That keeps the fused
+        AdamW (and the on-device skip of NaN steps) for the BEiT recipes (bf16 + clip 3.0).
+        """
+        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+        from lightning.pytorch.utilities import GradClipAlgorithmType
+
+        plugin = self.trainer.precision_plugin
+        if (
+            gradient_clip_val
+            and isinstance(plugin, MixedPrecision)
+            and getattr(plugin, "scaler", None) is None
+        ):
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+            Precision.clip_gradients(plugin, optimizer, float(gradient_clip_val), algorithm)
+            return
+        super().configure_gradient_clipping(
+            optimizer,
+            gradient_clip_val=gradient_clip_val,
+            gradient_clip_algorithm=gradient_clip_algorithm,
+        )
+
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         # The next micro-batch starts a new accumulation window (a new found_inf).
         self.__dict__["_nonfinite_fresh"] = True

@@ -88,3 +88,26 @@ def test_static_mask_step_equals_the_boolean_step(tok_cfg):
     torch.testing.assert_close(static_out["loss"], plain_out["loss"])
     torch.testing.assert_close(static_out["mim_acc"], plain_out["mim_acc"])
     assert torch.equal(static_out["targets"], plain_out["targets"])
+
+
+def test_bf16_clipping_keeps_the_fused_optimizer(tok_cfg):
+    """bf16-mixed + clipping: the task clips itself, AdamW stays fused (not under fp16)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from bitrain.optim import _amp_clipping
+
+    task = MaskedImageModeling(MODEL, tok_cfg, OPTIM)
+    bf16 = MixedPrecision("bf16-mixed", "cpu")
+    fp16 = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    assert not _amp_clipping(SimpleNamespace(gradient_clip_val=3.0, precision_plugin=bf16))
+    assert _amp_clipping(SimpleNamespace(gradient_clip_val=3.0, precision_plugin=fp16))
+    task._trainer = SimpleNamespace(precision_plugin=bf16)
+    opt = torch.optim.AdamW(task.model.parameters(), fused=True)
+    for p in task.model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    task.configure_gradient_clipping(opt, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in task.model.parameters()]))
+    assert norm == pytest.approx(1.0, rel=1e-3)
+    task._trainer = None
