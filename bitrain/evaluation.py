@@ -1,6 +1,6 @@
 """Evaluate a fine-tuned classifier: top-1 / top-5, loss, images per second, per-class accuracy.
 
-:func:`evaluate` loads the checkpoint (:func:`bitrain.models.checkpoints.load_classifier`), builds
+:func:`evaluate` loads the checkpoint (:func:`bitrain.models.classifier_io.load_classifier`), builds
 the config's data module with the checkpoint's model settings (so ``${model.img_size}`` in the
 data config is the resolution the model was trained at), runs its validation loader once under
 ``torch.inference_mode`` and writes, into the output directory:
@@ -28,14 +28,15 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torchmetrics.classification import MulticlassAccuracy
 
-from bitrain.models.checkpoints import load_classifier
+from bitrain.models.classifier_io import load_classifier
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else the CPU; any other name as given."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -62,7 +63,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             names[:3],
         )
     names = names or data_names or [str(i) for i in range(num_classes)]
-    device = _device(str(cfg.get("device", "auto")))
+    device = resolve_device(str(cfg.get("device", "auto")))
     model.to(device)
     top1 = MulticlassAccuracy(num_classes, top_k=1).to(device)
     top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes)).to(device)

@@ -41,6 +41,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from bitrain.evaluation import resolve_device
 from bitrain.io import CheckpointError
 
 __all__ = [
@@ -68,8 +69,9 @@ def load_frozen_encoder(
         CheckpointError: neither a pretraining nor a classifier checkpoint.
     """
     from bitrain.models.beit import BeitMIM
-    from bitrain.models.checkpoints import load_classifier, load_mim_model
+    from bitrain.models.checkpoints import load_mim_model
     from bitrain.models.classifier import create_classifier
+    from bitrain.models.classifier_io import load_classifier
 
     path = Path(path).expanduser()
     if not path.exists():
@@ -175,12 +177,6 @@ class LinearProbes(nn.Module):
         return [head(f) for head, f in zip(self.heads, feats, strict=True)]
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 @torch.no_grad()
 def _extract(model, loader, layers, with_cls, device) -> tuple[list[torch.Tensor], torch.Tensor]:
     feats: list[list[torch.Tensor]] = [[] for _ in layers]
@@ -224,7 +220,7 @@ def linear_probe(cfg: DictConfig) -> dict[str, Any]:
         layers_cfg = list(layers_cfg)
     layers = resolve_layers(layers_cfg, _num_layers(model))
     with_cls = str(probe.get("features", "mean")) == "cls_mean"
-    device = _device(str(cfg.get("device", "auto")))
+    device = resolve_device(str(cfg.get("device", "auto")))
     model.to(device)
     augment = bool(probe.get("augment", False))
     # The training split, through the evaluation transform, for the cache; the val split as is.

@@ -23,7 +23,7 @@ import torch
 from bitrain.data.decode import BadImageError, decode_image
 from bitrain.data.sources import IMAGE_EXTENSIONS
 from bitrain.io import load_torch_file
-from bitrain.models.checkpoints import load_classifier
+from bitrain.models.classifier_io import load_classifier
 
 __all__ = ["class_names", "list_images", "predict"]
 

@@ -17,7 +17,7 @@ Formats (see docs/checkpoints.md):
 
 The source kind is detected: a masked-image-modeling (pretraining) checkpoint is converted as a
 ``BeitMIM`` (``bitrain``/``official``/``hf``), anything else as a classifier
-(:func:`bitrain.models.checkpoints.load_classifier` / ``save_classifier``; label names and the
+(:func:`bitrain.models.classifier_io.load_classifier` / ``save_classifier``; label names and the
 evaluation preprocessing travel with it).
 
 Examples::
@@ -47,15 +47,13 @@ import torch
 
 from bitrain.io import CheckpointError, load_torch_file
 from bitrain.models.checkpoints import (
-    CLASSIFIER_FORMATS,
     FORMATS,
     build_mim_model,
-    load_classifier,
     load_mim_model,
     load_mim_state,
-    save_classifier,
     save_mim_model,
 )
+from bitrain.models.classifier_io import CLASSIFIER_FORMATS, load_classifier, save_classifier
 
 log = logging.getLogger("convert_checkpoint")
 

@@ -122,7 +122,7 @@ def test_evaluate_reproduces_the_last_validation(compose_cfg, demo_mim_ckpt, tmp
 
 def test_evaluate_refuses_a_pretraining_checkpoint(demo_mim_ckpt, tmp_path):
     from bitrain.io import CheckpointError
-    from bitrain.models.checkpoints import load_classifier
+    from bitrain.models.classifier_io import load_classifier
 
     ckpt, _ = demo_mim_ckpt
     with pytest.raises(CheckpointError, match="pretraining .* not a classifier"):

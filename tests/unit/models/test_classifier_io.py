@@ -19,16 +19,15 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from bitrain.io import CheckpointError
-from bitrain.models.checkpoints import (
+from bitrain.models.checkpoints import save_mim_model, to_official_beit
+from bitrain.models.classifier import CLASSIFIER_TARGET, create_classifier
+from bitrain.models.classifier_io import (
     CLASSIFIER_FORMATS,
     load_classifier,
     processor_config_from_transform,
     save_classifier,
-    save_mim_model,
-    to_official_beit,
     transform_from_processor_config,
 )
-from bitrain.models.classifier import CLASSIFIER_TARGET, create_classifier
 from bitrain.models.hf_classifier import apply_norm_settings
 
 ROOT = Path(__file__).resolve().parents[3]
