@@ -58,6 +58,23 @@ def read_metric_series(metrics_csv: Path, key: str) -> list[tuple[int, float]]:
     return series
 
 
+def _tokenizer_is_stale(path: Path) -> bool:
+    """Whether the dVAE at ``path`` differs from what ``configs/train_tokenizer.yaml`` builds.
+
+    An older demo (e.g. one with another token grid) leaves a tokenizer that pretraining would
+    refuse; the demo then trains the current one instead of stopping.
+    """
+    from omegaconf import OmegaConf
+
+    from bitrain.doctor import compose_config
+
+    want = OmegaConf.to_container(
+        compose_config([], config_name="train_tokenizer").tokenizer_model, resolve=True
+    )
+    have = load_torch_file(path, what="demo tokenizer").get("config", {})
+    return any(have.get(k) != v for k, v in want.items() if k != "_target_")
+
+
 def _start_end(series: list[tuple[int, float]], window: int = 5) -> tuple[float, float]:
     """The first logged value, and the mean of the last ``window`` (smooths noisy single steps)."""
     if not series:
@@ -103,6 +120,15 @@ def main(argv: list[str] | None = None) -> dict:
     day, clock = stamp.strftime("%Y-%m-%d"), stamp.strftime("%H-%M-%S")
     figures: dict = {}
 
+    if TOKENIZER.exists() and _tokenizer_is_stale(TOKENIZER):
+        stale = TOKENIZER.with_name(f"{TOKENIZER.stem}.stale-{day}-{clock}{TOKENIZER.suffix}")
+        TOKENIZER.rename(stale)
+        log.info(
+            "demo tokenizer %s was built for another configuration; moved it to %s and "
+            "training a new one",
+            TOKENIZER,
+            stale,
+        )
     if TOKENIZER.exists():
         log.info("demo tokenizer found at %s (delete it to retrain)", TOKENIZER)
         figures["tokenizer_seconds"] = 0.0

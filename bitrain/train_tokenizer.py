@@ -1,6 +1,6 @@
 """Train a dVAE visual tokenizer: ``python -m bitrain.train_tokenizer [tokenizer=dvae ...]``.
 
-With no arguments it trains the embedded demo's tokenizer (32 px digits, 8x8 grid, 512 codes) and
+With no arguments it trains the embedded demo's tokenizer (32 px digits, 4x4 grid, 512 codes) and
 writes ``tokenizers/demo_dvae.pt``. Everything is composed from ``configs/train_tokenizer.yaml``;
 see docs/tokenizers.md, "Training your own dVAE".
 """

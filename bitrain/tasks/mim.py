@@ -187,7 +187,8 @@ def check_compatible(model: torch.nn.Module, tokenizer: Tokenizer) -> None:
     if grid and tuple(tokenizer.grid_size) != grid:
         raise ValueError(
             f"tokenizer grid {tuple(tokenizer.grid_size)} != model patch grid {grid}: "
-            "tokenizer.input_size / 8 (DALL-E) must equal model.img_size / model.patch_size"
+            "the tokenizer's grid (DALL-E: tokenizer.input_size / 8; dVAE: input_size / "
+            "2**num_downsamples of the file) must equal model.img_size / model.patch_size"
         )
     vocab = getattr(model, "vocab_size", None)
     if vocab is not None and vocab != tokenizer.vocab_size:

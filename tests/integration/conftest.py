@@ -21,12 +21,12 @@ def compose_cfg():
 
 @pytest.fixture(scope="session")
 def demo_tokenizer_file(tmp_path_factory):
-    """A random dVAE with the demo's shapes (32 px, 8x8 grid, 512 codes), saved as bitrain does."""
+    """A random dVAE with the demo's shapes (32 px, 4x4 grid, 512 codes), saved as bitrain does."""
     import torch
 
     from bitrain.tokenizers.dvae import DiscreteVAE, save_dvae
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tok") / "demo_dvae.pt"
-    save_dvae(DiscreteVAE(vocab_size=512, input_size=32), path)
+    save_dvae(DiscreteVAE(vocab_size=512, input_size=32, num_downsamples=3), path)
     return path

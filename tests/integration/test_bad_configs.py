@@ -9,7 +9,7 @@ import pytest
 from bitrain import runner
 
 CASES = [
-    (["masking.num_masking_patches=100"], r"num_masking_patches .*\[0, 64\].*8x8 grid"),
+    (["masking.num_masking_patches=100"], r"num_masking_patches .*\[0, 16\].*4x4 grid"),
     (["model.img_size=64"], r"tokenizer grid \(8, 8\) != model patch grid \(16, 16\)"),
     (["model.vocab_size=1000"], r"model.vocab_size=1000 != tokenizer.vocab_size=512"),
     (["data.batch_size=0"], r"batch_size must be a positive integer, got 0"),

@@ -17,7 +17,7 @@ def test_demo_runs_from_any_directory_and_reports(tmp_path):
     torch.manual_seed(0)
     stats = {"codebook_usage": 0.5, "perplexity": 100.0}
     save_dvae(
-        DiscreteVAE(vocab_size=512, input_size=32),
+        DiscreteVAE(vocab_size=512, input_size=32, num_downsamples=3),
         tmp_path / "tokenizers" / "demo_dvae.pt",
         stats=stats,
     )

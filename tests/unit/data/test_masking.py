@@ -58,7 +58,8 @@ def _components(mask: np.ndarray) -> int:
     "kwargs",
     [
         {},  # BEiT: 14x14, 75, min 16
-        {"input_size": 8, "num_masking_patches": 26, "min_num_patches": 4},  # the demo
+        {"input_size": 8, "num_masking_patches": 26, "min_num_patches": 4},
+        {"input_size": 4, "num_masking_patches": 6, "min_num_patches": 2},  # the demo
         {"input_size": (6, 10), "num_masking_patches": 30, "min_num_patches": 4},
         {"input_size": 4, "num_masking_patches": 16, "min_num_patches": 4},  # full grid
         {"input_size": 4, "num_masking_patches": 15, "min_num_patches": 4},
