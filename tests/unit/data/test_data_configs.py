@@ -16,9 +16,10 @@ CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 def _load(group: str, name: str, tmp_path: Path, **overrides) -> object:
     """The group's YAML under a stub root config (model, tokenizer, seed, paths), resolved."""
     node = OmegaConf.load(CONFIGS / group / f"{name}.yaml")
+    demo_model = OmegaConf.load(CONFIGS / "model" / "beit_tiny_mim.yaml")
     root = OmegaConf.create(
         {
-            "model": {"img_size": 32, "patch_size": 4},
+            "model": {"img_size": demo_model.img_size, "patch_size": demo_model.patch_size},
             "tokenizer": {"input_size": 16},
             "seed": 0,
             "paths": {"data_dir": str(tmp_path)},
@@ -32,8 +33,8 @@ def _load(group: str, name: str, tmp_path: Path, **overrides) -> object:
 
 def test_masking_demo_config(tmp_path):
     gen = hydra.utils.instantiate(_load("masking", "demo", tmp_path))
-    assert isinstance(gen, BlockwiseMaskGenerator) and gen.grid_size == (8, 8)
-    assert int(gen().sum()) == 26 and gen.min_num_patches == 4
+    assert isinstance(gen, BlockwiseMaskGenerator) and gen.grid_size == (4, 4)
+    assert int(gen().sum()) == 6 and gen.min_num_patches == 2
 
 
 def test_blockwise_is_beit_at_224(tmp_path):

@@ -181,7 +181,7 @@ def _build(name: str, vocab: int = 8192) -> BeitMIM:
 
 def test_tiny_config_is_the_demo_model():
     model = _build("beit_tiny_mim", vocab=512)
-    assert model.grid_size == (8, 8) and model.embed_dim == 192 and len(model.blocks) == 4
+    assert model.grid_size == (4, 4) and model.embed_dim == 192 and len(model.blocks) == 4
     assert model.vocab_size == 512 and model.rel_pos_bias is not None and model.pos_embed is None
 
 
