@@ -47,9 +47,9 @@ def test_demo_config_trains_a_tokenizer_pretraining_loads(compose_cfg, tmp_path)
     # The pretraining config's tokenizer node builds it (sizes checked against the file).
     pre = compose_cfg("pretrain", [f"paths.tokenizers_dir={tmp_path / 'tokenizers'}"], tmp_path)
     tok = hydra.utils.instantiate(OmegaConf.to_container(pre.tokenizer, resolve=True))
-    assert isinstance(tok, DVAETokenizer) and tok.grid_size == (8, 8)
+    assert isinstance(tok, DVAETokenizer) and tok.grid_size == (4, 4)
     ids = tok.encode(torch.rand(2, 3, 32, 32))
-    assert ids.shape == (2, 8, 8) and int(ids.max()) < 512
+    assert ids.shape == (2, 4, 4) and int(ids.max()) < 512
 
 
 def test_entry_point_runs_from_the_command_line(tmp_path):
