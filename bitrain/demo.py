@@ -226,7 +226,10 @@ def main(argv: list[str] | None = None) -> dict:
         label = "from MIM" if init == "pretrained" else "from scratch"
         log.info("  %-13s %s   %s", label, _mean_spread(accs), ft_runs[init][0])
     gap = [p - s for p, s in zip(results["pretrained"], results["scratch"])]
-    log.info("  gap          %s (pretrained - scratch, same steps and seed)", _mean_spread(gap))
+    log.info(
+        "  gap          %s (pretrained - scratch, same steps and seed)",
+        _mean_spread(gap, difference=True),
+    )
     log.info("report        %s", report)
     log.info("               %s (fine-tuning, both runs overlaid)", ft_report)
     return figures
@@ -236,14 +239,20 @@ def _seeds(seeds: list[int]) -> str:
     return f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
 
 
-def _mean_spread(values: list[float]) -> str:
-    """``0.788`` or ``0.781 +- 0.012 (n=3)`` (sample standard deviation)."""
+def _mean_spread(values: list[float], difference: bool = False) -> str:
+    """Mean and sample standard deviation of accuracies (or, ``difference``, of their gaps).
+
+    ``78.8%`` / ``78.1% +- 1.2 (n=3: ...)``; gaps: ``+6.3 points`` / ``+11.9 points +- 5.1 (n=3:
+    +6.3, ...)``.
+    """
+    num = "{:+.1f}" if difference else "{:.1f}"
+    unit = " points" if difference else "%"
     if len(values) == 1:
-        return f"{100 * values[0]:.1f}%"
+        return num.format(100 * values[0]) + unit
     mean = sum(values) / len(values)
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    each = ", ".join(f"{100 * v:.1f}" for v in values)
-    return f"{100 * mean:.1f}% +- {100 * sd:.1f} (n={len(values)}: {each})"
+    each = ", ".join(num.format(100 * v) for v in values)
+    return f"{num.format(100 * mean)}{unit} +- {100 * sd:.1f} (n={len(values)}: {each})"
 
 
 if __name__ == "__main__":
