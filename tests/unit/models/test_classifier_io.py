@@ -21,14 +21,13 @@ from safetensors.torch import save_file
 from bitrain.io import CheckpointError
 from bitrain.models.checkpoints import save_mim_model, to_official_beit
 from bitrain.models.classifier import CLASSIFIER_TARGET, create_classifier
-from bitrain.models.classifier_io import (
-    CLASSIFIER_FORMATS,
-    load_classifier,
+from bitrain.models.classifier_io import CLASSIFIER_FORMATS, load_classifier, save_classifier
+from bitrain.models.hf_classifier import apply_norm_settings
+from bitrain.models.hf_preprocessing import (
     processor_config_from_transform,
-    save_classifier,
+    processor_transform_node,
     transform_from_processor_config,
 )
-from bitrain.models.hf_classifier import apply_norm_settings
 
 ROOT = Path(__file__).resolve().parents[3]
 TOL = 1e-5
@@ -388,6 +387,18 @@ def test_hf_image_processor_reads_our_preprocessor_config(tmp_path, beit):
     img = noise_image(50, 40, 0)
     theirs = processor(img, return_tensors="pt")["pixel_values"][0]
     assert float((ours(img) - theirs).abs().max()) <= 1e-5
+
+
+def test_processor_nodes_of_older_checkpoints_still_build():
+    # Checkpoints written before the conversion moved name it under bitrain.models.classifier_io.
+    import hydra
+
+    config = {"do_resize": True, "size": {"shortest_edge": 36}, "resample": 3}
+    node = processor_transform_node(config)
+    assert node["_target_"] == "bitrain.models.hf_preprocessing.transform_from_processor_config"
+    old = {**node, "_target_": "bitrain.models.classifier_io.transform_from_processor_config"}
+    img = noise_image(50, 40, 0)
+    assert torch.equal(hydra.utils.instantiate(old)(img), hydra.utils.instantiate(node)(img))
 
 
 def test_unrepresentable_transform_is_refused():
