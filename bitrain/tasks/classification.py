@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from bitrain import optim as optim_lib
-from bitrain.tasks.common import NONFINITE_CHECKS, NonFiniteGuard, plain
+from bitrain.tasks.common import NonFiniteGuard, check_nonfinite_mode, plain
 
 __all__ = ["ImageClassification"]
 
@@ -74,10 +74,7 @@ class ImageClassification(NonFiniteGuard, L.LightningModule):
             raise ValueError(f"task.label_smoothing must be in [0, 1), got {label_smoothing}")
         if isinstance(max_nonfinite_steps, bool) or int(max_nonfinite_steps) < 0:
             raise ValueError(f"task.max_nonfinite_steps must be >= 0, got {max_nonfinite_steps}")
-        if nonfinite_check not in NONFINITE_CHECKS:
-            raise ValueError(
-                f"task.nonfinite_check must be one of {NONFINITE_CHECKS}, got {nonfinite_check!r}"
-            )
+        check_nonfinite_mode(nonfinite_check)
         self.save_hyperparameters(
             {
                 "model": model,

@@ -11,11 +11,26 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["NONFINITE_CHECKS", "NonFiniteGuard", "batch_statistics", "plain"]
+__all__ = [
+    "NONFINITE_CHECKS",
+    "NonFiniteGuard",
+    "batch_statistics",
+    "check_nonfinite_mode",
+    "plain",
+]
 
 NONFINITE_CHECKS = ("auto", "sync", "device")
 
 log = logging.getLogger("bitrain.tasks")
+
+
+def check_nonfinite_mode(nonfinite_check: Any) -> str:
+    """``task.nonfinite_check`` if it is one of :data:`NONFINITE_CHECKS`, else a ``ValueError``."""
+    if nonfinite_check not in NONFINITE_CHECKS:
+        raise ValueError(
+            f"task.nonfinite_check must be one of {NONFINITE_CHECKS}, got {nonfinite_check!r}"
+        )
+    return nonfinite_check
 
 
 def plain(cfg: Any) -> Any:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from bitrain import optim as optim_lib
-from bitrain.tasks.common import NONFINITE_CHECKS, NonFiniteGuard, plain
+from bitrain.tasks.common import NonFiniteGuard, check_nonfinite_mode, plain
 from bitrain.tokenizers.base import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,7 @@ class MaskedImageModeling(NonFiniteGuard, L.LightningModule):
                 f"task.max_nonfinite_steps={max_nonfinite_steps} must be >= 0 "
                 "(0: stop at the first NaN/inf loss)"
             )
-        if nonfinite_check not in NONFINITE_CHECKS:
-            raise ValueError(
-                f"task.nonfinite_check must be one of {NONFINITE_CHECKS}, got {nonfinite_check!r}"
-            )
+        check_nonfinite_mode(nonfinite_check)
         model, tokenizer, optim = plain(model), plain(tokenizer), plain(optim)
         self.save_hyperparameters(
             {

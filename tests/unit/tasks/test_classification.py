@@ -142,3 +142,8 @@ def test_class_count_mismatch_with_the_data_is_an_error(tmp_path):
     task = ImageClassification({**MODEL, "num_classes": 7}, OPTIM)
     with pytest.raises(ValueError, match="5 classes but model.num_classes=7"):
         _fit(task, tmp_path, steps=1, limit_val_batches=0)
+
+
+def test_unknown_nonfinite_check_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match=r"task.nonfinite_check must be one of .*'never'"):
+        ImageClassification(MODEL, OPTIM, nonfinite_check="never")

@@ -111,3 +111,8 @@ def test_bf16_clipping_keeps_the_fused_optimizer(tok_cfg):
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in task.model.parameters()]))
     assert norm == pytest.approx(1.0, rel=1e-3)
     task._trainer = None
+
+
+def test_unknown_nonfinite_check_is_refused_naming_the_key(tok_cfg):
+    with pytest.raises(ValueError, match=r"task.nonfinite_check must be one of .*'never'"):
+        MaskedImageModeling(MODEL, tok_cfg, OPTIM, nonfinite_check="never")
