@@ -34,7 +34,7 @@ from bitrain.models.checkpoints import (
     to_official_beit,
 )
 from bitrain.models.hf_preprocessing import RESAMPLE_NAMES as _RESAMPLE_NAMES
-from bitrain.models.hf_preprocessing import plain as _plain
+from bitrain.models.hf_preprocessing import plain_tree as _plain
 
 # transform_from_processor_config stays importable from here: it is the Hydra ``_target_`` of the
 # evaluation transforms in checkpoints written before the conversion moved to hf_preprocessing.

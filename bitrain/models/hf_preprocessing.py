@@ -17,12 +17,17 @@ import torch
 from bitrain.io import CheckpointError
 
 
-def plain(value: Any) -> Any:
-    """Plain dicts / lists of a (possibly OmegaConf) tree, for ``weights_only`` files and JSON."""
+def plain_tree(value: Any) -> Any:
+    """Plain dicts / lists of a (possibly OmegaConf) tree, for ``weights_only`` files and JSON.
+
+    Unlike :func:`bitrain.tasks.common.plain` (an OmegaConf node -> containers, for
+    hyper-parameters), it also walks plain mappings holding config nodes, turns tuples into lists
+    and keys into strings.
+    """
     if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
+        return {str(k): plain_tree(v) for k, v in value.items()}
     if isinstance(value, list | tuple) or type(value).__name__ == "ListConfig":
-        return [plain(v) for v in value]
+        return [plain_tree(v) for v in value]
     return value
 
 
@@ -156,7 +161,7 @@ def transform_from_processor_config(config: Mapping[str, Any]) -> Any:
     """
     from torchvision import transforms as T
 
-    config = plain(config)
+    config = plain_tree(config)
     kind = str(config.get("image_processor_type", "")).removesuffix("Fast")
     if kind.endswith("ImageProcessorFast"):
         kind = kind.removesuffix("Fast")
@@ -203,5 +208,5 @@ def processor_transform_node(config: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "_target_": f"{__name__}.transform_from_processor_config",
         "_convert_": "all",
-        "config": plain(config),
+        "config": plain_tree(config),
     }
