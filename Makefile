@@ -10,6 +10,7 @@ STAMP  := $(VENV)/.bitrain-installed
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) scripts/check_install_space.py $(VENV)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --quiet -e '.[test,dev]'
