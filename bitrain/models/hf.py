@@ -314,6 +314,35 @@ def unmap_layer_keys(
     return out
 
 
+def weight_bias(hf: str, timm: str) -> dict[str, str]:
+    """``{hf.weight: timm.weight, hf.bias: timm.bias}``: one key-map entry per parameter."""
+    return {f"{hf}.weight": f"{timm}.weight", f"{hf}.bias": f"{timm}.bias"}
+
+
+def one_value(model: torch.nn.Module, kind: type[torch.nn.Module], attr: str) -> Any:
+    """The single value of ``attr`` over the model's ``kind`` modules (HF configs hold one).
+
+    Raises:
+        CheckpointError: the modules disagree (or there are none).
+    """
+    values = {getattr(m, attr) for m in model.modules() if isinstance(m, kind)}
+    if len(values) != 1:
+        raise CheckpointError(
+            f"to_hf_classifier: the model's {kind.__name__} layers have {attr} values "
+            f"{sorted(values)}; Hugging Face configs have one"
+        )
+    return values.pop()
+
+
+def head_classes(weight: torch.Tensor | None) -> int:
+    """Classes of a classifier head weight; a head-less model cannot be exported as a classifier."""
+    if weight is None:
+        raise CheckpointError(
+            "to_hf_classifier: the model has no classification head (num_classes=0)"
+        )
+    return int(weight.shape[0])
+
+
 def stack_qkv_weight(parts: Mapping[str, torch.Tensor], where: str) -> torch.Tensor:
     """The ``attn.qkv.weight`` of one layer's q/k/v weights (``where`` names it in errors)."""
     missing = {"q.weight", "k.weight", "v.weight"} - parts.keys()

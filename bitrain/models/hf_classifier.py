@@ -18,13 +18,9 @@ timm architectures (the ``model_name`` of the spec; the spec's other keys overri
   map one to one.
 * ViT -> ``vit_base_patch32_224`` (``timm.models.vision_transformer.VisionTransformer``, class
   token, ``global_pool="token"``, final ``norm``, no ``fc_norm``).
-* BiT -> ``resnetv2_{50x1,101x1,152x2}_bit`` (``timm.models.resnetv2.ResNetV2``: weight
-  standardised convs with eps 1e-8, group norm, pre-activation bottlenecks, the "fixed" stem of
-  conv, zero pad 1, max pool 3/2). timm's BiT names fix the depths, so only the depths
-  ``[3, 4, 6, 3]``, ``[3, 4, 23, 3]`` and ``[3, 8, 36, 3]`` have a timm name; the widths travel as
-  ``channels`` / ``stem_chs``. Only HF's ``layer_type="preactivation"`` with
-  ``global_padding=None``, ``embedding_dynamic_padding=False``, ``output_stride=32`` and
-  ``width_factor=1`` is the same network as timm's; anything else is a :class:`CheckpointError`.
+* BiT -> ``resnetv2_{50x1,101x1,152x2}_bit`` (``timm.models.resnetv2.ResNetV2``): its spec,
+  key map and the checks that an HF BiT config is timm's network are in
+  :mod:`bitrain.models.hf_bit`.
 
 Key map (transformers 5.x spelling on the left; ``{p}`` is ``beit`` or ``vit``)::
 
@@ -45,14 +41,6 @@ Key map (transformers 5.x spelling on the left; ``{p}`` is ``beit`` or ``vit``):
     {p}.layernorm.*   (CLS pooling)                      norm.*
     beit.pooler.layernorm.*   (mean pooling)             fc_norm.*
     classifier.*                                         head.*
-
-    bit.embedder.convolution.weight                      stem.conv.weight
-    bit.encoder.stages.s.layers.j.conv{1,2,3}.weight     stages.s.blocks.j.conv{1,2,3}.weight
-    bit.encoder.stages.s.layers.j.norm{1,2,3}.*          stages.s.blocks.j.norm{1,2,3}.*
-    bit.encoder.stages.s.layers.j.downsample.conv.weight stages.s.blocks.j.downsample.conv.weight
-    bit.norm.*                                           norm.*
-    classifier.1.weight  [C, F]  (Linear)                head.fc.weight  [C, F, 1, 1]  (1x1 conv)
-    classifier.1.bias                                    head.fc.bias
 
 Dropped on import: ``{p}.embeddings.mask_token`` and ViT's ``vit.pooler.dense.*`` (a classifier
 does not use them) and ``relative_position_index`` buffers.
@@ -86,13 +74,17 @@ from bitrain.models.hf import (
     LEGACY_RENAMES,
     _to_legacy,
     beit_qv_biases,
+    head_classes,
     load_hf_folder,
     map_layer_keys,
+    one_value,
     stack_qkv_weight,
     unmap_layer_keys,
+    weight_bias,
 )
 from bitrain.models.hf import _square as _square_size
 from bitrain.models.hf import normalize_hf_keys as _normalize_hf_keys
+from bitrain.models.hf_bit import TIMM_GROUPS, bit_spec, bit_state, bit_to_hf
 
 __all__ = [
     "ARCHITECTURES",
@@ -119,30 +111,17 @@ ARCHITECTURES: dict[str, tuple[str, bool]] = {
 }
 TIMM_BEIT = "beit_base_patch16_224"
 TIMM_VIT = "vit_base_patch32_224"
-# BiT depths -> (timm name, its fixed width factor).
-TIMM_BIT: dict[tuple[int, ...], tuple[str, int]] = {
-    (3, 4, 6, 3): ("resnetv2_50x1_bit", 1),
-    (3, 4, 23, 3): ("resnetv2_101x1_bit", 1),
-    (3, 8, 36, 3): ("resnetv2_152x2_bit", 2),
-}
 TIMM_LAYER_NORM_EPS = 1e-6  # partial(LayerNorm, eps=1e-6) in timm's Beit / VisionTransformer
-TIMM_GROUPS = 32  # partial(GroupNormAct, num_groups=32) in timm's ResNetV2
 _HF_LAYER_NORM_EPS = 1e-12  # BeitConfig / ViTConfig default
-_BIT_CONV_EPS = 1e-8  # HF's BiT weight standardisation eps (hard-coded), timm's *_bit models too
-_BIT_GROUP_NORM_EPS = 1e-5  # HF's BitGroupNormActivation (hard-coded), timm's GroupNormAct too
-
-
-def _wb(hf: str, timm: str) -> dict[str, str]:
-    return {f"{hf}.weight": f"{timm}.weight", f"{hf}.bias": f"{timm}.bias"}
 
 
 # Per-block names (after "{p}.layers.i." / "blocks.i."), q/k/v aside.
 _BLOCK: dict[str, str] = {
-    **_wb("layernorm_before", "norm1"),
-    **_wb("layernorm_after", "norm2"),
-    **_wb("attention.o_proj", "attn.proj"),
-    **_wb("mlp.fc1", "mlp.fc1"),
-    **_wb("mlp.fc2", "mlp.fc2"),
+    **weight_bias("layernorm_before", "norm1"),
+    **weight_bias("layernorm_after", "norm2"),
+    **weight_bias("attention.o_proj", "attn.proj"),
+    **weight_bias("mlp.fc1", "mlp.fc1"),
+    **weight_bias("mlp.fc2", "mlp.fc2"),
     "lambda_1": "gamma_1",
     "lambda_2": "gamma_2",
     "relative_position_bias.relative_position_bias_table": "attn.relative_position_bias_table",
@@ -155,27 +134,16 @@ def _top(family: str) -> dict[str, str]:
     out = {
         f"{p}.embeddings.cls_token": "cls_token",
         f"{p}.embeddings.position_embeddings": "pos_embed",
-        **_wb(f"{p}.embeddings.patch_embeddings.projection", "patch_embed.proj"),
-        **_wb(f"{p}.layernorm", "norm"),
-        **_wb("classifier", "head"),
+        **weight_bias(f"{p}.embeddings.patch_embeddings.projection", "patch_embed.proj"),
+        **weight_bias(f"{p}.layernorm", "norm"),
+        **weight_bias("classifier", "head"),
     }
     if family == "beit":
         out["beit.shared_position_bias.relative_position_bias_table"] = (
             "rel_pos_bias.relative_position_bias_table"
         )
-        out.update(_wb("beit.pooler.layernorm", "fc_norm"))
+        out.update(weight_bias("beit.pooler.layernorm", "fc_norm"))
     return out
-
-
-_BIT_BLOCK = re.compile(
-    r"^bit\.encoder\.stages\.(\d+)\.layers\.(\d+)\."
-    r"(conv[123]\.weight|norm[123]\.(?:weight|bias)|downsample\.conv\.weight)$"
-)
-_BIT_TOP: dict[str, str] = {
-    "bit.embedder.convolution.weight": "stem.conv.weight",
-    **_wb("bit.norm", "norm"),
-    **_wb("classifier.1", "head.fc"),
-}
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -286,85 +254,6 @@ def _transformer_state(sd: Mapping[str, torch.Tensor], family: str) -> dict[str,
     return out
 
 
-def _make_div(value: float, divisor: int = 8) -> int:
-    """Channel rounding of HF's BiT and timm's ResNetV2 (``make_div`` / ``make_divisible``)."""
-    new = max(divisor, int(value + divisor / 2) // divisor * divisor)
-    return new + divisor if new < 0.9 * value else new
-
-
-def _bit_spec(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``create_classifier`` kwargs (less ``num_classes``) of a BiT config."""
-    checks = {
-        "layer_type": (config.get("layer_type", "preactivation"), "preactivation"),
-        "global_padding": (config.get("global_padding"), None),
-        "embedding_dynamic_padding": (bool(config.get("embedding_dynamic_padding", False)), False),
-        "hidden_act": (config.get("hidden_act", "relu"), "relu"),
-        "output_stride": (int(config.get("output_stride", 32)), 32),
-        "width_factor": (int(config.get("width_factor", 1)), 1),
-    }
-    for name, (value, wanted) in checks.items():
-        if value != wanted:
-            raise CheckpointError(
-                f"Hugging Face BiT config has {name}={value!r}; timm's ResNetV2 BiT models are "
-                f"the same network only for {name}={wanted!r} (pre-activation bottlenecks, "
-                "symmetric padding, a fixed stem, no dilation), so this model cannot be imported"
-            )
-    depths = tuple(int(d) for d in config.get("depths", (3, 4, 6, 3)))
-    if depths not in TIMM_BIT:
-        raise CheckpointError(
-            f"Hugging Face BiT config has depths={list(depths)}; timm names BiT models only with "
-            f"depths {[list(d) for d in TIMM_BIT]} (resnetv2_50x1_bit, resnetv2_101x1_bit, "
-            "resnetv2_152x2_bit), and create_classifier cannot override a timm name's depths"
-        )
-    name, wf = TIMM_BIT[depths]
-    hidden = [int(h) for h in config.get("hidden_sizes", (256, 512, 1024, 2048))]
-    stem = int(config.get("embedding_size", 64))
-    for what, chs in (("hidden_sizes", hidden), ("embedding_size", [stem])):
-        if any(_make_div(c) != c or c % wf for c in chs):
-            raise CheckpointError(
-                f"Hugging Face BiT config has {what}={chs if len(chs) > 1 else chs[0]}: timm "
-                f"rounds widths to multiples of 8 (and {name} multiplies them by {wf}), so these "
-                "cannot be built exactly"
-            )
-    groups = int(config.get("num_groups", TIMM_GROUPS))
-    normed = sorted({stem, *hidden, *(_make_div(h * 0.25) for h in hidden)})
-    bad = [c for c in normed if c % TIMM_GROUPS or c % groups]
-    if bad:
-        raise CheckpointError(
-            f"Hugging Face BiT config has group-normed widths {bad} not divisible by "
-            f"{TIMM_GROUPS} (timm builds every BiT group norm with 32 groups before bitrain sets "
-            f"num_groups={groups}) or by num_groups; such a model cannot be rebuilt by "
-            "create_classifier"
-        )
-    return {
-        "model_name": name,
-        "img_size": _square(config, "image_size", 224),
-        "in_chans": int(config.get("num_channels", 3)),
-        "channels": [c // wf for c in hidden],
-        "stem_chs": stem // wf,
-    }
-
-
-def _bit_state(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in sd.items():
-        match = _BIT_BLOCK.match(key)
-        if match:
-            out[f"stages.{match.group(1)}.blocks.{match.group(2)}.{match.group(3)}"] = value
-        elif key in _BIT_TOP:
-            if key == "classifier.1.weight":
-                value = value.reshape(*value.shape, 1, 1)
-            out[_BIT_TOP[key]] = value
-        else:
-            unknown.append(key)
-    if unknown:
-        raise CheckpointError(
-            f"Hugging Face BiT weights have keys with no timm name: {sorted(unknown)[:6]}"
-        )
-    return out
-
-
 def _label_names(config: Mapping[str, Any], num_classes: int | None) -> list[str] | None:
     """Class names from ``id2label`` (by index); None when absent or HF's ``LABEL_i`` defaults."""
     id2label = config.get("id2label") or {}
@@ -443,7 +332,7 @@ def from_hf_classifier(
     _, family, _ = _architecture(config)
     sd = normalize_hf_keys(state_dict, family)
     if family == "bit":
-        spec, state = _bit_spec(config), _bit_state(sd)
+        spec, state = bit_spec(config), bit_state(sd)
         head = state.get("head.fc.weight")
     else:
         spec, state = _transformer_spec(config, family), _transformer_state(sd, family)
@@ -559,24 +448,6 @@ def _family(model: nn.Module) -> str:
     )
 
 
-def _one_value(model: nn.Module, kind: type[nn.Module], attr: str) -> Any:
-    values = {getattr(m, attr) for m in model.modules() if isinstance(m, kind)}
-    if len(values) != 1:
-        raise CheckpointError(
-            f"to_hf_classifier: the model's {kind.__name__} layers have {attr} values "
-            f"{sorted(values)}; Hugging Face configs have one"
-        )
-    return values.pop()
-
-
-def _num_classes(model: nn.Module, weight: torch.Tensor | None) -> int:
-    if weight is None:
-        raise CheckpointError(
-            "to_hf_classifier: the model has no classification head (num_classes=0)"
-        )
-    return int(weight.shape[0])
-
-
 def _transformer_to_hf(model: nn.Module, family: str) -> tuple[dict, dict[str, Any]]:
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     dim = int(model.embed_dim)
@@ -594,7 +465,7 @@ def _transformer_to_hf(model: nn.Module, family: str) -> tuple[dict, dict[str, A
     img, grid = tuple(patch.img_size), tuple(patch.patch_size)
     if img[0] != img[1] or grid[0] != grid[1]:
         raise CheckpointError(f"to_hf_classifier: image {img} / patch {grid} are not square")
-    eps = _one_value(model, nn.LayerNorm, "eps")
+    eps = one_value(model, nn.LayerNorm, "eps")
     config: dict[str, Any] = {
         "hidden_size": dim,
         "num_hidden_layers": len(blocks),
@@ -656,74 +527,7 @@ def _transformer_to_hf(model: nn.Module, family: str) -> tuple[dict, dict[str, A
             encoder_stride=int(grid[0]),
         )
         head = sd.get("head.weight")
-    config["num_labels"] = _num_classes(model, head)
-    return out, config
-
-
-def _bit_to_hf(model: nn.Module) -> tuple[dict, dict[str, Any]]:
-    from timm.layers import StdConv2d
-    from timm.models.resnetv2 import PreActBottleneck
-
-    stem = model.stem
-    problems = []
-    if not isinstance(getattr(stem, "conv", None), StdConv2d):
-        problems.append("the stem conv is not a weight-standardised StdConv2d")
-    if not isinstance(getattr(stem, "pad", None), nn.ConstantPad2d) or not isinstance(
-        getattr(stem, "pool", None), nn.MaxPool2d
-    ):
-        problems.append("the stem is not BiT's 'fixed' stem (conv, zero pad 1, max pool 3/2)")
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m is not model.head.fc]
-    if any(not isinstance(m, StdConv2d) or m.eps != _BIT_CONV_EPS for m in convs):
-        problems.append(f"not every conv is a StdConv2d with eps={_BIT_CONV_EPS}")
-    blocks = [b for stage in model.stages for b in stage.blocks]
-    if any(not isinstance(b, PreActBottleneck) for b in blocks):
-        problems.append("the blocks are not pre-activation bottlenecks")
-    if any(m.dilation != (1, 1) for m in convs):
-        problems.append("it uses dilation (output_stride < 32)")
-    if not isinstance(model.norm, nn.GroupNorm):
-        problems.append("it has no final group norm (not pre-activation)")
-    if _one_value(model, nn.GroupNorm, "eps") != _BIT_GROUP_NORM_EPS:
-        problems.append(f"its group norms do not use eps={_BIT_GROUP_NORM_EPS}")
-    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
-    if any(not isinstance(getattr(m, "act", None), nn.ReLU) for m in norms):
-        problems.append("its activation is not ReLU")
-    if problems:
-        raise CheckpointError(
-            "to_hf_classifier: this ResNetV2 is not a Hugging Face BiT network: "
-            + "; ".join(problems)
-        )
-    back = {v: k for k, v in _BIT_TOP.items()}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        value = value.detach()
-        match = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(.+)$", key)
-        if match:
-            out[f"bit.encoder.stages.{match.group(1)}.layers.{match.group(2)}.{match.group(3)}"] = (
-                value
-            )
-        elif key in back:
-            out[back[key]] = value.flatten(1) if key == "head.fc.weight" else value
-        else:
-            raise CheckpointError(f"to_hf_classifier: no Hugging Face name for timm key {key!r}")
-    spec = getattr(model, "bitrain_spec", {})
-    config = {
-        "architectures": ["BitForImageClassification"],
-        "model_type": "bit",
-        "num_channels": int(stem.conv.in_channels),
-        "embedding_size": int(stem.conv.out_channels),
-        "hidden_sizes": [int(stage.blocks[0].conv3.out_channels) for stage in model.stages],
-        "depths": [len(stage.blocks) for stage in model.stages],
-        "layer_type": "preactivation",
-        "hidden_act": "relu",
-        "global_padding": None,
-        "num_groups": int(_one_value(model, nn.GroupNorm, "num_groups")),
-        "drop_path_rate": 0.0,
-        "embedding_dynamic_padding": False,
-        "output_stride": 32,
-        "width_factor": 1,
-        "image_size": int(spec.get("img_size", getattr(model, "img_size", 224))),
-        "num_labels": _num_classes(model, model.state_dict().get("head.fc.weight")),
-    }
+    config["num_labels"] = head_classes(head)
     return out, config
 
 
@@ -743,7 +547,7 @@ def to_hf_classifier(
     """
     family = _family(model)
     if family == "bit":
-        out, config = _bit_to_hf(model)
+        out, config = bit_to_hf(model)
     else:
         out, config = _transformer_to_hf(model, family)
         out = {_to_legacy(k): v for k, v in out.items()}

@@ -1,0 +1,222 @@
+"""Hugging Face BiT (``BitForImageClassification`` / ``BitModel``) <-> timm ``ResNetV2``.
+
+The BiT family of :mod:`bitrain.models.hf_classifier`, which dispatches here by architecture and
+holds the public API (``load_hf_classifier``, ``save_hf_classifier`` ...).
+
+timm architectures: ``resnetv2_{50x1,101x1,152x2}_bit`` (``timm.models.resnetv2.ResNetV2``:
+weight standardised convs with eps 1e-8, group norm, pre-activation bottlenecks, the "fixed" stem
+of conv, zero pad 1, max pool 3/2). timm's BiT names fix the depths, so only the depths
+``[3, 4, 6, 3]``, ``[3, 4, 23, 3]`` and ``[3, 8, 36, 3]`` have a timm name; the widths travel as
+``channels`` / ``stem_chs``. Only HF's ``layer_type="preactivation"`` with
+``global_padding=None``, ``embedding_dynamic_padding=False``, ``output_stride=32`` and
+``width_factor=1`` is the same network as timm's; anything else is a :class:`CheckpointError`.
+
+Key map (HF on the left)::
+
+    bit.embedder.convolution.weight                      stem.conv.weight
+    bit.encoder.stages.s.layers.j.conv{1,2,3}.weight     stages.s.blocks.j.conv{1,2,3}.weight
+    bit.encoder.stages.s.layers.j.norm{1,2,3}.*          stages.s.blocks.j.norm{1,2,3}.*
+    bit.encoder.stages.s.layers.j.downsample.conv.weight stages.s.blocks.j.downsample.conv.weight
+    bit.norm.*                                           norm.*
+    classifier.1.weight  [C, F]  (Linear)                head.fc.weight  [C, F, 1, 1]  (1x1 conv)
+    classifier.1.bias                                    head.fc.bias
+
+HF's ``num_groups`` cannot be passed to timm's constructor (it builds 32 groups): the caller sets
+it on the built model (``hf_classifier.apply_norm_settings``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from bitrain.io import CheckpointError
+from bitrain.models.hf import _square as _square_size
+from bitrain.models.hf import head_classes, one_value, weight_bias
+
+__all__ = ["TIMM_BIT", "TIMM_GROUPS", "bit_spec", "bit_state", "bit_to_hf"]
+
+_WHAT = "Hugging Face config"
+
+# BiT depths -> (timm name, its fixed width factor).
+TIMM_BIT: dict[tuple[int, ...], tuple[str, int]] = {
+    (3, 4, 6, 3): ("resnetv2_50x1_bit", 1),
+    (3, 4, 23, 3): ("resnetv2_101x1_bit", 1),
+    (3, 8, 36, 3): ("resnetv2_152x2_bit", 2),
+}
+TIMM_GROUPS = 32  # partial(GroupNormAct, num_groups=32) in timm's ResNetV2
+BIT_CONV_EPS = 1e-8  # HF's BiT weight standardisation eps (hard-coded), timm's *_bit models too
+BIT_GROUP_NORM_EPS = 1e-5  # HF's BitGroupNormActivation (hard-coded), timm's GroupNormAct too
+
+
+_BIT_BLOCK = re.compile(
+    r"^bit\.encoder\.stages\.(\d+)\.layers\.(\d+)\."
+    r"(conv[123]\.weight|norm[123]\.(?:weight|bias)|downsample\.conv\.weight)$"
+)
+_BIT_TOP: dict[str, str] = {
+    "bit.embedder.convolution.weight": "stem.conv.weight",
+    **weight_bias("bit.norm", "norm"),
+    **weight_bias("classifier.1", "head.fc"),
+}
+
+
+def _make_div(value: float, divisor: int = 8) -> int:
+    """Channel rounding of HF's BiT and timm's ResNetV2 (``make_div`` / ``make_divisible``)."""
+    new = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * value else new
+
+
+def bit_spec(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``create_classifier`` kwargs (less ``num_classes``) of a BiT config."""
+    checks = {
+        "layer_type": (config.get("layer_type", "preactivation"), "preactivation"),
+        "global_padding": (config.get("global_padding"), None),
+        "embedding_dynamic_padding": (bool(config.get("embedding_dynamic_padding", False)), False),
+        "hidden_act": (config.get("hidden_act", "relu"), "relu"),
+        "output_stride": (int(config.get("output_stride", 32)), 32),
+        "width_factor": (int(config.get("width_factor", 1)), 1),
+    }
+    for name, (value, wanted) in checks.items():
+        if value != wanted:
+            raise CheckpointError(
+                f"Hugging Face BiT config has {name}={value!r}; timm's ResNetV2 BiT models are "
+                f"the same network only for {name}={wanted!r} (pre-activation bottlenecks, "
+                "symmetric padding, a fixed stem, no dilation), so this model cannot be imported"
+            )
+    depths = tuple(int(d) for d in config.get("depths", (3, 4, 6, 3)))
+    if depths not in TIMM_BIT:
+        raise CheckpointError(
+            f"Hugging Face BiT config has depths={list(depths)}; timm names BiT models only with "
+            f"depths {[list(d) for d in TIMM_BIT]} (resnetv2_50x1_bit, resnetv2_101x1_bit, "
+            "resnetv2_152x2_bit), and create_classifier cannot override a timm name's depths"
+        )
+    name, wf = TIMM_BIT[depths]
+    hidden = [int(h) for h in config.get("hidden_sizes", (256, 512, 1024, 2048))]
+    stem = int(config.get("embedding_size", 64))
+    for what, chs in (("hidden_sizes", hidden), ("embedding_size", [stem])):
+        if any(_make_div(c) != c or c % wf for c in chs):
+            raise CheckpointError(
+                f"Hugging Face BiT config has {what}={chs if len(chs) > 1 else chs[0]}: timm "
+                f"rounds widths to multiples of 8 (and {name} multiplies them by {wf}), so these "
+                "cannot be built exactly"
+            )
+    groups = int(config.get("num_groups", TIMM_GROUPS))
+    normed = sorted({stem, *hidden, *(_make_div(h * 0.25) for h in hidden)})
+    bad = [c for c in normed if c % TIMM_GROUPS or c % groups]
+    if bad:
+        raise CheckpointError(
+            f"Hugging Face BiT config has group-normed widths {bad} not divisible by "
+            f"{TIMM_GROUPS} (timm builds every BiT group norm with 32 groups before bitrain sets "
+            f"num_groups={groups}) or by num_groups; such a model cannot be rebuilt by "
+            "create_classifier"
+        )
+    return {
+        "model_name": name,
+        "img_size": _square_size(
+            config.get("image_size", 224), "image_size", "Hugging Face config"
+        ),
+        "in_chans": int(config.get("num_channels", 3)),
+        "channels": [c // wf for c in hidden],
+        "stem_chs": stem // wf,
+    }
+
+
+def bit_state(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF BiT weights (with the ``bit.`` prefix) in timm ``ResNetV2`` names.
+
+    Raises:
+        CheckpointError: a key with no timm name.
+    """
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in sd.items():
+        match = _BIT_BLOCK.match(key)
+        if match:
+            out[f"stages.{match.group(1)}.blocks.{match.group(2)}.{match.group(3)}"] = value
+        elif key in _BIT_TOP:
+            if key == "classifier.1.weight":
+                value = value.reshape(*value.shape, 1, 1)
+            out[_BIT_TOP[key]] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(
+            f"Hugging Face BiT weights have keys with no timm name: {sorted(unknown)[:6]}"
+        )
+    return out
+
+
+def bit_to_hf(model: nn.Module) -> tuple[dict, dict[str, Any]]:
+    """A timm BiT ``ResNetV2`` as HF weights and config (``num_labels`` set, no labels yet).
+
+    Raises:
+        CheckpointError: a ResNetV2 that is not HF's BiT network (stem, convs, blocks, norms).
+    """
+    from timm.layers import StdConv2d
+    from timm.models.resnetv2 import PreActBottleneck
+
+    stem = model.stem
+    problems = []
+    if not isinstance(getattr(stem, "conv", None), StdConv2d):
+        problems.append("the stem conv is not a weight-standardised StdConv2d")
+    if not isinstance(getattr(stem, "pad", None), nn.ConstantPad2d) or not isinstance(
+        getattr(stem, "pool", None), nn.MaxPool2d
+    ):
+        problems.append("the stem is not BiT's 'fixed' stem (conv, zero pad 1, max pool 3/2)")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m is not model.head.fc]
+    if any(not isinstance(m, StdConv2d) or m.eps != BIT_CONV_EPS for m in convs):
+        problems.append(f"not every conv is a StdConv2d with eps={BIT_CONV_EPS}")
+    blocks = [b for stage in model.stages for b in stage.blocks]
+    if any(not isinstance(b, PreActBottleneck) for b in blocks):
+        problems.append("the blocks are not pre-activation bottlenecks")
+    if any(m.dilation != (1, 1) for m in convs):
+        problems.append("it uses dilation (output_stride < 32)")
+    if not isinstance(model.norm, nn.GroupNorm):
+        problems.append("it has no final group norm (not pre-activation)")
+    if one_value(model, nn.GroupNorm, "eps") != BIT_GROUP_NORM_EPS:
+        problems.append(f"its group norms do not use eps={BIT_GROUP_NORM_EPS}")
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    if any(not isinstance(getattr(m, "act", None), nn.ReLU) for m in norms):
+        problems.append("its activation is not ReLU")
+    if problems:
+        raise CheckpointError(
+            "to_hf_classifier: this ResNetV2 is not a Hugging Face BiT network: "
+            + "; ".join(problems)
+        )
+    back = {v: k for k, v in _BIT_TOP.items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        value = value.detach()
+        match = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(.+)$", key)
+        if match:
+            out[f"bit.encoder.stages.{match.group(1)}.layers.{match.group(2)}.{match.group(3)}"] = (
+                value
+            )
+        elif key in back:
+            out[back[key]] = value.flatten(1) if key == "head.fc.weight" else value
+        else:
+            raise CheckpointError(f"to_hf_classifier: no Hugging Face name for timm key {key!r}")
+    spec = getattr(model, "bitrain_spec", {})
+    config = {
+        "architectures": ["BitForImageClassification"],
+        "model_type": "bit",
+        "num_channels": int(stem.conv.in_channels),
+        "embedding_size": int(stem.conv.out_channels),
+        "hidden_sizes": [int(stage.blocks[0].conv3.out_channels) for stage in model.stages],
+        "depths": [len(stage.blocks) for stage in model.stages],
+        "layer_type": "preactivation",
+        "hidden_act": "relu",
+        "global_padding": None,
+        "num_groups": int(one_value(model, nn.GroupNorm, "num_groups")),
+        "drop_path_rate": 0.0,
+        "embedding_dynamic_padding": False,
+        "output_stride": 32,
+        "width_factor": 1,
+        "image_size": int(spec.get("img_size", getattr(model, "img_size", 224))),
+        "num_labels": head_classes(model.state_dict().get("head.fc.weight")),
+    }
+    return out, config
