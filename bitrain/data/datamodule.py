@@ -112,14 +112,17 @@ class _Samples:
         if self.per_sample_seed is None or key is None:
             return self.process(raw, self.generator())
         seed = _mix(self.per_sample_seed, *key)
-        # Every RNG a transform may draw from: torch (torchvision), Python's random (timm's
-        # RandomResizedCrop, RandAugment, random erasing) and NumPy; restored afterwards.
+        # Every RNG a transform may draw from: torch's CPU generator (torchvision), Python's
+        # random (timm's RandomResizedCrop, RandAugment, random erasing) and NumPy; restored
+        # afterwards. Only the CPU generator: torch.manual_seed would also reseed (and, on a GPU
+        # run, change) the CUDA generators, which fork_rng(devices=[]) does not restore, and
+        # costs ~15% of the demo's pretraining time queueing lazy CUDA/XPU/MTIA seeds (py-spy).
         py_state, np_state = random.getstate(), np.random.get_state()
         random.seed(seed)
         np.random.seed(seed % 2**32)
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)
                 return self.process(raw, torch.Generator().manual_seed(seed))
         finally:
             random.setstate(py_state)

@@ -99,6 +99,21 @@ def test_an_epoch_is_a_function_of_seed_and_epoch_only():
         assert torch.equal(a[key], b[key]), key
 
 
+def test_seeded_samples_leave_the_global_generators_alone(monkeypatch):
+    """Per-sample seeding touches only a forked CPU generator: the main process's torch RNG
+    (model init, dropout) continues where it was, and no accelerator generator is reseeded
+    (torch.manual_seed would queue CUDA/XPU/MTIA seeds on every sample)."""
+    loader = _pretrain_dm().train_dataloader()
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    next(iter(loader))
+    assert torch.equal(torch.rand(3), expected)
+    assert reseeded == []
+
+
 def test_no_shuffle_keeps_order():
     dm = _pretrain_dm(shuffle=False, batch_size=4)
     loader = dm.train_dataloader()
