@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if TOKENIZER.exists():
         log.info("demo tokenizer found at %s (delete it to retrain)", TOKENIZER)
-        figures["tokenizer_seconds"] = 0.0
+        figures["tokenizer_seconds"] = None  # reused, not trained
     else:
         tok_dir = Path("outputs") / "train_tokenizer" / day / clock
         figures["tokenizer_seconds"] = _run("bitrain.train_tokenizer", tok_dir, [])
@@ -185,7 +185,10 @@ def main(argv: list[str] | None = None) -> dict:
     figures["finetune_report"] = str(ft_report)
 
     log.info("\n==== bitrain demo summary ====")
-    log.info("tokenizer      %s (trained in %.0f s)", TOKENIZER, figures["tokenizer_seconds"])
+    if figures["tokenizer_seconds"] is None:
+        log.info("tokenizer      %s (the existing file; delete it to retrain)", TOKENIZER)
+    else:
+        log.info("tokenizer      %s (trained in %.0f s)", TOKENIZER, figures["tokenizer_seconds"])
     if stats:
         log.info(
             "  codebook     %.1f%% of codes used, perplexity %.1f",

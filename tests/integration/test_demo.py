@@ -42,6 +42,7 @@ def test_demo_runs_from_any_directory_and_reports(tmp_path):
     out = proc.stdout
     assert "bitrain demo summary" in out
     assert "50.0% of codes used" in out
+    assert "(the existing file; delete it to retrain)" in out  # not "trained in 0 s"
     assert "MIM loss" in out and "held out" in out
     runs = list((tmp_path / "outputs" / "pretrain").glob("*/*"))
     assert len(runs) == 1

@@ -74,6 +74,16 @@ def test_same_seed_same_batches_different_seed_different(workers):
     assert not torch.equal(a[0]["images"], c[0]["images"])  # other order and crops
 
 
+def test_batches_do_not_depend_on_the_number_of_workers():
+    torch.manual_seed(5)
+    a = _batches(_pretrain_dm(num_workers=0))
+    torch.manual_seed(6)  # nor on the main process's RNG
+    b = _batches(_pretrain_dm(num_workers=2, persistent_workers=False))
+    assert len(a) == len(b) == 4
+    for key in ("images", "tokenizer_images", "mask"):
+        assert all(torch.equal(x[key], y[key]) for x, y in zip(a, b)), key
+
+
 def test_masks_and_order_change_between_epochs():
     dm = _pretrain_dm()
     loader = dm.train_dataloader()
