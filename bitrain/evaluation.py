@@ -9,8 +9,9 @@ data config is the resolution the model was trained at), runs its validation loa
   the checkpoint, EMA or not, the device;
 * ``per_class.csv``: ``class,name,count,correct,accuracy`` for every class.
 
-Top-k uses torchmetrics (``MulticlassAccuracy``, micro average; top-5 clipped to the number of
-classes); the loss is the mean cross entropy over all images.
+Top-k is the fraction of images whose label is among the k highest logits
+(:func:`bitrain.tasks.common.topk_accuracy`: torchmetrics, micro average; top-5 clipped to the
+number of classes); the loss is the mean cross entropy over all images.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torchmetrics.classification import MulticlassAccuracy
 
 from bitrain.models.classifier_io import load_classifier
+from bitrain.tasks.common import topk_accuracy
 
 __all__ = ["evaluate", "resolve_device"]
 
@@ -65,8 +67,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     names = names or data_names or [str(i) for i in range(num_classes)]
     device = resolve_device(str(cfg.get("device", "auto")))
     model.to(device)
-    top1 = MulticlassAccuracy(num_classes, top_k=1).to(device)
-    top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes)).to(device)
+    top1 = topk_accuracy(num_classes, 1).to(device)
+    top5 = topk_accuracy(num_classes, 5).to(device)
     per_class = MulticlassAccuracy(num_classes, top_k=1, average="none").to(device)
     count = torch.zeros(num_classes, dtype=torch.long, device=device)
     loss_sum, n = 0.0, 0

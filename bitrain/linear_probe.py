@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from bitrain.evaluation import resolve_device
 from bitrain.io import CheckpointError
+from bitrain.tasks.common import topk_accuracy
 
 __all__ = [
     "LinearProbes",
@@ -321,8 +321,8 @@ def linear_probe(cfg: DictConfig) -> dict[str, Any]:
         outs = heads([f.to(device) for f in val_feats])
         labels = val_labels.to(device)
         for layer, logits in zip(layers, outs, strict=True):
-            top1 = MulticlassAccuracy(num_classes, top_k=1).to(device)
-            top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes)).to(device)
+            top1 = topk_accuracy(num_classes, 1).to(device)
+            top5 = topk_accuracy(num_classes, 5).to(device)
             per_layer[str(layer)] = {
                 "top1": float(top1(logits, labels)),
                 "top5": float(top5(logits, labels)),

@@ -25,10 +25,9 @@ import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchmetrics.classification import MulticlassAccuracy
 
 from bitrain import optim as optim_lib
-from bitrain.tasks.common import NonFiniteGuard, check_nonfinite_mode, plain
+from bitrain.tasks.common import NonFiniteGuard, check_nonfinite_mode, plain, topk_accuracy
 
 __all__ = ["ImageClassification"]
 
@@ -99,11 +98,10 @@ class ImageClassification(NonFiniteGuard, L.LightningModule):
 
             self.ema = ModelEmaV3(self.model, **ema)
         self.__dict__["_forward"] = torch.compile(self.model) if compile else self.model
-        top_k = min(5, self.num_classes)
-        self.val_top1 = MulticlassAccuracy(self.num_classes, top_k=1)
-        self.val_top5 = MulticlassAccuracy(self.num_classes, top_k=top_k)
-        self.ema_top1 = MulticlassAccuracy(self.num_classes, top_k=1)
-        self.ema_top5 = MulticlassAccuracy(self.num_classes, top_k=top_k)
+        self.val_top1 = topk_accuracy(self.num_classes, 1)
+        self.val_top5 = topk_accuracy(self.num_classes, 5)
+        self.ema_top1 = topk_accuracy(self.num_classes, 1)
+        self.ema_top5 = topk_accuracy(self.num_classes, 5)
         self.label_names = list(label_names) if label_names else None
         self.max_nonfinite_steps = int(max_nonfinite_steps)
         self.nonfinite_check = nonfinite_check

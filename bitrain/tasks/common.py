@@ -1,4 +1,4 @@
-"""What the training tasks share: plain hyper-parameters and the non-finite loss guard."""
+"""What the training tasks share: plain hyper-parameters, top-k accuracy, the non-finite guard."""
 
 from __future__ import annotations
 
@@ -22,6 +22,18 @@ __all__ = [
 NONFINITE_CHECKS = ("auto", "sync", "device")
 
 log = logging.getLogger("bitrain.tasks")
+
+
+def topk_accuracy(num_classes: int, k: int = 1) -> Any:
+    """Top-k accuracy as ImageNet reports it: the share of images with the label in the top k.
+
+    The label must be among the ``k`` highest logits (``k`` clipped to ``num_classes``).
+    torchmetrics' ``MulticlassAccuracy`` defaults to ``average="macro"`` (the mean of per-class
+    accuracies), which differs from this on any unbalanced set; ``"micro"`` is asked for here.
+    """
+    from torchmetrics.classification import MulticlassAccuracy
+
+    return MulticlassAccuracy(num_classes, top_k=min(int(k), int(num_classes)), average="micro")
 
 
 def check_nonfinite_mode(nonfinite_check: Any) -> str:
