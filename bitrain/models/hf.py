@@ -142,8 +142,8 @@ def config_to_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     hidden = int(config.get("hidden_size", 768))
     layer_scale = float(config.get("layer_scale_init_value", 0.1))
     return {
-        "img_size": _square(config.get("image_size", 224), "image_size"),
-        "patch_size": _square(config.get("patch_size", 16), "patch_size"),
+        "img_size": config_square(config, "image_size", 224),
+        "patch_size": config_square(config, "patch_size", 16),
         "in_chans": int(config.get("num_channels", 3)),
         "vocab_size": int(config.get("vocab_size", 8192)),
         "embed_dim": hidden,
@@ -161,8 +161,11 @@ def config_to_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _square(value: Any, name: str, what: str = "Hugging Face BEiT config") -> int:
-    """The side of a square size given as an int or a list/tuple of equal ints."""
+def config_square(
+    config: Mapping[str, Any], name: str, default: int, what: str = "Hugging Face BEiT config"
+) -> int:
+    """The side of the square size ``config[name]`` (an int or a list/tuple of equal ints)."""
+    value = config.get(name, default)
     if isinstance(value, list | tuple):
         if len(set(value)) != 1:
             raise CheckpointError(f"{what}: {name}={value} is not square")

@@ -35,12 +35,10 @@ import torch
 from torch import nn
 
 from bitrain.io import CheckpointError
-from bitrain.models.hf import _square as _square_size
-from bitrain.models.hf import head_classes, one_value, weight_bias
+from bitrain.models.hf import config_square, head_classes, one_value, weight_bias
 
 __all__ = ["TIMM_BIT", "TIMM_GROUPS", "bit_spec", "bit_state", "bit_to_hf"]
 
-_WHAT = "Hugging Face config"
 
 # BiT depths -> (timm name, its fixed width factor).
 TIMM_BIT: dict[tuple[int, ...], tuple[str, int]] = {
@@ -116,9 +114,7 @@ def bit_spec(config: Mapping[str, Any]) -> dict[str, Any]:
         )
     return {
         "model_name": name,
-        "img_size": _square_size(
-            config.get("image_size", 224), "image_size", "Hugging Face config"
-        ),
+        "img_size": config_square(config, "image_size", 224, "Hugging Face config"),
         "in_chans": int(config.get("num_channels", 3)),
         "channels": [c // wf for c in hidden],
         "stem_chs": stem // wf,
@@ -189,7 +185,8 @@ def bit_to_hf(model: nn.Module) -> tuple[dict, dict[str, Any]]:
         )
     back = {v: k for k, v in _BIT_TOP.items()}
     out: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
+    state = model.state_dict()
+    for key, value in state.items():
         value = value.detach()
         match = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(.+)$", key)
         if match:
@@ -217,6 +214,6 @@ def bit_to_hf(model: nn.Module) -> tuple[dict, dict[str, Any]]:
         "output_stride": 32,
         "width_factor": 1,
         "image_size": int(spec.get("img_size", getattr(model, "img_size", 224))),
-        "num_labels": head_classes(model.state_dict().get("head.fc.weight")),
+        "num_labels": head_classes(state.get("head.fc.weight")),
     }
     return out, config

@@ -74,6 +74,7 @@ from bitrain.models.hf import (
     LEGACY_RENAMES,
     _to_legacy,
     beit_qv_biases,
+    config_square,
     head_classes,
     load_hf_folder,
     map_layer_keys,
@@ -82,7 +83,6 @@ from bitrain.models.hf import (
     unmap_layer_keys,
     weight_bias,
 )
-from bitrain.models.hf import _square as _square_size
 from bitrain.models.hf import normalize_hf_keys as _normalize_hf_keys
 from bitrain.models.hf_bit import TIMM_GROUPS, bit_spec, bit_state, bit_to_hf
 
@@ -175,10 +175,6 @@ def normalize_hf_keys(state_dict: Mapping[str, torch.Tensor], family: str) -> di
     return _normalize_hf_keys(prefixed, rename=family != "bit")
 
 
-def _square(config: Mapping[str, Any], name: str, default: int) -> int:
-    return _square_size(config.get(name, default), name, "Hugging Face config")
-
-
 def _mlp_ratio(config: Mapping[str, Any], hidden: int) -> float:
     inner = int(config.get("intermediate_size", 4 * hidden))
     ratio = inner / hidden
@@ -200,8 +196,8 @@ def _transformer_spec(config: Mapping[str, Any], family: str) -> dict[str, Any]:
     hidden = int(config.get("hidden_size", 768))
     spec: dict[str, Any] = {
         "model_name": TIMM_BEIT if family == "beit" else TIMM_VIT,
-        "img_size": _square(config, "image_size", 224),
-        "patch_size": _square(config, "patch_size", 16),
+        "img_size": config_square(config, "image_size", 224, "Hugging Face config"),
+        "patch_size": config_square(config, "patch_size", 16, "Hugging Face config"),
         "in_chans": int(config.get("num_channels", 3)),
         "embed_dim": hidden,
         "depth": int(config.get("num_hidden_layers", 12)),

@@ -17,6 +17,7 @@ __all__ = [
     "batch_statistics",
     "check_nonfinite_mode",
     "plain",
+    "topk_accuracy",
 ]
 
 NONFINITE_CHECKS = ("auto", "sync", "device")
