@@ -306,3 +306,15 @@ def test_label_names_must_fit(tmp_path):
     model = create_classifier(**BITRAIN_VARIANTS["vit_patch32"][0], num_classes=2)
     with pytest.raises(ValueError, match="3 label_names for a 2-class model"):
         save_hf_classifier(model, tmp_path / "hf", label_names=["a", "b", "c"])
+
+
+@pytest.mark.parametrize(
+    "architecture", ["BeitForImageClassification", "ViTForImageClassification", "BitModel"]
+)
+def test_a_non_square_image_size_is_refused_by_name(architecture):
+    from bitrain.io import CheckpointError
+    from bitrain.models.hf_classifier import from_hf_classifier
+
+    config = {"architectures": [architecture], "image_size": [224, 192]}
+    with pytest.raises(CheckpointError, match=r"Hugging Face config: image_size=\[224, 192\]"):
+        from_hf_classifier({}, config)
