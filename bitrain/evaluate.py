@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 import bitrain.runner  # noqa: F401  (config resolvers)
 from bitrain.evaluation import evaluate
+from bitrain.io import CheckpointError
 from bitrain.linear_probe import linear_probe
 
 
@@ -22,9 +23,12 @@ from bitrain.linear_probe import linear_probe
 def main(cfg: DictConfig) -> dict:
     """Compose -> evaluate (``task=classify``) or linear probe (``task=linear_probe``)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
-    if cfg.task.name == "linear_probe":
-        return linear_probe(cfg)
-    return evaluate(cfg)
+    try:
+        if cfg.task.name == "linear_probe":
+            return linear_probe(cfg)
+        return evaluate(cfg)
+    except (CheckpointError, FileNotFoundError) as err:
+        raise SystemExit(f"evaluate: {err}") from None  # one line, no traceback
 
 
 if __name__ == "__main__":

@@ -35,11 +35,26 @@ __all__ = [
     "load_pickled_module",
     "load_torch_file",
     "flatten_module_state",
+    "plain_tree",
 ]
 
 
 class CheckpointError(RuntimeError):
     """A weights file is missing, corrupt, unsafe, or not the format that was expected."""
+
+
+def plain_tree(value: Any) -> Any:
+    """Plain dicts / lists of a (possibly OmegaConf) tree, for ``weights_only`` files and JSON.
+
+    Unlike :func:`bitrain.tasks.common.plain` (an OmegaConf node -> containers, for
+    hyper-parameters), it also walks plain mappings holding config nodes, turns tuples into lists
+    and keys into strings.
+    """
+    if isinstance(value, Mapping):
+        return {str(k): plain_tree(v) for k, v in value.items()}
+    if isinstance(value, list | tuple) or type(value).__name__ == "ListConfig":
+        return [plain_tree(v) for v in value]
+    return value
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -230,16 +245,16 @@ def _guarded_load(
                 f"refused to load {what} '{path}': it references something other than "
                 f"{allowed}, and bitrain never runs code from a weights file, so nothing from "
                 f"it was run ({reason})"
-            ) from err
+            ) from None  # torch's own text would advise weights_only=False: never shown
         raise CheckpointError(
             f"could not read {what} '{path}': it is not a file written by torch.save, or it "
             f"is corrupt ({reason})"
-        ) from err
+        ) from None
     except Exception as err:  # noqa: BLE001 - anything a damaged or hostile file raises
         raise CheckpointError(
             f"could not read {what} '{path}': the file is truncated, corrupt or not a torch "
             f"file ({type(err).__name__}: {_reason(err)})"
-        ) from err
+        ) from None
 
 
 # Messages of torch's weights-only unpickler that mean "this file asks for something not allowed".
@@ -249,7 +264,12 @@ _BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please f
 
 def _reason(err: BaseException) -> str:
     """The informative line of an error: torch's weights-only errors wrap it in boilerplate."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    # torch's advice to re-run with weights_only=False would run the file's code: never repeated
+    lines = [
+        line.strip()
+        for line in str(err).strip().splitlines()
+        if line.strip() and "weights_only" not in line
+    ]
     for i, line in enumerate(lines):
         if "WeightsUnpickler error:" in line:
             rest = line.split("WeightsUnpickler error:", 1)[1].strip()

@@ -13,16 +13,22 @@ import hydra
 from omegaconf import DictConfig
 
 import bitrain.runner  # noqa: F401  (config resolvers)
-from bitrain.prediction import format_results, predict, write_json
+from bitrain.io import CheckpointError
+from bitrain.prediction import check_output, format_results, predict, write_json
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="predict")
 def main(cfg: DictConfig) -> list:
     """Compose -> predict -> print (and write JSON)."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    results = predict(
-        cfg.ckpt_path, cfg.images, top_k=cfg.top_k, use_ema=cfg.use_ema, device=cfg.device
-    )
+    try:
+        if cfg.get("output"):
+            check_output(cfg.output)  # before any inference, not after it
+        results = predict(
+            cfg.ckpt_path, cfg.images, top_k=cfg.top_k, use_ema=cfg.use_ema, device=cfg.device
+        )
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"predict: {err}") from None  # one line, no traceback
     print(format_results(results), flush=True)
     if cfg.get("output"):
         print(f"wrote {write_json(results, cfg.output)}", flush=True)

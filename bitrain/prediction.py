@@ -17,12 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 
 from bitrain.data.decode import BadImageError, decode_image
 from bitrain.data.sources import IMAGE_EXTENSIONS
-from bitrain.io import load_torch_file
+from bitrain.io import atomic_write_bytes
 from bitrain.models.classifier_io import load_classifier
 
 __all__ = ["class_names", "list_images", "predict"]
@@ -57,15 +56,15 @@ def class_names(model: torch.nn.Module, num_classes: int) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
-def _transform(ckpt: Path, model: torch.nn.Module):
-    node = getattr(model, "bitrain_eval_transform", None)  # set by load_classifier, any format
-    if node:
-        return hydra.utils.instantiate(node)
-    if ckpt.is_file():
-        obj = load_torch_file(ckpt, allow_namespace=True)
-        node = (obj.get("hyper_parameters") or {}).get("eval_transform")
-        if node:
-            return hydra.utils.instantiate(node)
+def _transform(model: torch.nn.Module):
+    """The checkpoint's evaluation preprocessing, else timm's default data config of the model.
+
+    The preprocessing is data that ``load_classifier`` read and validated; nothing is built from a
+    code path in the file.
+    """
+    spec = getattr(model, "bitrain_eval_transform", None)
+    if spec is not None:
+        return spec.build()
     from timm.data import create_transform, resolve_data_config
 
     args = {}
@@ -84,7 +83,15 @@ def predict(
     device: str = "auto",
     batch_size: int = 32,
 ) -> list[dict[str, Any]]:
-    """Top-``k`` labels with probabilities for every image file at ``images``."""
+    """Top-``k`` labels with probabilities for every image file at ``images``.
+
+    Raises:
+        ValueError: ``top_k`` or ``batch_size`` below 1, or no images at ``images``.
+        FileNotFoundError / CheckpointError: no readable classifier at ``ckpt_path``.
+    """
+    for name, value in (("top_k", top_k), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: give a whole number >= 1")
     ckpt = Path(ckpt_path).expanduser()
     model = load_classifier(ckpt, use_ema=use_ema)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -92,7 +99,7 @@ def predict(
     model.to(dev)
     num_classes = int(model.bitrain_spec["num_classes"])
     names = class_names(model, num_classes)
-    transform = _transform(ckpt, model)
+    transform = _transform(model)
     k = max(1, min(int(top_k), num_classes))
     results: list[dict[str, Any]] = []
     pending: list[tuple[int, torch.Tensor]] = []
@@ -135,8 +142,31 @@ def format_results(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(results: Sequence[dict[str, Any]], output: str | os.PathLike) -> Path:
-    path = Path(output).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(list(results), indent=2) + "\n")
+def check_output(output: str | os.PathLike) -> Path:
+    """Fail now, before any inference, if the JSON output cannot be written at ``output``.
+
+    Raises:
+        ValueError: ``output`` is a directory, lies under a file, or its folder is not writable.
+    """
+    path = Path(output).expanduser().absolute()
+    if path.is_dir():
+        raise ValueError(f"output={output}: '{path}' is a directory; give a file name (preds.json)")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(
+            f"output={output}: cannot create '{path.parent}' because '{ancestor}' is a file"
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK) or (
+        path.exists() and not os.access(path, os.W_OK)
+    ):
+        raise ValueError(f"output={output}: '{ancestor}' is not writable")
     return path
+
+
+def write_json(results: Sequence[dict[str, Any]], output: str | os.PathLike) -> Path:
+    """Write the results as JSON (atomically: an earlier file stays whole until replaced)."""
+    path = check_output(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(path, (json.dumps(list(results), indent=2) + "\n").encode())

@@ -27,10 +27,13 @@ Examples::
     python scripts/convert_checkpoint.py --src outputs/finetune/<run>/checkpoints/last.ckpt
         --dst out/beit-cls-hf --dst-format hf        (one line)
 
-Every input is read weights-only. Unless ``--no-verify``, the destination is reloaded and compared
-with the source before the script reports success: a pretraining model tensor by tensor (bit
-exact), a classifier by its logits on a random batch (max abs difference <= 1e-5) and its label
-names.
+Every input is read weights-only; a record in it that names code to run (a Hydra ``_target_``)
+is refused. The conversion is written to a temporary file or folder beside ``--dst``, verified
+there (unless ``--no-verify``: reloaded and compared with the source, a pretraining model tensor by
+tensor, bit exact, a classifier by its logits on a random batch, max abs difference <= 1e-5, and its
+label names) and only then moved to ``--dst``: a failed conversion leaves ``--dst`` as it was. An
+existing ``--dst``, or one that is the source (or holds it, or lies in it), is refused unless
+``--force``.
 """
 
 from __future__ import annotations
@@ -38,8 +41,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-verify", action="store_true", help="skip reloading the destination to compare"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --dst (also the source itself), once the conversion is verified",
     )
     parser.add_argument(
         "--use-ema", action="store_true", help="classifiers: convert the EMA weights"
@@ -133,16 +144,17 @@ def _convert_mim(args: argparse.Namespace) -> int:
         log.error("--src %s is a %s checkpoint, not %s", args.src, found, args.src_format)
         return 2
     model = build_mim_model(state, kwargs, where=f"{found} checkpoint '{args.src}'")
-    out = save_mim_model(model, args.dst, args.dst_format)
-    log.info("%s (%s) -> %s (%s)", args.src, found, out, args.dst_format)
-    if not args.no_verify:
+
+    def verify(out: Path) -> bool:
         back = load_mim_model(out).state_dict()
         for key, value in model.state_dict().items():
             if not torch.equal(back[key], value):
                 log.error("verification failed: %s differs after the round trip", key)
-                return 1
-        log.info("verified: %d tensors identical after reloading %s", len(back), out)
-    return 0
+                return False
+        log.info("verified: %d tensors identical after reloading the conversion", len(back))
+        return True
+
+    return _write(args, lambda out: save_mim_model(model, out, args.dst_format), verify, found)
 
 
 def _input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
@@ -174,37 +186,102 @@ def _convert_classifier(args: argparse.Namespace) -> int:
     if args.src_format is not None and found != args.src_format:
         log.error("--src %s is a %s checkpoint, not %s", args.src, found, args.src_format)
         return 2
-    out = save_classifier(model, args.dst, args.dst_format)
-    log.info("%s (%s classifier) -> %s (%s)", args.src, found, out, args.dst_format)
-    if args.no_verify:
-        return 0
-    back = load_classifier(out)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, *_input_shape(model), generator=gen)
-    with torch.inference_mode():
-        diff = (back(x).float() - model(x).float()).abs().max().item()
-    if not diff <= LOGIT_TOL:
-        log.error(
-            "verification failed: logits differ by %.3g (> %g) after reloading", diff, LOGIT_TOL
+
+    def verify(out: Path) -> bool:
+        back = load_classifier(out)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(2, *_input_shape(model), generator=gen)
+        with torch.inference_mode():
+            diff = (back(x).float() - model(x).float()).abs().max().item()
+        if not diff <= LOGIT_TOL:
+            log.error(
+                "verification failed: logits differ by %.3g (> %g) after reloading", diff, LOGIT_TOL
+            )
+            return False
+        if back.label_names != model.label_names:
+            log.error(
+                "verification failed: label names %s after reloading, %s before",
+                (back.label_names or [])[:5],
+                (model.label_names or [])[:5],
+            )
+            return False
+        log.info("verified: logits equal within %.3g and label names kept after reloading", diff)
+        return True
+
+    save = lambda out: save_classifier(model, out, args.dst_format)  # noqa: E731
+    return _write(args, save, verify, f"{found} classifier")
+
+
+def check_destination(src: str | Path, dst: str | Path, force: bool) -> str | None:
+    """Why writing ``dst`` is refused (None when it is not): it exists, or it is the source.
+
+    The source counts as overwritten when ``dst`` is the same file or folder, a folder that holds
+    the source, or a path inside a source folder. ``force`` allows all of these: the conversion is
+    complete and verified in memory and on disk before anything is replaced.
+    """
+    src_path, dst_path = Path(src).expanduser().resolve(), Path(dst).expanduser().resolve()
+    if force:
+        return None
+    if src_path == dst_path or src_path in dst_path.parents or dst_path in src_path.parents:
+        return (
+            f"--dst {dst} would overwrite the source --src {src}; choose another --dst (or pass "
+            "--force to replace the source with its conversion)"
         )
-        return 1
-    if back.label_names != model.label_names:
-        log.error(
-            "verification failed: label names %s after reloading, %s before",
-            (back.label_names or [])[:5],
-            (model.label_names or [])[:5],
-        )
-        return 1
-    log.info(
-        "verified: logits equal within %.3g and label names kept after reloading %s", diff, out
-    )
+    if dst_path.exists() or dst_path.is_symlink():
+        return f"--dst {dst} exists; choose another --dst, or pass --force to replace it"
+    return None
+
+
+def _write(
+    args: argparse.Namespace,
+    save: Callable[[Path], Path],
+    verify: Callable[[Path], bool],
+    what: str,
+) -> int:
+    """Save into a temporary path beside ``--dst``, verify it there, then move it into place."""
+    dst = Path(args.dst).expanduser()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".converting", dir=dst.parent))
+    try:
+        staged = save(tmp / dst.name)
+        if not args.no_verify and not verify(staged):
+            log.error("the conversion failed its check: %s was left as it was", dst)
+            return 1
+        _replace(staged, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("%s (%s) -> %s (%s)", args.src, what, dst, args.dst_format)
     return 0
+
+
+def _replace(staged: Path, dst: Path) -> None:
+    """Move ``staged`` to ``dst``; an existing ``dst`` (``--force``) is removed only afterwards."""
+    old = None
+    real_dir = dst.is_dir() and not dst.is_symlink()
+    if (dst.exists() or dst.is_symlink()) and (real_dir or staged.is_dir()):
+        old = dst.with_name(f".{dst.name}.replaced-{os.getpid()}")
+        os.replace(dst, old)
+    try:
+        os.replace(staged, dst)  # a file over a file is replaced atomically
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the conversion; returns the process exit code (0 on success)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    refused = check_destination(args.src, args.dst, args.force)
+    if refused:
+        log.error("%s", refused)
+        return 2
     try:
         if is_mim_source(args.src):
             return _convert_mim(args)

@@ -32,7 +32,7 @@ from timm.models.beit import gen_relative_position_index
 
 from bitrain.io import CheckpointError, atomic_save, load_torch_file
 from bitrain.models.beit import BeitMIM
-from bitrain.models.hf import from_hf_beit, load_hf_folder, save_hf_folder
+from bitrain.models.hf import from_hf_beit, load_hf_folder, save_hf_folder, weights_file
 
 __all__ = [
     "CheckpointError",
@@ -232,7 +232,10 @@ def load_mim_state(
         )
     if path.is_dir():
         state, config = load_hf_folder(path)
-        state, kwargs = from_hf_beit(state, config)
+        try:
+            state, kwargs = from_hf_beit(state, config)
+        except CheckpointError as err:
+            raise CheckpointError(f"'{weights_file(path)}': {err}") from None
         return state, kwargs, "hf"
     obj = load_torch_file(path, map_location=map_location, allow_namespace=True)
     fmt = detect_format(obj)

@@ -217,6 +217,15 @@ def load_pretrained(
     reshaped = {item.split(" ", 1)[0] for item in wrong_shape}
     for key in reshaped:
         adapted.pop(key)
+    loaded = sorted(k for k in adapted if k in target)
+    where = f"{fmt} checkpoint '{path}'"
+    if not loaded:
+        raise CheckpointError(
+            f"{where}: none of its {len(state)} tensors fits "
+            f"{getattr(model, 'bitrain_spec', {}).get('model_name', type(model).__name__)} "
+            f"(checkpoint keys {_short(sorted(state))}; model keys {_short(sorted(target))}): "
+            "it is not this model's encoder. Check model.pretrained and model.model_name"
+        )
     result = model.load_state_dict(adapted, strict=False)
     missing = sorted(
         k
@@ -231,7 +240,6 @@ def load_pretrained(
         problems.append(f"not in the model: {_short(unexpected)}")
     if wrong_shape:
         problems.append(f"shape mismatch: {_short(wrong_shape)}")
-    where = f"{fmt} checkpoint '{path}'"
     if problems:
         message = (
             f"{where} does not fit {type(model).__name__}"
@@ -245,5 +253,5 @@ def load_pretrained(
         log.warning("%s (loaded what fits)", message)
     for note in notes:
         log.info("%s: %s", where, note)
-    log.info("initialised %d tensors from %s", len(adapted), where)
+    log.info("initialised %d of the model's %d tensors from %s", len(loaded), len(target), where)
     return {"missing": missing, "unexpected": unexpected, "notes": notes}

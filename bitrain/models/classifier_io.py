@@ -3,10 +3,11 @@
 :func:`load_classifier` reads a bitrain fine-tuning ``.ckpt``, a timm hub folder, a Hugging Face
 classifier folder, an official unilm fine-tuned ``.pth`` (with or without ``args``) or a bare
 state dict (with ``model_name``); :func:`save_classifier` writes the ``bitrain``, ``timm``,
-``official`` and ``hf`` layouts. The evaluation transform travels with the model (a Hugging Face
-``preprocessor_config.json``, timm's ``pretrained_cfg``; the conversion is
-:mod:`bitrain.models.hf_preprocessing`). Encoder weights for fine-tuning and the
-MIM formats are in :mod:`bitrain.models.checkpoints`; docs/checkpoints.md has the tables.
+``official`` and ``hf`` layouts. The evaluation preprocessing travels with the model as data (a
+Hugging Face ``preprocessor_config.json``, timm's ``pretrained_cfg``, bitrain's record; read and
+written by :mod:`bitrain.data.preprocessing`, never a code path taken from the file). Encoder
+weights for fine-tuning and the MIM formats are in :mod:`bitrain.models.checkpoints`;
+docs/checkpoints.md has the tables.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from typing import Any
 
 import torch
 
+from bitrain.data.preprocessing import (
+    EvalPreprocessing,
+    from_processor_config,
+    from_timm_args,
+    read_record,
+)
 from bitrain.io import CheckpointError, atomic_save, load_torch_file
+from bitrain.io import plain_tree as _plain
 from bitrain.models.checkpoints import (
     _OFFICIAL_SIZES,
     BEIT_MIM_TARGET,
@@ -32,16 +40,6 @@ from bitrain.models.checkpoints import (
     from_official_beit,
     load_encoder_state,
     to_official_beit,
-)
-from bitrain.models.hf_preprocessing import RESAMPLE_NAMES as _RESAMPLE_NAMES
-from bitrain.models.hf_preprocessing import plain_tree as _plain
-
-# transform_from_processor_config stays importable from here: it is the Hydra ``_target_`` of the
-# evaluation transforms in checkpoints written before the conversion moved to hf_preprocessing.
-from bitrain.models.hf_preprocessing import (
-    processor_config_from_transform,
-    processor_transform_node,
-    transform_from_processor_config,  # noqa: F401
 )
 
 log = logging.getLogger(__name__)
@@ -71,8 +69,9 @@ def load_classifier(
 
     The model also carries ``bitrain_spec`` (the arguments that rebuild it),
     ``bitrain_source_format`` (one of :data:`CLASSIFIER_FORMATS`) and
-    ``bitrain_eval_transform`` (a Hydra node of the evaluation transform, or None when the
-    checkpoint does not say).
+    ``bitrain_eval_transform`` (the evaluation preprocessing the checkpoint records, as a
+    validated :class:`~bitrain.data.preprocessing.EvalPreprocessing`, or None when it records
+    none). A record is data: one that names code to run is refused (CheckpointError).
 
     Args:
         path_or_dir: the checkpoint file or folder.
@@ -118,7 +117,7 @@ class _Loaded:
         spec: Mapping[str, Any] | None,
         state: Mapping[str, torch.Tensor],
         label_names: Any = None,
-        eval_transform: Mapping[str, Any] | None = None,
+        eval_transform: EvalPreprocessing | None = None,
         norm_settings: Mapping[str, Any] | None = None,
         model: torch.nn.Module | None = None,
     ) -> None:
@@ -126,7 +125,7 @@ class _Loaded:
         self.spec = dict(spec) if spec is not None else None
         self.state = state
         self.label_names = label_names
-        self.eval_transform = _plain(eval_transform) if eval_transform else None
+        self.eval_transform = eval_transform
         self.norm_settings = dict(norm_settings or {})
         self.model = model
 
@@ -271,9 +270,7 @@ def _folder_classifier(folder: Path, user_spec: Mapping[str, Any] | None, use_em
             spec = {k: v for k, v in (config.get("model_args") or {}).items()}
             spec = {"model_name": config["architecture"], **spec}
             spec["num_classes"] = config.get("num_classes", spec.get("num_classes"))
-        node = config.get("bitrain_eval_transform") or _timm_cfg_transform(
-            config.get("pretrained_cfg") or {}
-        )
+        node = _timm_folder_preprocessing(config, cfg_path)
         return _Loaded(
             "timm",
             spec,
@@ -309,7 +306,7 @@ def _folder_classifier(folder: Path, user_spec: Mapping[str, Any] | None, use_em
     processor = folder / "preprocessor_config.json"
     node = None
     if processor.is_file():
-        node = processor_transform_node(_read_json(processor))
+        node = from_processor_config(_read_json(processor), str(processor))
     return _Loaded("hf", None, {}, model.label_names, node, model=model)
 
 
@@ -347,7 +344,7 @@ def _file_classifier(path: Path, user_spec: Mapping[str, Any] | None, use_ema: b
             spec,
             state,
             obj.get("label_names"),
-            hparams.get("eval_transform"),
+            _recorded(hparams.get("eval_transform"), f"'{path}' hyper_parameters.eval_transform"),
             obj.get("norm_settings"),
         )
     for key in ("model", "module"):
@@ -407,7 +404,7 @@ def _official_classifier(
         spec,
         state,
         obj.get("label_names") or args.get("bitrain_label_names"),
-        args.get("bitrain_eval_transform"),
+        _recorded(args.get("bitrain_eval_transform"), f"'{path}' args.bitrain_eval_transform"),
         args.get("bitrain_norm_settings"),
     )
 
@@ -509,12 +506,12 @@ def save_classifier(
     path: str | os.PathLike,
     format: str = "bitrain",
     label_names: list[str] | None = None,
-    eval_transform: Mapping[str, Any] | None = None,
+    eval_transform: EvalPreprocessing | Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a timm classifier in one of :data:`CLASSIFIER_FORMATS` (read back by load_classifier).
 
     * ``bitrain``: ``{"state_dict": {"model.<key>": ...}, "hyper_parameters": {"model":
-      {"_target_": CLASSIFIER_TARGET, **bitrain_spec}, "eval_transform": node}, "label_names",
+      {"_target_": CLASSIFIER_TARGET, **bitrain_spec}, "eval_transform": record}, "label_names",
       "norm_settings"}`` -- the fine-tuning ``.ckpt`` layout, model only.
     * ``timm``: a timm hub folder: ``config.json`` (``architecture``, ``num_classes``,
       ``num_features``, ``global_pool``, ``label_names``, ``model_args``, ``pretrained_cfg`` with
@@ -532,7 +529,8 @@ def save_classifier(
         path: file (``bitrain``, ``official``) or folder (``timm``, ``hf``).
         format: one of :data:`CLASSIFIER_FORMATS`.
         label_names: class names; default ``model.label_names``.
-        eval_transform: Hydra node of the evaluation transform; default
+        eval_transform: the evaluation preprocessing (an
+            :class:`~bitrain.data.preprocessing.EvalPreprocessing` or its record); default
             ``model.bitrain_eval_transform``, else timm's data config of the model.
 
     Returns:
@@ -559,7 +557,9 @@ def save_classifier(
         )
     if eval_transform is None:
         eval_transform = getattr(model, "bitrain_eval_transform", None)
-    node = _plain(eval_transform) if eval_transform else None
+    if isinstance(eval_transform, Mapping):
+        eval_transform = read_record(eval_transform, "save_classifier(eval_transform=...)")
+    node: EvalPreprocessing | None = eval_transform
     if format == "hf":
         return _save_hf(model, path, label_names, node)
     spec = _spec_of(model)
@@ -571,8 +571,8 @@ def save_classifier(
         from bitrain.models.classifier import CLASSIFIER_TARGET
 
         hparams: dict[str, Any] = {"model": {"_target_": CLASSIFIER_TARGET, **spec}}
-        if node:
-            hparams["eval_transform"] = node
+        if node is not None:
+            hparams["eval_transform"] = node.to_record()
         obj = {
             "state_dict": {f"model.{k}": v for k, v in state.items()},
             "hyper_parameters": hparams,
@@ -629,7 +629,7 @@ def _official_classifier_args(
     model: torch.nn.Module,
     spec: Mapping[str, Any],
     norms: Mapping[str, Any],
-    node: Mapping[str, Any] | None,
+    node: EvalPreprocessing | None,
 ) -> argparse.Namespace:
     """The model fields of ``run_class_finetuning.py``'s args, plus the exact bitrain records."""
     blocks = model.blocks
@@ -651,7 +651,7 @@ def _official_classifier_args(
         qkv_bias=getattr(blocks[0].attn, "q_bias", None) is not None,
         bitrain_spec=dict(spec),
         bitrain_norm_settings=dict(norms),
-        bitrain_eval_transform=node,
+        bitrain_eval_transform=None if node is None else node.to_record(),
     )
 
 
@@ -661,7 +661,7 @@ def _save_timm(
     spec: Mapping[str, Any],
     state: Mapping[str, torch.Tensor],
     label_names: list[str] | None,
-    node: Mapping[str, Any] | None,
+    node: EvalPreprocessing | None,
     norms: Mapping[str, Any],
 ) -> Path:
     """A timm hub folder, as ``timm.models.push_to_hf_hub`` lays it out (``save_for_hf``)."""
@@ -671,7 +671,8 @@ def _save_timm(
 
     from bitrain.io import atomic_write_bytes
 
-    data = _timm_data_config(model, spec, node)
+    preprocessing = _preprocessing_or_default(model, spec, node)
+    data = (preprocessing and preprocessing.to_timm_cfg(int(spec.get("in_chans", 3)))) or {}
     base = dict(getattr(model, "pretrained_cfg", None) or {})
     pretrained_cfg = {
         k: base[k]
@@ -696,8 +697,8 @@ def _save_timm(
     config["pretrained_cfg"] = pretrained_cfg
     config["bitrain_spec"] = dict(spec)
     config["bitrain_norm_settings"] = dict(norms)
-    if node:
-        config["bitrain_eval_transform"] = dict(node)
+    if node is not None:
+        config["bitrain_eval_transform"] = node.to_record()
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(
         folder / "model.safetensors", safetensors_bytes(dict(state), metadata={"format": "pt"})
@@ -718,64 +719,33 @@ def _timm_model_args(model: torch.nn.Module, spec: Mapping[str, Any]) -> dict[st
     return _plain(args)
 
 
-def _timm_data_config(
-    model: torch.nn.Module, spec: Mapping[str, Any], node: Mapping[str, Any] | None
-) -> dict[str, Any]:
-    """The preprocessing fields of timm's ``pretrained_cfg`` for the evaluation transform."""
-    processor = _processor_or_none(model, spec, node)
-    if processor is None:
-        return {}
-    size = processor["crop_size"] if processor["do_center_crop"] else processor["size"]
-    if "height" not in size:
-        return {}
-    height, width = int(size["height"]), int(size["width"])
-    resize = processor["size"]
-    out: dict[str, Any] = {
-        "input_size": [int(spec.get("in_chans", 3)), height, width],
-        "interpolation": _RESAMPLE_NAMES.get(int(processor["resample"]), "bicubic"),
-        "mean": list(processor["image_mean"]),
-        "std": list(processor["image_std"]),
-    }
-    if "shortest_edge" in resize and height == width:
-        out["crop_mode"] = "center"
-        out["crop_pct"] = _crop_pct(height, int(resize["shortest_edge"]))
-    elif "height" in resize and not processor["do_center_crop"]:
-        out["crop_mode"] = "squash"
-        out["crop_pct"] = 1.0
-    return out
+def _recorded(record: Any, where: str) -> EvalPreprocessing | None:
+    """A file's evaluation-preprocessing record as data (None when the file records none)."""
+    return None if record is None else read_record(record, where)
 
 
-def _crop_pct(crop: int, resize: int) -> float:
-    """A ``crop_pct`` with ``floor(crop / crop_pct) == resize`` (timm's eval resize rule)."""
-    pct = crop / resize
-    for _ in range(8):
-        if math.floor(crop / pct) >= resize:
-            break
-        pct = math.nextafter(pct, 0.0)
-    return pct
+# The data fields of timm's pretrained_cfg that define its evaluation transform.
+_TIMM_CFG_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
 
 
-def _timm_cfg_transform(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
-    """A ``timm.data.create_transform`` node from a ``pretrained_cfg``; None without input_size."""
+def _timm_folder_preprocessing(config: Mapping[str, Any], where: Path) -> EvalPreprocessing | None:
+    """The record bitrain wrote into a timm folder's config.json, else timm's ``pretrained_cfg``."""
+    if config.get("bitrain_eval_transform") is not None:
+        return read_record(config["bitrain_eval_transform"], f"'{where}' bitrain_eval_transform")
+    cfg = config.get("pretrained_cfg") or {}
+    if not isinstance(cfg, Mapping):
+        raise CheckpointError(f"'{where}': pretrained_cfg is a {type(cfg).__name__}, not a mapping")
     if not cfg.get("input_size"):
         return None
-    node: dict[str, Any] = {
-        "_target_": "timm.data.create_transform",
-        "_convert_": "all",
-        "input_size": list(cfg["input_size"]),
-        "is_training": False,
-    }
-    for key in ("crop_pct", "crop_mode", "interpolation", "mean", "std"):
-        if cfg.get(key) is not None:
-            node[key] = list(cfg[key]) if isinstance(cfg[key], list | tuple) else cfg[key]
-    return node
+    args = {k: cfg[k] for k in _TIMM_CFG_KEYS if cfg.get(k) is not None}
+    return from_timm_args(args, f"'{where}' pretrained_cfg")
 
 
 def _save_hf(
     model: torch.nn.Module,
     folder: str | os.PathLike,
     label_names: list[str] | None,
-    node: Mapping[str, Any] | None,
+    node: EvalPreprocessing | None,
 ) -> Path:
     import json
 
@@ -784,8 +754,9 @@ def _save_hf(
 
     out = save_hf_classifier(model, folder, label_names=label_names)
     spec = dict(getattr(model, "bitrain_spec", None) or {})
-    processor = _processor_or_none(model, spec, node)
-    if processor is not None:
+    preprocessing = _preprocessing_or_default(model, spec, node)
+    if preprocessing is not None:
+        processor = preprocessing.to_processor_config()
         from bitrain.models.hf_classifier import _family
 
         processor["image_processor_type"] = _processor_type(_family(model), processor)
@@ -806,29 +777,25 @@ def _processor_type(family: str, processor: Mapping[str, Any]) -> str:
     return "BitImageProcessor"  # shortest-edge resize + centre crop (timm's eval transform)
 
 
-def _processor_or_none(
-    model: torch.nn.Module, spec: Mapping[str, Any], node: Mapping[str, Any] | None
-) -> dict[str, Any] | None:
-    """The HF processor config of the evaluation transform.
+def _preprocessing_or_default(
+    model: torch.nn.Module, spec: Mapping[str, Any], node: EvalPreprocessing | None
+) -> EvalPreprocessing | None:
+    """``node``, else timm's default evaluation transform for the model.
 
-    That of ``node``, else of timm's default data config for the model; None (with a warning)
-    when the transform has steps an image processor cannot express.
+    None, with a warning, when timm's default cannot be expressed (e.g. a ``border`` crop mode).
     """
-    import hydra
+    if node is not None:
+        return node
+    from timm.data import resolve_data_config
 
+    args: dict[str, Any] = {}
+    if spec.get("img_size"):
+        size = spec["img_size"]
+        size = size if isinstance(size, list | tuple) else (size, size)
+        args["input_size"] = (int(spec.get("in_chans", 3)), *map(int, size))
+    data = resolve_data_config(args, model=model)
     try:
-        if node:
-            transform = hydra.utils.instantiate(dict(node))
-        else:
-            from timm.data import create_transform, resolve_data_config
-
-            args = {}
-            if spec.get("img_size"):
-                size = spec["img_size"]
-                size = size if isinstance(size, list | tuple) else (size, size)
-                args["input_size"] = (int(spec.get("in_chans", 3)), *map(int, size))
-            transform = create_transform(**resolve_data_config(args, model=model))
-        return processor_config_from_transform(transform)
-    except Exception as err:  # noqa: BLE001 - a bad node fails in hydra with its own errors
+        return from_timm_args({k: data[k] for k in _TIMM_CFG_KEYS if data.get(k) is not None})
+    except CheckpointError as err:
         log.warning("no preprocessing written for the export: %s", err)
         return None

@@ -351,6 +351,14 @@ def stack_qkv_weight(parts: Mapping[str, torch.Tensor], where: str) -> torch.Ten
     missing = {"q.weight", "k.weight", "v.weight"} - parts.keys()
     if missing:
         raise CheckpointError(f"{where} lacks attention {sorted(missing)}")
+    shapes = {n: tuple(parts[f"{n}.weight"].shape) for n in ("q", "k", "v")}
+    if len(set(shapes.values())) != 1 or len(shapes["q"]) != 2:
+        names = {"q": "query", "k": "key", "v": "value"}
+        detail = ", ".join(f"{names[n]}.weight {list(s)}" for n, s in shapes.items())
+        raise CheckpointError(
+            f"{where}: the attention weights do not fit together ({detail}); each must be "
+            "[hidden_size, hidden_size]: the weights file is damaged or from another model"
+        )
     return torch.cat([parts["q.weight"], parts["k.weight"], parts["v.weight"]], dim=0)
 
 
@@ -471,6 +479,20 @@ def kwargs_to_config(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- folders -----------------------------------------------------------------------------------
+
+
+def weights_file(folder: str | os.PathLike) -> str:
+    """The weights file name of a Hugging Face folder, for error messages."""
+    folder = Path(folder)
+    for name in (
+        "model.safetensors.index.json",
+        "pytorch_model.bin.index.json",
+        "model.safetensors",
+        "pytorch_model.bin",
+    ):
+        if (folder / name).is_file():
+            return str(folder / name)
+    return str(folder)
 
 
 def load_hf_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

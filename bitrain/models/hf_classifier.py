@@ -82,6 +82,7 @@ from bitrain.models.hf import (
     stack_qkv_weight,
     unmap_layer_keys,
     weight_bias,
+    weights_file,
 )
 from bitrain.models.hf import normalize_hf_keys as _normalize_hf_keys
 from bitrain.models.hf_bit import TIMM_GROUPS, bit_spec, bit_state, bit_to_hf
@@ -340,7 +341,10 @@ def from_hf_classifier(
 def _load(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict]:
     state, config = load_hf_folder(folder)
     _architecture(config)  # the clear error before any other
-    spec, timm_state = from_hf_classifier(state, config)
+    try:
+        spec, timm_state = from_hf_classifier(state, config)
+    except CheckpointError as err:
+        raise CheckpointError(f"'{weights_file(folder)}': {err}") from None
     return spec, timm_state, config
 
 

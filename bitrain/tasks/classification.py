@@ -27,11 +27,46 @@ import torch
 import torch.nn.functional as F
 
 from bitrain import optim as optim_lib
+from bitrain.data.preprocessing import from_timm_args, from_transform, read_record
+from bitrain.io import CheckpointError
 from bitrain.tasks.common import NonFiniteGuard, check_nonfinite_mode, plain, topk_accuracy
 
 __all__ = ["ImageClassification"]
 
 log = logging.getLogger(__name__)
+
+
+def eval_preprocessing_record(node: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The run's evaluation transform as a data record, for the checkpoint.
+
+    The node comes from the user's own config (trusted); the record is an
+    :class:`bitrain.data.preprocessing.EvalPreprocessing`, which names no code.
+
+    A ``timm.data.create_transform`` node is read with timm's rules; any other node is built (it
+    is the user's config, not a file) and described step by step. A transform that cannot be
+    described (e.g. one with a ``ColorJitter``) is not recorded: a warning says so, and
+    ``bitrain.predict`` then falls back to timm's default for the model.
+    """
+    if not node:
+        return None
+    try:
+        if "_target_" not in node:
+            return read_record(node, "task.eval_transform").to_record()
+        if node["_target_"] in ("timm.data.create_transform",):
+            args = {k: v for k, v in node.items() if k in _TIMM_EVAL_KEYS}
+            if not node.get("is_training", False):
+                return from_timm_args(args, "task.eval_transform").to_record()
+        return from_transform(hydra.utils.instantiate(node)).to_record()
+    except (ValueError, CheckpointError) as err:
+        log.warning(
+            "the evaluation transform is not recorded in the checkpoint (%s); bitrain.predict "
+            "will use timm's default preprocessing for the model",
+            err,
+        )
+        return None
+
+
+_TIMM_EVAL_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
 
 
 class ImageClassification(NonFiniteGuard, L.LightningModule):
@@ -50,8 +85,9 @@ class ImageClassification(NonFiniteGuard, L.LightningModule):
         nonfinite_check: ``auto`` | ``sync`` | ``device``: how a NaN/inf step is skipped
             (:class:`bitrain.tasks.common.NonFiniteGuard`).
         label_names: class names (normally taken from the data module at fit start).
-        eval_transform: config of the evaluation transform (``${data.val_transform}``), kept in
-            the checkpoint so ``python -m bitrain.predict`` preprocesses images the same way.
+        eval_transform: config of the evaluation transform (``${data.val_transform}``). The
+            checkpoint keeps it as data (:func:`eval_preprocessing_record`), so ``python -m
+            bitrain.predict`` preprocesses images the same way without running code from a file.
     """
 
     def __init__(
@@ -84,7 +120,7 @@ class ImageClassification(NonFiniteGuard, L.LightningModule):
                 "compile": compile,
                 "max_nonfinite_steps": int(max_nonfinite_steps),
                 "nonfinite_check": nonfinite_check,
-                "eval_transform": plain(eval_transform),
+                "eval_transform": eval_preprocessing_record(plain(eval_transform)),
             }
         )
         self.model = hydra.utils.instantiate(model)

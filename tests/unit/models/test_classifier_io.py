@@ -23,10 +23,11 @@ from bitrain.models.checkpoints import save_mim_model, to_official_beit
 from bitrain.models.classifier import CLASSIFIER_TARGET, create_classifier
 from bitrain.models.classifier_io import CLASSIFIER_FORMATS, load_classifier, save_classifier
 from bitrain.models.hf_classifier import apply_norm_settings
-from bitrain.models.hf_preprocessing import (
-    processor_config_from_transform,
-    processor_transform_node,
-    transform_from_processor_config,
+from bitrain.data.preprocessing import (
+    from_processor_config,
+    from_timm_args,
+    from_transform,
+    read_record,
 )
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -44,6 +45,8 @@ EVAL_NODE = {
     "mean": [0.485, 0.456, 0.406],
     "std": [0.229, 0.224, 0.225],
 }
+# What that node means, as the data record a checkpoint keeps.
+EVAL_SPEC = read_record(EVAL_NODE, "test")
 
 
 def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -128,14 +131,17 @@ def finetune_ckpt(model: torch.nn.Module, path: Path, ema: torch.nn.Module | Non
 def test_beit_round_trip_every_format(tmp_path, fmt, beit):
     source = beit()
     source.label_names = LABELS
-    out = save_classifier(source, dst(tmp_path, fmt), fmt, eval_transform=EVAL_NODE)
+    out = save_classifier(source, dst(tmp_path, fmt), fmt, eval_transform=EVAL_SPEC)
     back = load_classifier(out)
     assert not back.training and back.bitrain_source_format == fmt
     assert max_diff(source, back, batch(source)) <= TOL
     assert back.label_names == LABELS
-    assert back.bitrain_eval_transform is not None
+    got = back.bitrain_eval_transform
+    assert got.resize == EVAL_SPEC.resize and got.crop == EVAL_SPEC.crop
+    assert got.interpolation == EVAL_SPEC.interpolation
+    assert got.mean == pytest.approx(EVAL_SPEC.mean) and got.std == pytest.approx(EVAL_SPEC.std)
     if fmt != "hf":  # hf keeps the preprocessing as preprocessor_config.json instead
-        assert back.bitrain_eval_transform == EVAL_NODE
+        assert got == EVAL_SPEC
         assert back.bitrain_spec == source.bitrain_spec
 
 
@@ -170,7 +176,8 @@ def test_finetune_ckpt_and_its_ema(tmp_path, beit):
     x = batch(model)
     assert max_diff(model, load_classifier(path), x) == 0.0
     assert max_diff(ema, load_classifier(path, use_ema=True), x) == 0.0
-    assert load_classifier(path).bitrain_eval_transform == EVAL_NODE
+    # an older bitrain's Hydra node of timm's create_transform is read as data
+    assert load_classifier(path).bitrain_eval_transform == EVAL_SPEC
 
 
 def test_timm_loads_our_timm_folder(tmp_path, beit):
@@ -355,57 +362,19 @@ def noise_image(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(pixels.numpy())
 
 
-@pytest.mark.parametrize(
-    "node",
-    [
-        EVAL_NODE,
-        {**EVAL_NODE, "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.5] * 3},
-        {**EVAL_NODE, "crop_mode": "squash", "crop_pct": 1.0},
-    ],
-    ids=["crop0.875_bicubic", "crop1_bilinear", "squash"],
-)
-def test_processor_config_rebuilds_the_eval_transform(node):
-    import hydra
-
-    transform = hydra.utils.instantiate(node)
-    config = processor_config_from_transform(transform)
-    rebuilt = transform_from_processor_config(json.loads(json.dumps(config)))
-    for i, (w, h) in enumerate([(50, 40), (33, 61), (32, 32)]):
-        img = noise_image(w, h, i)
-        assert torch.equal(transform(img), rebuilt(img))
-
-
 def test_hf_image_processor_reads_our_preprocessor_config(tmp_path, beit):
     transformers = pytest.importorskip("transformers")
-    folder = save_classifier(beit(), tmp_path / "hf", "hf", eval_transform=EVAL_NODE)
+    folder = save_classifier(beit(), tmp_path / "hf", "hf", eval_transform=EVAL_SPEC)
     config = json.loads((folder / "preprocessor_config.json").read_text())
     assert config["size"] == {"shortest_edge": 36} and config["crop_size"]["height"] == 32
     processor = transformers.AutoImageProcessor.from_pretrained(folder, backend="pil")
-    import hydra
+    import timm.data
 
-    ours = hydra.utils.instantiate(EVAL_NODE)
+    theirs_timm = timm.data.create_transform(**{k: v for k, v in EVAL_NODE.items() if k[0] != "_"})
     img = noise_image(50, 40, 0)
     theirs = processor(img, return_tensors="pt")["pixel_values"][0]
-    assert float((ours(img) - theirs).abs().max()) <= 1e-5
-
-
-def test_processor_nodes_of_older_checkpoints_still_build():
-    # Checkpoints written before the conversion moved name it under bitrain.models.classifier_io.
-    import hydra
-
-    config = {"do_resize": True, "size": {"shortest_edge": 36}, "resample": 3}
-    node = processor_transform_node(config)
-    assert node["_target_"] == "bitrain.models.hf_preprocessing.transform_from_processor_config"
-    old = {**node, "_target_": "bitrain.models.classifier_io.transform_from_processor_config"}
-    img = noise_image(50, 40, 0)
-    assert torch.equal(hydra.utils.instantiate(old)(img), hydra.utils.instantiate(node)(img))
-
-
-def test_unrepresentable_transform_is_refused():
-    from torchvision import transforms as T
-
-    with pytest.raises(ValueError, match="ColorJitter"):
-        processor_config_from_transform(T.Compose([T.ColorJitter(0.4), T.ToTensor()]))
+    assert float((EVAL_SPEC.build()(img) - theirs).abs().max()) <= 1e-5
+    assert torch.equal(EVAL_SPEC.build()(img), theirs_timm(img))
 
 
 # --- scripts/convert_checkpoint.py ---------------------------------------------------------------

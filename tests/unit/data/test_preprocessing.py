@@ -1,0 +1,237 @@
+"""Evaluation preprocessing as data: the spec, its records, and its readers against the libraries.
+
+Each reader is checked against the library whose semantics it follows, on real photos of several
+shapes (scikit-image's sample photos): timm's ``create_transform`` and transformers' image
+processors (PIL backend: equal to the last bit; default backend: within one intensity level).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bitrain.data.preprocessing import (
+    RECORD_FORMAT,
+    EvalPreprocessing,
+    from_processor_config,
+    from_timm_args,
+    from_transform,
+    read_record,
+)
+from bitrain.io import CheckpointError
+
+
+def _photos() -> list[Image.Image]:
+    import skimage.data
+
+    coffee = skimage.data.coffee()  # 400 x 600, landscape
+    return [
+        Image.fromarray(skimage.data.astronaut()),  # 512 x 512
+        Image.fromarray(coffee),
+        Image.fromarray(np.ascontiguousarray(np.rot90(skimage.data.chelsea()))),  # portrait
+        Image.fromarray(skimage.data.rocket()),  # 427 x 640
+    ]
+
+
+PHOTOS = _photos()
+
+# The preprocessor_config.json files of the three reference model cards (Hugging Face hub:
+# microsoft/beit-base-patch16-224, google/vit-base-patch32-224-in21k, google/bit-50).
+CARDS = {
+    "beit": {
+        "crop_size": 224,
+        "do_center_crop": False,
+        "do_normalize": True,
+        "do_resize": True,
+        "feature_extractor_type": "BeitFeatureExtractor",
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "resample": 2,
+        "size": 224,
+    },
+    "vit": {
+        "do_normalize": True,
+        "do_resize": True,
+        "feature_extractor_type": "ViTFeatureExtractor",
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "resample": 2,
+        "size": 224,
+    },
+    "bit": {
+        "crop_size": {"height": 224, "width": 224},
+        "do_center_crop": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_processor_type": "BitImageProcessor",
+        "image_std": [0.229, 0.224, 0.225],
+        "resample": 3,
+        "rescale_factor": 0.00392156862745098,
+        "size": {"shortest_edge": 256},
+    },
+}
+
+
+@pytest.mark.parametrize("card", sorted(CARDS))
+def test_model_card_configs_preprocess_as_transformers_does(tmp_path, card):
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(CARDS[card]))
+    ours = from_processor_config(CARDS[card]).build()
+    pil = transformers.AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+    default = transformers.AutoImageProcessor.from_pretrained(tmp_path)
+    for img in PHOTOS:
+        mine = ours(img)
+        theirs = pil(img, return_tensors="pt")["pixel_values"][0]
+        assert mine.shape == theirs.shape == (3, 224, 224), img.size
+        assert torch.equal(mine, theirs), img.size
+        fast = default(img, return_tensors="pt")["pixel_values"][0]
+        # transformers' default backend resizes with torchvision's tensor kernels: within a few
+        # intensity levels of PIL (normalised by std 0.229: 0.02 is about one level)
+        assert float((mine - fast).abs().max()) < 0.02, img.size
+
+
+def test_integer_size_means_a_square_for_beit_and_vit_and_an_edge_for_bit():
+    beit = from_processor_config(CARDS["beit"])
+    assert beit.resize == ("exact", 224, 224) and beit.crop is None
+    assert from_processor_config(CARDS["vit"]).resize == ("exact", 224, 224)
+    bit = from_processor_config({**CARDS["bit"], "size": 256})
+    assert bit.resize == ("shortest_edge", 256) and bit.crop == (224, 224)
+
+
+TIMM_CASES = [
+    {"input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation": "bicubic"},
+    {"input_size": 224, "crop_pct": 0.9, "interpolation": "bilinear", "mean": (0.5,) * 3},
+    {"input_size": (3, 480, 480), "crop_pct": 1.0, "crop_mode": "squash"},
+    {"input_size": (3, 384, 384), "crop_pct": 1.0, "crop_mode": "squash", "std": (0.5,) * 3},
+    {"input_size": (3, 200, 240), "crop_pct": 0.95, "crop_mode": "squash"},
+]
+
+
+@pytest.mark.parametrize("args", TIMM_CASES, ids=lambda a: f"{a.get('crop_mode', 'center')}")
+def test_timm_args_preprocess_as_timm_does(args):
+    import timm.data
+
+    spec = from_timm_args(args)
+    theirs = timm.data.create_transform(is_training=False, **args)
+    for img in PHOTOS:
+        assert torch.equal(spec.build()(img), theirs(img)), img.size
+    assert read_record(json.loads(json.dumps(spec.to_record())), "test") == spec
+
+
+@pytest.mark.parametrize("args", TIMM_CASES[:4], ids=lambda a: f"{a.get('crop_mode', 'center')}")
+def test_timm_cfg_written_for_a_spec_rebuilds_it(args):
+    spec = from_timm_args(args)
+    assert from_timm_args(spec.to_timm_cfg()) == spec
+
+
+def test_processor_config_written_for_a_spec_rebuilds_it(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    spec = from_timm_args({"input_size": 224, "crop_pct": 0.875, "interpolation": "bicubic"})
+    config = {**spec.to_processor_config(), "image_processor_type": "BitImageProcessor"}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+    for img in PHOTOS[:2]:
+        theirs = processor(img, return_tensors="pt")["pixel_values"][0]
+        assert float((spec.build()(img) - theirs).abs().max()) <= 1e-5
+
+
+def test_border_mode_is_refused_clearly():
+    with pytest.raises(CheckpointError, match="crop_mode='border'"):
+        from_timm_args({"input_size": 224, "crop_mode": "border"})
+
+
+def test_a_transform_of_the_users_config_is_described_step_by_step():
+    import timm.data
+    from torchvision import transforms as T
+
+    theirs = timm.data.create_transform(224, crop_pct=0.9, interpolation="bicubic")
+    spec = from_transform(theirs)
+    assert spec == from_timm_args({"input_size": 224, "crop_pct": 0.9, "interpolation": "bicubic"})
+    with pytest.raises(ValueError, match="ColorJitter"):
+        from_transform(T.Compose([T.ColorJitter(0.4), T.ToTensor()]))
+    with pytest.raises(ValueError, match="tensor"):
+        from_transform(T.Compose([T.Resize(10)]))
+
+
+# --- records from files: data, never code --------------------------------------------------------
+
+RECORD = from_timm_args({"input_size": 32, "crop_pct": 0.875}).to_record()
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        {"_target_": "shutil.copyfile", "src": "/etc/hostname", "dst": "/tmp/x"},
+        {"_target_": "bitrain.io.atomic_write_bytes", "path": "/tmp/x.pth", "data": "x"},
+        {"_target_": "builtins.exec", "_args_": ["import os"]},
+        # a known builder whose argument would itself be a node
+        {"_target_": "timm.data.create_transform", "input_size": {"_target_": "os.getcwd"}},
+        {"_target_": "timm.data.create_transform", "input_size": 32, "_recursive_": True},
+        {"_target_": "timm.data.create_transform", "input_size": 32, "is_training": True},
+    ],
+    ids=["copyfile", "atomic_write", "exec", "nested", "extra_key", "training"],
+)
+def test_records_that_name_code_are_refused(node):
+    with pytest.raises(CheckpointError) as err:
+        read_record(node, "planted.ckpt")
+    assert "planted.ckpt" in str(err.value)
+    assert "weights_only=False" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"format": "something.else"},
+        {"version": 2},
+        {"resize": {"shortest_edge": -3}},
+        {"resize": {"longest_edge": 32}},
+        {"crop": {"height": 32}},
+        {"crop": {"height": True, "width": 32}},
+        {"interpolation": "os.system"},
+        {"mean": [0.5, 0.5]},
+        {"std": [0.0, 1.0, 1.0]},
+        {"std": [float("nan")] * 3},
+        {"mean": "${oc.env:HOME}"},
+        {"extra": 1},
+    ],
+    ids=lambda c: next(iter(c)) + "=" + str(next(iter(c.values())))[:16],
+)
+def test_damaged_records_are_refused(change):
+    with pytest.raises(CheckpointError, match="bad.ckpt"):
+        read_record({**RECORD, **change}, "bad.ckpt")
+
+
+def test_older_bitrain_nodes_are_read_as_data():
+    timm_node = {
+        "_target_": "timm.data.create_transform",
+        "_convert_": "all",
+        "input_size": 32,
+        "is_training": False,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }
+    assert read_record(timm_node, "old.ckpt") == from_timm_args(
+        {k: v for k, v in timm_node.items() if k[0] != "_" and k != "is_training"}
+    )
+    config = {"do_resize": True, "size": {"shortest_edge": 36}, "resample": 3}
+    for target in (
+        "bitrain.models.hf_preprocessing.transform_from_processor_config",
+        "bitrain.models.classifier_io.transform_from_processor_config",
+    ):
+        node = {"_target_": target, "_convert_": "all", "config": config}
+        assert read_record(node, "old.ckpt") == from_processor_config(config)
+
+
+def test_spec_validates_itself():
+    with pytest.raises(CheckpointError, match="interpolation"):
+        EvalPreprocessing(None, "cubic", None, (0.5,) * 3, (0.5,) * 3)
+    assert RECORD["format"] == RECORD_FORMAT
