@@ -152,7 +152,7 @@ def _build_classifier(loaded: _Loaded, path: Path) -> torch.nn.Module:
     where = f"{loaded.fmt} checkpoint '{path}'"
     model = loaded.model
     if model is None:
-        spec = dict(loaded.spec or {})
+        spec = _checked_spec(loaded.spec or {}, where)
         if spec.get("num_classes") is None:
             spec["num_classes"] = _head_classes(loaded.state, where)
         spec.pop("pretrained", None)
@@ -189,6 +189,41 @@ def _build_classifier(loaded: _Loaded, path: Path) -> torch.nn.Module:
     model.bitrain_source_format = loaded.fmt
     model.bitrain_eval_transform = loaded.eval_transform
     return model
+
+
+# timm.create_model arguments that would read or fetch weights from a place the file chooses.
+_LOADER_ARGS = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path"}
+
+
+def _checked_spec(spec: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The model arguments a file records, as plain data that chooses no code and no file.
+
+    ``model_name`` must be a registered timm architecture (no ``hf-hub:`` name, which would fetch
+    a config); values must be numbers, strings, booleans, None or lists of them; a string never
+    holds an OmegaConf interpolation (``${...}``); no argument makes timm load weights.
+    """
+
+    def plain(value: Any, key: str) -> Any:
+        if isinstance(value, list | tuple):
+            return [plain(v, key) for v in value]
+        if isinstance(value, str) and "${" in value:
+            raise CheckpointError(f"{where}: model argument {key}={value!r} is an interpolation")
+        if value is not None and not isinstance(value, bool | int | float | str):
+            raise CheckpointError(
+                f"{where}: model argument {key} is a {type(value).__name__}, not a plain value"
+            )
+        return value
+
+    import timm
+
+    out = {str(k): plain(v, str(k)) for k, v in spec.items() if k != "pretrained"}
+    name = out.get("model_name")
+    if not isinstance(name, str) or ":" in name or not timm.is_model(name):
+        raise CheckpointError(f"{where}: model_name {name!r} is not a timm architecture")
+    loaders = sorted(_LOADER_ARGS & out.keys())
+    if loaders:
+        raise CheckpointError(f"{where}: model arguments {loaders} would load other weights")
+    return out
 
 
 def _head_classes(state: Mapping[str, torch.Tensor], where: str) -> int:
