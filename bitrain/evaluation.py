@@ -2,8 +2,11 @@
 
 :func:`evaluate` loads the checkpoint (:func:`bitrain.models.classifier_io.load_classifier`), builds
 the config's data module with the checkpoint's model settings (so ``${model.img_size}`` in the
-data config is the resolution the model was trained at), runs its validation loader once under
-``torch.inference_mode`` and writes, into the output directory:
+data config is the resolution the model was trained at) and, with ``preprocessing=checkpoint``
+(the default), the evaluation preprocessing the checkpoint records (a bitrain run's own, a Hugging
+Face folder's ``preprocessor_config.json``, a timm folder's ``pretrained_cfg``) in place of the
+data config's ``val_transform``; ``preprocessing=config`` keeps the data config's. It runs the
+validation loader once under ``torch.inference_mode`` and writes, into the output directory:
 
 * ``metrics.json``: ``top1``, ``top5``, ``loss``, ``images``, ``images_per_sec``, ``seconds``,
   the checkpoint, EMA or not, the device;
@@ -44,6 +47,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+PREPROCESSING = ("checkpoint", "config")
+
+
+def _preprocessing(cfg: DictConfig, model: torch.nn.Module) -> dict[str, Any]:
+    """``{"val_transform": ...}`` from the checkpoint's record, or ``{}`` (the data config's)."""
+    choice = str(cfg.get("preprocessing", "checkpoint"))
+    if choice not in PREPROCESSING:
+        raise ValueError(f"preprocessing={choice!r}: choose one of {PREPROCESSING}")
+    spec = getattr(model, "bitrain_eval_transform", None)
+    if choice == "config" or spec is None:
+        log.info(
+            "preprocessing: the data config's val_transform%s",
+            "" if choice == "config" else " (the checkpoint records none)",
+        )
+        return {}
+    log.info("preprocessing: the checkpoint's own (%s)", spec)
+    return {"val_transform": spec.build()}
+
+
 @torch.inference_mode()
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation the config describes; return the metrics (also written to files)."""
@@ -51,7 +73,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model = load_classifier(ckpt, use_ema=bool(cfg.get("use_ema", False)))
     with open_dict(cfg):
         cfg.model = OmegaConf.create(dict(model.bitrain_spec))
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = hydra.utils.instantiate(cfg.data, **_preprocessing(cfg, model))
     if datamodule.val_source is None:
         raise ValueError("the data config has no val_source to evaluate on: set data.val_source")
     names = model.label_names

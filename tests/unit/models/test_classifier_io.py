@@ -18,17 +18,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from bitrain.data.preprocessing import (
+    read_record,
+)
 from bitrain.io import CheckpointError
 from bitrain.models.checkpoints import save_mim_model, to_official_beit
 from bitrain.models.classifier import CLASSIFIER_TARGET, create_classifier
 from bitrain.models.classifier_io import CLASSIFIER_FORMATS, load_classifier, save_classifier
 from bitrain.models.hf_classifier import apply_norm_settings
-from bitrain.data.preprocessing import (
-    from_processor_config,
-    from_timm_args,
-    from_transform,
-    read_record,
-)
 
 ROOT = Path(__file__).resolve().parents[3]
 TOL = 1e-5
