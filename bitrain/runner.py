@@ -9,6 +9,8 @@ An entry point composes its Hydra config and calls :func:`train`; everything els
   its model, tokenizer and optimizer and records them as hyper-parameters).
 * ``cfg.callbacks`` and ``cfg.logger`` are mappings of nodes with ``_target_``.
 * Checkpoints are written atomically, read with ``weights_only=True`` (:class:`SafeCheckpointIO`).
+* The run directory is checked first (:mod:`bitrain.rundir`): writable, and no fresh start over
+  an earlier run's files.
 * ``ckpt_path=auto`` resumes from the newest readable checkpoint of the run's checkpoint directory
   (:func:`resolve_ckpt_path`): ``last.ckpt``, else ``step_*.ckpt`` by step; none: a fresh start.
 """
@@ -35,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from bitrain.cluster import PreemptionCheckpoint, apply_global_batch, exit_code_for
 from bitrain.hyperrule import apply_hyperrule
 from bitrain.io import CheckpointError, atomic_save, load_torch_file
+from bitrain.rundir import check_fresh_start, check_writable, checkpoint_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +152,7 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
 
 def check_output_dir(path: str | os.PathLike, min_free_gb: float = 0.0) -> Path:
     """Create the run directory and fail early, naming it, if it is not writable or too full."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(f"output directory '{path}' is not writable: {err}") from err
+    path = check_writable(path)
     free_gb = shutil.disk_usage(path).free / 2**30
     if free_gb < min_free_gb:
         raise OSError(
@@ -265,16 +261,6 @@ def _newest_readable(checkpoint_dir: Path) -> str | None:
     return None
 
 
-def checkpoint_dir_of(cfg: DictConfig) -> Path:
-    """The run's checkpoint directory (``callbacks.model_checkpoint.dirpath``, else the default).
-
-    The default is ``paths.output_dir/checkpoints`` (``configs/callbacks/default.yaml``).
-    """
-    node = (cfg.get("callbacks") or {}).get("model_checkpoint")
-    dirpath = node.get("dirpath") if node is not None else None
-    return Path(dirpath) if dirpath else Path(cfg.paths.output_dir) / "checkpoints"
-
-
 def build(
     cfg: DictConfig, callbacks: Sequence[L.Callback] = ()
 ) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
@@ -309,6 +295,7 @@ def build(
 def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     """Fit the configured task; return a summary (output dir, last checkpoint, final metrics)."""
     out_dir = check_output_dir(cfg.paths.output_dir, cfg.paths.get("min_free_gb", 0.0))
+    check_fresh_start(out_dir, checkpoint_dir_of(cfg), cfg.get("ckpt_path"))
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir_of(cfg))
     datamodule, task, trainer = build(cfg, callbacks)
