@@ -10,6 +10,8 @@
   (atomically, like every checkpoint) so nothing after the previous periodic checkpoint is lost,
   and the process exits with status 143 (128 + SIGTERM) instead of 0, so a scheduler sees an
   interrupted job, not a finished one (:func:`exit_code_for`).
+* **Ctrl-C** (SIGINT) during training is handled the same way (exit status 130); a second Ctrl-C
+  stops at once.
 * **Global batch.** ``data.global_batch_size`` (when set) is the recipe's batch over all devices;
   :func:`apply_global_batch` derives ``data.batch_size`` (per device) and
   ``trainer.accumulate_grad_batches`` from the world size (``trainer.devices`` x
@@ -27,6 +29,7 @@ import logging
 import math
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -86,13 +89,27 @@ def run_dir_name(run_name: Any = None, environ: dict[str, str] | None = None) ->
 OmegaConf.register_new_resolver("run_dir", lambda name=None: run_dir_name(name), replace=True)
 
 
-def exit_code_for(err: BaseException) -> int | None:
-    """Exit status for an exception that ended training: 143 for SIGTERM, else ``None``."""
-    return SIGTERM_EXIT_CODE if isinstance(err, SIGTERMException) else None
+def exit_code_for(err: BaseException, signum: int | None = None) -> int | None:
+    """Exit status for an exception that ended training: 128 + the signal, else ``None``.
+
+    Args:
+        err: what ``Trainer.fit`` raised.
+        signum: the signal that stopped training (:attr:`PreemptionCheckpoint.signum`); SIGTERM
+            when not known.
+    """
+    if not isinstance(err, SIGTERMException):
+        return None
+    return 128 + int(signum or signal.SIGTERM)
 
 
 class PreemptionCheckpoint(L.Callback):
-    """Write ``last.ckpt`` when training stops on SIGTERM (at a batch boundary, state consistent).
+    """Write ``last.ckpt`` when training stops on SIGTERM or Ctrl-C, at a batch boundary.
+
+    SIGTERM is noted by Lightning's signal connector. Ctrl-C (SIGINT) would raise
+    ``KeyboardInterrupt`` wherever the process happens to be (inside an optimizer step, say) and
+    Lightning would exit without a checkpoint; during training this callback handles it as
+    Lightning handles SIGTERM instead: the run stops at the end of the current batch, the state is
+    consistent, and the checkpoint is written. A second Ctrl-C stops at once (no checkpoint).
 
     Args:
         dirpath: the run's checkpoint directory (``ModelCheckpoint``'s).
@@ -103,17 +120,47 @@ class PreemptionCheckpoint(L.Callback):
         super().__init__()
         self.path = Path(dirpath) / filename
         self.saved: Path | None = None
+        self.signum: int | None = None  # the signal that stopped training
+        self._previous_sigint: Any = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        self._previous_sigint = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            if self.signum is not None:  # the second Ctrl-C: stop now
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            self.signum = int(signal.SIGINT)
+            trainer._signal_connector.received_sigterm = True  # stop as on SIGTERM
+            log.warning(
+                "Ctrl-C: stopping after this training step to write a checkpoint of it "
+                "(press Ctrl-C again to stop at once, without one)"
+            )
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
         if not isinstance(exception, SIGTERMException):
             return
+        self.signum = self.signum or int(signal.SIGTERM)
         trainer.save_checkpoint(self.path)  # every rank calls it; the strategy writes on rank 0
         self.saved = self.path
+        what = "Ctrl-C" if self.signum == signal.SIGINT else "SIGTERM"
         log.warning(
-            "SIGTERM: checkpoint of step %d written to %s; resume with ckpt_path=auto "
-            "(same paths.run_name / SLURM job) or ckpt_path=%s",
+            "%s: checkpoint of step %d written to %s. Resume with the same command and "
+            "ckpt_path=auto hydra.run.dir=%s (or the same paths.run_name / SLURM job), or "
+            "ckpt_path=%s",
+            what,
             trainer.global_step,
             self.path,
+            trainer.default_root_dir,
             self.path,
         )
 

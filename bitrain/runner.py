@@ -274,6 +274,12 @@ def build(
     apply_global_batch(cfg)  # data.global_batch_size -> per-device batch + accumulation
     if "masking" in cfg and cfg.masking is not None:
         mask_generator = hydra.utils.instantiate(cfg.masking)
+        if getattr(mask_generator, "num_masking_patches", None) == 0:
+            raise ValueError(
+                "masking.num_masking_patches=0 masks no patch: masked image modeling predicts "
+                "the tokens of the masked patches, so every loss would be NaN and every step "
+                "skipped. Mask at least one patch (BEiT: 75 of 196, about 40% of the grid)"
+            )
         datamodule = hydra.utils.instantiate(cfg.data, mask_generator=mask_generator)
     else:
         datamodule = hydra.utils.instantiate(cfg.data)
@@ -303,8 +309,9 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
         log.info("resuming from %s", ckpt_path)
     try:
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SystemExit as err:  # SIGTERM: checkpoint written (PreemptionCheckpoint), exit 143
-        code = exit_code_for(err)
+    except SystemExit as err:  # SIGTERM/Ctrl-C: checkpoint written (PreemptionCheckpoint)
+        stop = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
+        code = exit_code_for(err, stop.signum if stop is not None else None)
         if code is None:
             raise
         raise SystemExit(code) from err

@@ -10,6 +10,7 @@ from bitrain import runner
 
 CASES = [
     (["masking.num_masking_patches=100"], r"num_masking_patches .*\[0, 16\].*4x4 grid"),
+    (["masking.num_masking_patches=0"], r"num_masking_patches=0 masks no patch.*at least one"),
     (["model.img_size=64"], r"tokenizer grid \(4, 4\) != model patch grid \(8, 8\)"),
     (["model.vocab_size=1000"], r"model.vocab_size=1000 != tokenizer.vocab_size=512"),
     (["data.batch_size=0"], r"batch_size must be a positive integer, got 0"),
