@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import bitrain
 
@@ -283,13 +285,35 @@ def run_checks(cfg: DictConfig) -> list[Check]:
     return checks
 
 
+def _one_line(err: BaseException) -> str:
+    """Hydra's composition error (and the OmegaConf error under it) on one line."""
+    parts = []
+    for e in (err, err.__cause__):
+        if e is None or (e is not err and not isinstance(e, OmegaConfBaseException)):
+            continue
+        for line in str(e).splitlines():
+            if line.startswith(("Config search path", "    full_key", "    object_type")):
+                break
+            if not line.strip():
+                continue
+            if line[0] in " \t" and parts:  # an item of a list ("Available options in ...:")
+                parts[-1] += (" " if parts[-1].endswith(":") else ", ") + line.strip()
+            else:
+                parts.append(line.strip().rstrip("."))
+    return ". ".join(dict.fromkeys(parts))  # in order, without repeats
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: arguments are Hydra overrides; returns 0 if all checks pass, else 1."""
     overrides = list(sys.argv[1:] if argv is None else argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     log.setLevel(logging.INFO)
-    cfg = compose_config(overrides)
+    try:
+        cfg = compose_config(overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        log.error("bitrain doctor: the overrides do not compose: %s", _one_line(err))
+        return 1
     checks = run_checks(cfg)
     width = max(len(c.name) for c in checks)
     log.info("bitrain doctor: configs/pretrain.yaml %s", " ".join(overrides))
