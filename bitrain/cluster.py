@@ -44,6 +44,7 @@ __all__ = [
     "BatchPlan",
     "PreemptionCheckpoint",
     "apply_global_batch",
+    "check_devices",
     "derive_batch",
     "world_size_of",
     "SIGTERM_EXIT_CODE",
@@ -234,6 +235,74 @@ def world_size_of(trainer_cfg: Any) -> int:
         else int(devices)
     )
     return max(1, count) * max(1, int(trainer_cfg.get("num_nodes", 1) or 1))
+
+
+def _requested(devices: Any) -> int | list[int] | None:
+    """``trainer.devices`` as a count or a list of indices; ``None`` for ``auto`` / ``-1``."""
+    if devices in ("auto", "-1", -1, None):
+        return None
+    if isinstance(devices, str):
+        if "," in devices:
+            return [int(d) for d in devices.split(",") if d.strip()]
+        return int(devices)
+    if isinstance(devices, list | tuple) or OmegaConf.is_list(devices):
+        return [int(d) for d in devices]
+    return int(devices)
+
+
+def check_devices(
+    trainer_cfg: Any, cuda_count: int | None = None, cpu_cores: int | None = None
+) -> None:
+    """Refuse GPUs that are not there; warn when more CPU processes than cores are asked for.
+
+    Lightning would fail on the first with "No supported gpu backend found!", and start one
+    training process per ``trainer.devices`` on a CPU without a word, however few the cores.
+
+    Args:
+        trainer_cfg: the ``trainer`` config (``accelerator``, ``devices``).
+        cuda_count: visible CUDA devices (default: ``torch.cuda.device_count()``).
+        cpu_cores: cores this process may use (default: its CPU affinity).
+
+    Raises:
+        ValueError: ``trainer.accelerator`` gpu/cuda asks for more GPUs (or a higher index)
+            than are visible on this machine.
+    """
+    accelerator = str(trainer_cfg.get("accelerator", "auto")).lower()
+    devices = trainer_cfg.get("devices", "auto")
+    wanted = _requested(devices)
+    visible = torch.cuda.device_count() if cuda_count is None else int(cuda_count)
+    count = 1 if wanted is None else len(wanted) if isinstance(wanted, list) else wanted
+    if accelerator in ("gpu", "cuda"):
+        highest = max(wanted) if isinstance(wanted, list) and wanted else -1
+        if count > visible or highest >= visible:
+            env = os.environ.get("CUDA_VISIBLE_DEVICES")
+            if env is not None:
+                why = f"CUDA_VISIBLE_DEVICES={env!r}"
+            elif torch.version.cuda is None:
+                why = "this torch is built without CUDA"
+            elif visible == 0:
+                why = "torch sees no CUDA device"
+            else:
+                why = f"GPUs 0..{visible - 1}"
+            raise ValueError(
+                f"{count} GPU{'s' if count != 1 else ''} requested (trainer.accelerator="
+                f"{accelerator} trainer.devices={devices}), {visible} visible ({why}). Run on a "
+                "node with the GPUs, lower trainer.devices, or use trainer=cpu; "
+                "`python -m bitrain.doctor` lists the devices it sees"
+            )
+        return
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and visible == 0)
+    cores = cpu_cores if cpu_cores is not None else len(os.sched_getaffinity(0))
+    if on_cpu and count > cores:
+        log.warning(
+            "trainer.devices=%s on the CPU starts %d training processes (DDP over gloo) on %d "
+            "CPU core%s: they share the cores, so the run is slower, not faster; "
+            "trainer.devices=1 uses every core in one process",
+            devices,
+            count,
+            cores,
+            "s" if cores != 1 else "",
+        )
 
 
 def apply_global_batch(cfg: DictConfig) -> BatchPlan | None:

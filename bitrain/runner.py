@@ -34,7 +34,12 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from bitrain.cluster import PreemptionCheckpoint, apply_global_batch, exit_code_for
+from bitrain.cluster import (
+    PreemptionCheckpoint,
+    apply_global_batch,
+    check_devices,
+    exit_code_for,
+)
 from bitrain.hyperrule import apply_hyperrule
 from bitrain.io import CheckpointError, atomic_save, load_torch_file
 from bitrain.rundir import check_fresh_start, check_writable, checkpoint_dir_of
@@ -270,6 +275,7 @@ def build(
         cfg: the composed config.
         callbacks: callbacks to add to those of ``cfg.callbacks`` (a launcher's, a test's).
     """
+    check_devices(cfg.trainer)  # GPUs asked for are there; CPU processes <= cores (warning)
     apply_hyperrule(cfg)  # hyperrule: true -> BiT-HyperRule schedule, resolution, Mixup
     apply_global_batch(cfg)  # data.global_batch_size -> per-device batch + accumulation
     if "masking" in cfg and cfg.masking is not None:
