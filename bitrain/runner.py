@@ -23,7 +23,7 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +266,49 @@ def _newest_readable(checkpoint_dir: Path) -> str | None:
     return None
 
 
+class StartupError(RuntimeError):
+    """More than one part of a run cannot be built; the message lists every one."""
+
+
+def _mask_generator(cfg: DictConfig) -> Any:
+    mask_generator = hydra.utils.instantiate(cfg)
+    if getattr(mask_generator, "num_masking_patches", None) == 0:
+        raise ValueError(
+            "masking.num_masking_patches=0 masks no patch: masked image modeling predicts "
+            "the tokens of the masked patches, so every loss would be NaN and every step "
+            "skipped. Mask at least one patch (BEiT: 75 of 196, about 40% of the grid)"
+        )
+    return mask_generator
+
+
+def _root_message(err: BaseException) -> str:
+    """The innermost error's message (Hydra wraps a constructor's error in its own)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _key_of(group: str, err: BaseException) -> str:
+    """The config key that failed (Hydra's ``full_key``), else the group."""
+    match = re.search(r"full_key: (\S+)", str(err))
+    return match.group(1) if match else group
+
+
+def _raise_problems(problems: list[tuple[str, Exception]]) -> None:
+    """One problem: its own exception. Several: a :class:`StartupError` naming each one."""
+    if len(problems) == 1:
+        raise problems[0][1]
+    if problems:
+        lines = "\n".join(
+            f"  - {_key_of(what, err)}: {_root_message(err)}" for what, err in problems
+        )
+        raise StartupError(
+            f"{len(problems)} problems stop this run before it starts:\n{lines}\n"
+            "(`python -m bitrain.doctor` with the same overrides checks the tokenizer, data, "
+            "devices and output directory without starting a run)"
+        ) from problems[0][1]
+
+
 def build(
     cfg: DictConfig, callbacks: Sequence[L.Callback] = ()
 ) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
@@ -275,21 +318,29 @@ def build(
         cfg: the composed config.
         callbacks: callbacks to add to those of ``cfg.callbacks`` (a launcher's, a test's).
     """
-    check_devices(cfg.trainer)  # GPUs asked for are there; CPU processes <= cores (warning)
+    problems: list[tuple[str, Exception]] = []  # named all at once (a run has many inputs)
+
+    def attempt(what: str, make: Callable[[], Any]) -> Any:
+        try:
+            return make()
+        except Exception as err:  # collected, then raised together below
+            problems.append((what, err))
+            return None
+
+    attempt("trainer", lambda: check_devices(cfg.trainer))  # GPUs there; CPU processes (warning)
     apply_hyperrule(cfg)  # hyperrule: true -> BiT-HyperRule schedule, resolution, Mixup
     apply_global_batch(cfg)  # data.global_batch_size -> per-device batch + accumulation
+    datamodule = None
     if "masking" in cfg and cfg.masking is not None:
-        mask_generator = hydra.utils.instantiate(cfg.masking)
-        if getattr(mask_generator, "num_masking_patches", None) == 0:
-            raise ValueError(
-                "masking.num_masking_patches=0 masks no patch: masked image modeling predicts "
-                "the tokens of the masked patches, so every loss would be NaN and every step "
-                "skipped. Mask at least one patch (BEiT: 75 of 196, about 40% of the grid)"
+        mask_generator = attempt("masking", lambda: _mask_generator(cfg.masking))
+        if mask_generator is not None:
+            datamodule = attempt(
+                "data", lambda: hydra.utils.instantiate(cfg.data, mask_generator=mask_generator)
             )
-        datamodule = hydra.utils.instantiate(cfg.data, mask_generator=mask_generator)
     else:
-        datamodule = hydra.utils.instantiate(cfg.data)
-    task = hydra.utils.instantiate(cfg.task)
+        datamodule = attempt("data", lambda: hydra.utils.instantiate(cfg.data))
+    task = attempt("task", lambda: hydra.utils.instantiate(cfg.task))
+    _raise_problems(problems)
     trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=[
