@@ -3,6 +3,7 @@
 import logging
 import os
 import re
+import signal
 import time
 
 import pytest
@@ -43,6 +44,7 @@ def test_hydra_run_dir_uses_run_name():
 def test_exit_code():
     assert exit_code_for(SIGTERMException()) == SIGTERM_EXIT_CODE == 143
     assert exit_code_for(SystemExit(1)) is None
+    assert exit_code_for(SIGTERMException(), signal.SIGINT) == 130  # Ctrl-C
 
 
 def _ckpt(path, step):
