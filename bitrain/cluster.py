@@ -151,7 +151,8 @@ class PreemptionCheckpoint(L.Callback):
         if not isinstance(exception, SIGTERMException):
             return
         self.signum = self.signum or int(signal.SIGTERM)
-        trainer.save_checkpoint(self.path)  # every rank calls it; the strategy writes on rank 0
+        # Every rank calls it; the strategy writes on rank 0. The full state (optimizer, loops).
+        trainer.save_checkpoint(self.path, weights_only=False)
         self.saved = self.path
         what = "Ctrl-C" if self.signum == signal.SIGINT else "SIGTERM"
         log.warning(

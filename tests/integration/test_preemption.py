@@ -163,6 +163,7 @@ def test_ctrl_c_writes_a_checkpoint_of_the_current_step_and_auto_resumes(
     stopped = ckpt["global_step"]
     assert 5 <= stopped < 400  # the current step, not the last periodic checkpoint (none)
     assert f"Ctrl-C: checkpoint of step {stopped} written to" in rest, rest[-3000:]
+    assert f"training stopped at step {stopped}: Ctrl-C" in rest
     assert "ckpt_path=auto" in rest
 
     cmd = _pretrain_cmd(
