@@ -40,6 +40,8 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from bitrain.rundir import is_first_process
+
 __all__ = [
     "BatchPlan",
     "PreemptionCheckpoint",
@@ -294,7 +296,7 @@ def check_devices(
         return
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and visible == 0)
     cores = cpu_cores if cpu_cores is not None else len(os.sched_getaffinity(0))
-    if on_cpu and count > cores:
+    if on_cpu and count > cores and is_first_process():  # once, not once per started process
         log.warning(
             "trainer.devices=%s on the CPU starts %d training processes (DDP over gloo) on %d "
             "CPU core%s: they share the cores, so the run is slower, not faster; "
