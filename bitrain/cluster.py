@@ -299,8 +299,8 @@ def check_devices(
     if on_cpu and count > cores and is_first_process():  # once, not once per started process
         log.warning(
             "trainer.devices=%s on the CPU starts %d training processes (DDP over gloo) on %d "
-            "CPU core%s: they share the cores, so the run is slower, not faster; "
-            "trainer.devices=1 uses every core in one process",
+            "CPU core%s: each gets less than one core; trainer.devices=1 trains in one "
+            "process on all of them",
             devices,
             count,
             cores,
