@@ -186,3 +186,17 @@ def test_the_command_line_prints_no_traceback_for_a_bad_override():
     )  # fmt: skip
     out = (done.stdout + done.stderr).strip()
     assert done.returncode == 1 and len(out.splitlines()) == 1 and "Traceback" not in out, out
+
+
+def test_a_fresh_start_over_an_earlier_run_is_reported(tmp_path, tokenizers_dir):
+    run = tmp_path / "pretrain" / "exp1"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    base = [f"paths.tokenizers_dir={tokenizers_dir}", f"paths.log_dir={tmp_path}",
+            "paths.run_name=exp1"]  # fmt: skip
+    problems = _problems(base)
+    assert set(problems) == {"run dir"}
+    assert "checkpoints/last.ckpt" in problems["run dir"]
+    assert "ckpt_path=auto" in problems["run dir"]
+    assert _problems([*base, "ckpt_path=auto"]) == {}
+    assert _problems([*base[:2], "paths.run_name=exp2"]) == {}
