@@ -10,6 +10,8 @@
   (atomically, like every checkpoint) so nothing after the previous periodic checkpoint is lost,
   and the process exits with status 143 (128 + SIGTERM) instead of 0, so a scheduler sees an
   interrupted job, not a finished one (:func:`exit_code_for`).
+* **Ctrl-C** (SIGINT) during training is handled the same way (exit status 130); a second Ctrl-C
+  stops at once.
 * **Global batch.** ``data.global_batch_size`` (when set) is the recipe's batch over all devices;
   :func:`apply_global_batch` derives ``data.batch_size`` (per device) and
   ``trainer.accumulate_grad_batches`` from the world size (``trainer.devices`` x
@@ -27,6 +29,7 @@ import logging
 import math
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -37,10 +40,13 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from bitrain.rundir import is_first_process
+
 __all__ = [
     "BatchPlan",
     "PreemptionCheckpoint",
     "apply_global_batch",
+    "check_devices",
     "derive_batch",
     "world_size_of",
     "SIGTERM_EXIT_CODE",
@@ -86,13 +92,27 @@ def run_dir_name(run_name: Any = None, environ: dict[str, str] | None = None) ->
 OmegaConf.register_new_resolver("run_dir", lambda name=None: run_dir_name(name), replace=True)
 
 
-def exit_code_for(err: BaseException) -> int | None:
-    """Exit status for an exception that ended training: 143 for SIGTERM, else ``None``."""
-    return SIGTERM_EXIT_CODE if isinstance(err, SIGTERMException) else None
+def exit_code_for(err: BaseException, signum: int | None = None) -> int | None:
+    """Exit status for an exception that ended training: 128 + the signal, else ``None``.
+
+    Args:
+        err: what ``Trainer.fit`` raised.
+        signum: the signal that stopped training (:attr:`PreemptionCheckpoint.signum`); SIGTERM
+            when not known.
+    """
+    if not isinstance(err, SIGTERMException):
+        return None
+    return 128 + int(signum or signal.SIGTERM)
 
 
 class PreemptionCheckpoint(L.Callback):
-    """Write ``last.ckpt`` when training stops on SIGTERM (at a batch boundary, state consistent).
+    """Write ``last.ckpt`` when training stops on SIGTERM or Ctrl-C, at a batch boundary.
+
+    SIGTERM is noted by Lightning's signal connector. Ctrl-C (SIGINT) would raise
+    ``KeyboardInterrupt`` wherever the process happens to be (inside an optimizer step, say) and
+    Lightning would exit without a checkpoint; during training this callback handles it as
+    Lightning handles SIGTERM instead: the run stops at the end of the current batch, the state is
+    consistent, and the checkpoint is written. A second Ctrl-C stops at once (no checkpoint).
 
     Args:
         dirpath: the run's checkpoint directory (``ModelCheckpoint``'s).
@@ -103,17 +123,48 @@ class PreemptionCheckpoint(L.Callback):
         super().__init__()
         self.path = Path(dirpath) / filename
         self.saved: Path | None = None
+        self.signum: int | None = None  # the signal that stopped training
+        self._previous_sigint: Any = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        self._previous_sigint = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            if self.signum is not None:  # the second Ctrl-C: stop now
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            self.signum = int(signal.SIGINT)
+            trainer._signal_connector.received_sigterm = True  # stop as on SIGTERM
+            log.warning(
+                "Ctrl-C: stopping after this training step to write a checkpoint of it "
+                "(press Ctrl-C again to stop at once, without one)"
+            )
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
         if not isinstance(exception, SIGTERMException):
             return
-        trainer.save_checkpoint(self.path)  # every rank calls it; the strategy writes on rank 0
+        self.signum = self.signum or int(signal.SIGTERM)
+        # Every rank calls it; the strategy writes on rank 0. The full state (optimizer, loops).
+        trainer.save_checkpoint(self.path, weights_only=False)
         self.saved = self.path
+        what = "Ctrl-C" if self.signum == signal.SIGINT else "SIGTERM"
         log.warning(
-            "SIGTERM: checkpoint of step %d written to %s; resume with ckpt_path=auto "
-            "(same paths.run_name / SLURM job) or ckpt_path=%s",
+            "%s: checkpoint of step %d written to %s. Resume with the same command and "
+            "ckpt_path=auto hydra.run.dir=%s (or the same paths.run_name / SLURM job), or "
+            "ckpt_path=%s",
+            what,
             trainer.global_step,
             self.path,
+            trainer.default_root_dir,
             self.path,
         )
 
@@ -187,6 +238,74 @@ def world_size_of(trainer_cfg: Any) -> int:
         else int(devices)
     )
     return max(1, count) * max(1, int(trainer_cfg.get("num_nodes", 1) or 1))
+
+
+def _requested(devices: Any) -> int | list[int] | None:
+    """``trainer.devices`` as a count or a list of indices; ``None`` for ``auto`` / ``-1``."""
+    if devices in ("auto", "-1", -1, None):
+        return None
+    if isinstance(devices, str):
+        if "," in devices:
+            return [int(d) for d in devices.split(",") if d.strip()]
+        return int(devices)
+    if isinstance(devices, list | tuple) or OmegaConf.is_list(devices):
+        return [int(d) for d in devices]
+    return int(devices)
+
+
+def check_devices(
+    trainer_cfg: Any, cuda_count: int | None = None, cpu_cores: int | None = None
+) -> None:
+    """Refuse GPUs that are not there; warn when more CPU processes than cores are asked for.
+
+    Lightning would fail on the first with "No supported gpu backend found!", and start one
+    training process per ``trainer.devices`` on a CPU without a word, however few the cores.
+
+    Args:
+        trainer_cfg: the ``trainer`` config (``accelerator``, ``devices``).
+        cuda_count: visible CUDA devices (default: ``torch.cuda.device_count()``).
+        cpu_cores: cores this process may use (default: its CPU affinity).
+
+    Raises:
+        ValueError: ``trainer.accelerator`` gpu/cuda asks for more GPUs (or a higher index)
+            than are visible on this machine.
+    """
+    accelerator = str(trainer_cfg.get("accelerator", "auto")).lower()
+    devices = trainer_cfg.get("devices", "auto")
+    wanted = _requested(devices)
+    visible = torch.cuda.device_count() if cuda_count is None else int(cuda_count)
+    count = 1 if wanted is None else len(wanted) if isinstance(wanted, list) else wanted
+    if accelerator in ("gpu", "cuda"):
+        highest = max(wanted) if isinstance(wanted, list) and wanted else -1
+        if count > visible or highest >= visible:
+            env = os.environ.get("CUDA_VISIBLE_DEVICES")
+            if env is not None:
+                why = f"CUDA_VISIBLE_DEVICES={env!r}"
+            elif torch.version.cuda is None:
+                why = "this torch is built without CUDA"
+            elif visible == 0:
+                why = "torch sees no CUDA device"
+            else:
+                why = f"GPUs 0..{visible - 1}"
+            raise ValueError(
+                f"{count} GPU{'s' if count != 1 else ''} requested (trainer.accelerator="
+                f"{accelerator} trainer.devices={devices}), {visible} visible ({why}). Run on a "
+                "node with the GPUs, lower trainer.devices, or use trainer=cpu; "
+                "`python -m bitrain.doctor` lists the devices it sees"
+            )
+        return
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and visible == 0)
+    cores = cpu_cores if cpu_cores is not None else len(os.sched_getaffinity(0))
+    if on_cpu and count > cores and is_first_process():  # once, not once per started process
+        log.warning(
+            "trainer.devices=%s on the CPU starts %d training processes (DDP over gloo) on %d "
+            "CPU core%s: each gets less than one core; trainer.devices=1 trains in one "
+            "process on all of them",
+            devices,
+            count,
+            cores,
+            "s" if cores != 1 else "",
+        )
 
 
 def apply_global_batch(cfg: DictConfig) -> BatchPlan | None:

@@ -10,6 +10,8 @@ fail minutes or hours into it:
 * data: an image folder's ``data.source.root`` exists and holds images (counted), a WebDataset's
   ``data.source.urls`` expand to shard files that exist (counted); demo / synthetic need nothing;
 * the output dir (``paths.log_dir``) is writable, and its free disk space (``paths.min_free_gb``);
+* the run directory (``paths.run_name`` / SLURM job): a fresh start over an earlier run there
+  would be refused (:mod:`bitrain.rundir`);
 * per-device and global batch (batch x devices x num_nodes x accumulate_grad_batches), derived
   from ``data.global_batch_size`` when set (:func:`bitrain.cluster.apply_global_batch`).
 
@@ -26,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import bitrain
 
@@ -246,6 +250,34 @@ def check_output(cfg: DictConfig) -> list[Check]:
     return [Check("output dir", ok, f"{log_dir} writable, {free_gb:.1f} GiB free{need}")]
 
 
+def check_run_dir(cfg: DictConfig) -> list[Check]:
+    """A fresh start in a named run directory that holds an earlier run would be refused."""
+    from bitrain.cluster import run_dir_name
+    from bitrain.rundir import earlier_run_files
+
+    try:
+        name = run_dir_name(_get(cfg, "paths.run_name"))
+    except ValueError as err:
+        return [Check("run dir", False, str(err))]
+    log_dir = Path(str(_get(cfg, "paths.log_dir", "outputs"))).expanduser()
+    run_dir = log_dir / str(_get(cfg, "task_name", "pretrain")) / name
+    found = earlier_run_files(run_dir, run_dir / "checkpoints")
+    ckpt_path = _get(cfg, "ckpt_path")
+    if not found:
+        return [Check("run dir", True, f"{run_dir} (a new run)")]
+    shown = ", ".join(str(p.relative_to(run_dir)) for p in found[:3])
+    if ckpt_path in (None, ""):
+        return [
+            Check(
+                "run dir",
+                False,
+                f"{run_dir} already holds a run ({shown}): a fresh start there is refused; add "
+                "ckpt_path=auto to continue it, or give another paths.run_name",
+            )
+        ]
+    return [Check("run dir", True, f"{run_dir} holds a run ({shown}); ckpt_path={ckpt_path}")]
+
+
 def check_batch(cfg: DictConfig, world_size: int) -> list[Check]:
     """Per-device and global batch size (derived from ``data.global_batch_size`` when set)."""
     if _get(cfg, "data.global_batch_size") is not None:
@@ -279,8 +311,27 @@ def run_checks(cfg: DictConfig) -> list[Check]:
     checks += check_tokenizer(cfg)
     checks += check_data(cfg)
     checks += check_output(cfg)
+    checks += check_run_dir(cfg)
     checks += check_batch(cfg, world)
     return checks
+
+
+def _one_line(err: BaseException) -> str:
+    """Hydra's composition error (and the OmegaConf error under it) on one line."""
+    parts = []
+    for e in (err, err.__cause__):
+        if e is None or (e is not err and not isinstance(e, OmegaConfBaseException)):
+            continue
+        for line in str(e).splitlines():
+            if line.startswith(("Config search path", "    full_key", "    object_type")):
+                break
+            if not line.strip():
+                continue
+            if line[0] in " \t" and parts:  # an item of a list ("Available options in ...:")
+                parts[-1] += (" " if parts[-1].endswith(":") else ", ") + line.strip()
+            else:
+                parts.append(line.strip().rstrip("."))
+    return ". ".join(dict.fromkeys(parts))  # in order, without repeats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,7 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     log.setLevel(logging.INFO)
-    cfg = compose_config(overrides)
+    try:
+        cfg = compose_config(overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        log.error("bitrain doctor: the overrides do not compose: %s", _one_line(err))
+        return 1
     checks = run_checks(cfg)
     width = max(len(c.name) for c in checks)
     log.info("bitrain doctor: configs/pretrain.yaml %s", " ".join(overrides))

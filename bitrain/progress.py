@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
 import time
 from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 __all__ = ["LineProgress", "format_duration", "progress_bar"]
 
@@ -179,7 +181,11 @@ class LineProgress(ProgressBar):
         return " ".join(f"{k} {_format_value(v)}" for k, v in chosen.items())
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self._print(f"training stopped at step {trainer.global_step}: {type(exception).__name__}")
+        reason = type(exception).__name__
+        if isinstance(exception, SIGTERMException):  # Lightning's stop on a signal
+            signums = {getattr(c, "signum", None) for c in trainer.callbacks}
+            reason = "Ctrl-C" if signal.SIGINT in signums else "SIGTERM"
+        self._print(f"training stopped at step {trainer.global_step}: {reason}")
 
 
 def _batch_size(batch: Any) -> int:

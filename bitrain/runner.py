@@ -9,6 +9,8 @@ An entry point composes its Hydra config and calls :func:`train`; everything els
   its model, tokenizer and optimizer and records them as hyper-parameters).
 * ``cfg.callbacks`` and ``cfg.logger`` are mappings of nodes with ``_target_``.
 * Checkpoints are written atomically, read with ``weights_only=True`` (:class:`SafeCheckpointIO`).
+* The run directory is checked first (:mod:`bitrain.rundir`): writable, and no fresh start over
+  an earlier run's files.
 * ``ckpt_path=auto`` resumes from the newest readable checkpoint of the run's checkpoint directory
   (:func:`resolve_ckpt_path`): ``last.ckpt``, else ``step_*.ckpt`` by step; none: a fresh start.
 """
@@ -21,7 +23,7 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +34,15 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from bitrain.cluster import PreemptionCheckpoint, apply_global_batch, exit_code_for
+from bitrain.cluster import (
+    PreemptionCheckpoint,
+    apply_global_batch,
+    check_devices,
+    exit_code_for,
+)
 from bitrain.hyperrule import apply_hyperrule
 from bitrain.io import CheckpointError, atomic_save, load_torch_file
+from bitrain.rundir import check_fresh_start, check_writable, checkpoint_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +157,7 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
 
 def check_output_dir(path: str | os.PathLike, min_free_gb: float = 0.0) -> Path:
     """Create the run directory and fail early, naming it, if it is not writable or too full."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(f"output directory '{path}' is not writable: {err}") from err
+    path = check_writable(path)
     free_gb = shutil.disk_usage(path).free / 2**30
     if free_gb < min_free_gb:
         raise OSError(
@@ -265,14 +266,47 @@ def _newest_readable(checkpoint_dir: Path) -> str | None:
     return None
 
 
-def checkpoint_dir_of(cfg: DictConfig) -> Path:
-    """The run's checkpoint directory (``callbacks.model_checkpoint.dirpath``, else the default).
+class StartupError(RuntimeError):
+    """More than one part of a run cannot be built; the message lists every one."""
 
-    The default is ``paths.output_dir/checkpoints`` (``configs/callbacks/default.yaml``).
-    """
-    node = (cfg.get("callbacks") or {}).get("model_checkpoint")
-    dirpath = node.get("dirpath") if node is not None else None
-    return Path(dirpath) if dirpath else Path(cfg.paths.output_dir) / "checkpoints"
+
+def _mask_generator(cfg: DictConfig) -> Any:
+    mask_generator = hydra.utils.instantiate(cfg)
+    if getattr(mask_generator, "num_masking_patches", None) == 0:
+        raise ValueError(
+            "masking.num_masking_patches=0 masks no patch: masked image modeling predicts "
+            "the tokens of the masked patches, so every loss would be NaN and every step "
+            "skipped. Mask at least one patch (BEiT: 75 of 196, about 40% of the grid)"
+        )
+    return mask_generator
+
+
+def _root_message(err: BaseException) -> str:
+    """The innermost error's message (Hydra wraps a constructor's error in its own)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _key_of(group: str, err: BaseException) -> str:
+    """The config key that failed (Hydra's ``full_key``), else the group."""
+    match = re.search(r"full_key: (\S+)", str(err))
+    return match.group(1) if match else group
+
+
+def _raise_problems(problems: list[tuple[str, Exception]]) -> None:
+    """One problem: its own exception. Several: a :class:`StartupError` naming each one."""
+    if len(problems) == 1:
+        raise problems[0][1]
+    if problems:
+        lines = "\n".join(
+            f"  - {_key_of(what, err)}: {_root_message(err)}" for what, err in problems
+        )
+        raise StartupError(
+            f"{len(problems)} problems stop this run before it starts:\n{lines}\n"
+            "(`python -m bitrain.doctor` with the same overrides checks the tokenizer, data, "
+            "devices and output directory without starting a run)"
+        ) from problems[0][1]
 
 
 def build(
@@ -284,14 +318,29 @@ def build(
         cfg: the composed config.
         callbacks: callbacks to add to those of ``cfg.callbacks`` (a launcher's, a test's).
     """
+    problems: list[tuple[str, Exception]] = []  # named all at once (a run has many inputs)
+
+    def attempt(what: str, make: Callable[[], Any]) -> Any:
+        try:
+            return make()
+        except Exception as err:  # collected, then raised together below
+            problems.append((what, err))
+            return None
+
+    attempt("trainer", lambda: check_devices(cfg.trainer))  # GPUs there; CPU processes (warning)
     apply_hyperrule(cfg)  # hyperrule: true -> BiT-HyperRule schedule, resolution, Mixup
     apply_global_batch(cfg)  # data.global_batch_size -> per-device batch + accumulation
+    datamodule = None
     if "masking" in cfg and cfg.masking is not None:
-        mask_generator = hydra.utils.instantiate(cfg.masking)
-        datamodule = hydra.utils.instantiate(cfg.data, mask_generator=mask_generator)
+        mask_generator = attempt("masking", lambda: _mask_generator(cfg.masking))
+        if mask_generator is not None:
+            datamodule = attempt(
+                "data", lambda: hydra.utils.instantiate(cfg.data, mask_generator=mask_generator)
+            )
     else:
-        datamodule = hydra.utils.instantiate(cfg.data)
-    task = hydra.utils.instantiate(cfg.task)
+        datamodule = attempt("data", lambda: hydra.utils.instantiate(cfg.data))
+    task = attempt("task", lambda: hydra.utils.instantiate(cfg.task))
+    _raise_problems(problems)
     trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=[
@@ -309,6 +358,7 @@ def build(
 def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     """Fit the configured task; return a summary (output dir, last checkpoint, final metrics)."""
     out_dir = check_output_dir(cfg.paths.output_dir, cfg.paths.get("min_free_gb", 0.0))
+    check_fresh_start(out_dir, checkpoint_dir_of(cfg), cfg.get("ckpt_path"))
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir_of(cfg))
     datamodule, task, trainer = build(cfg, callbacks)
@@ -316,8 +366,9 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
         log.info("resuming from %s", ckpt_path)
     try:
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SystemExit as err:  # SIGTERM: checkpoint written (PreemptionCheckpoint), exit 143
-        code = exit_code_for(err)
+    except SystemExit as err:  # SIGTERM/Ctrl-C: checkpoint written (PreemptionCheckpoint)
+        stop = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
+        code = exit_code_for(err, stop.signum if stop is not None else None)
         if code is None:
             raise
         raise SystemExit(code) from err

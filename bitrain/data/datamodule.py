@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -74,8 +75,16 @@ def collate_drop_none(samples: list[Any]) -> Any:
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: seed the worker's mask generator, numpy and ``random``."""
+    """DataLoader ``worker_init_fn``: seed the worker's mask generator, numpy and ``random``.
+
+    Workers also ignore Ctrl-C (SIGINT reaches the whole process group): the main process stops
+    at the end of its step, writes a checkpoint and then shuts the workers down itself
+    (``bitrain.cluster.PreemptionCheckpoint``); a worker that died on the signal would fail the
+    next fetch first.
+    """
     info = get_worker_info()
+    if info is not None:  # in a worker process
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = info.seed if info is not None else torch.initial_seed()
     np.random.seed(seed % 2**32)
     random.seed(seed)

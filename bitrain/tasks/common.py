@@ -116,6 +116,8 @@ class NonFiniteGuard:
             self._flag_on_device(loss, batch)
         elif not bool(torch.isfinite(loss)):  # the one host sync of the step
             return self._skip_nonfinite(loss, batch, bs)
+        else:
+            self.__dict__["_finite_batches"] = self.__dict__.get("_finite_batches", 0) + 1
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=bs)
         return loss
 
@@ -215,9 +217,38 @@ class NonFiniteGuard:
             if float(host) > 0 and self.__dict__.get("_nonfinite_last_step") != step:
                 self.__dict__["_nonfinite_last_step"] = step
                 self._record_nonfinite("NaN/inf", step, batch, skipped_on="device")
+            elif float(host) == 0:
+                self.__dict__["_finite_batches"] = self.__dict__.get("_finite_batches", 0) + 1
+
+    def on_train_start(self) -> None:
+        self.__dict__["_finite_batches"] = 0
+        self.__dict__["_first_step"] = self.global_step
 
     def on_train_end(self) -> None:
+        """Count the last flagged steps; fail the run if not one batch of it had a finite loss.
+
+        Fewer than ``max_nonfinite_steps`` skipped steps do not stop a run, so a short run whose
+        every step is skipped (e.g. a loss over zero masked patches) would otherwise end with
+        status 0 and an untrained checkpoint.
+
+        Raises:
+            FloatingPointError: the run made optimizer steps, and every batch had a NaN/inf loss
+                (on every rank).
+        """
         self._drain_nonfinite(block=True)
+        steps = self.global_step - self.__dict__.get("_first_step", self.global_step)
+        if steps <= 0:
+            return
+        finite = torch.tensor(float(self.__dict__.get("_finite_batches", 0)), device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce(finite, reduce_op="sum")
+        if float(finite) == 0:
+            raise FloatingPointError(
+                f"every training step of this run (steps {self.global_step - steps} to "
+                f"{self.global_step - 1}) had a non-finite loss and was skipped: the model was not "
+                "trained, and its checkpoint holds the weights it started from. Check the data "
+                "for NaN/inf, the masking (masking.num_masking_patches > 0) and optim.lr"
+            )
 
     def _skip_nonfinite(
         self, loss: torch.Tensor, batch: Mapping[str, torch.Tensor], bs: int

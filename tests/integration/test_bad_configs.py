@@ -10,6 +10,7 @@ from bitrain import runner
 
 CASES = [
     (["masking.num_masking_patches=100"], r"num_masking_patches .*\[0, 16\].*4x4 grid"),
+    (["masking.num_masking_patches=0"], r"num_masking_patches=0 masks no patch.*at least one"),
     (["model.img_size=64"], r"tokenizer grid \(4, 4\) != model patch grid \(8, 8\)"),
     (["model.vocab_size=1000"], r"model.vocab_size=1000 != tokenizer.vocab_size=512"),
     (["data.batch_size=0"], r"batch_size must be a positive integer, got 0"),
@@ -59,3 +60,23 @@ def test_resuming_a_checkpoint_of_another_model_shape_lists_the_keys(
     cfg = compose_cfg("pretrain", [*common, "trainer.max_steps=2", f"ckpt_path={ckpt}"], tmp_path)
     with pytest.raises(RuntimeError, match=r"size mismatch for model\.cls_token"):
         runner.train(cfg)
+
+
+def test_every_missing_input_is_named_at_once(compose_cfg, tmp_path):
+    """+experiment=beit_base with neither its images nor encoder.pkl: both named, one error."""
+    images, encoder = tmp_path / "imagenet" / "train", tmp_path / "dall_e" / "encoder.pkl"
+    cfg = compose_cfg(
+        "pretrain",
+        [
+            "+experiment=beit_base",
+            f"data.source.root={images}",
+            f"tokenizer.weights_path={encoder}",
+        ],
+        tmp_path / "run",
+    )
+    with pytest.raises(runner.StartupError) as err:
+        runner.build(cfg)
+    msg = str(err.value)
+    assert msg.startswith("2 problems stop this run before it starts"), msg
+    assert f"data.source: ImageFolderSource root '{images}' does not exist" in msg, msg
+    assert f"expected a file at '{encoder}'" in msg and "python -m bitrain.doctor" in msg, msg

@@ -100,6 +100,29 @@ def test_too_many_nonfinite_losses_stop_the_run(compose_cfg, demo_tokenizer_file
     assert "images (8, 3, 32, 32) no finite values" in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "config,check", [("pretrain", "sync"), ("pretrain", "device"), ("finetune", "sync")]
+)
+def test_a_run_whose_every_step_is_skipped_fails(
+    compose_cfg, demo_tokenizer_file, tmp_path, config, check
+):
+    """Fewer skipped steps than max_nonfinite_steps, but not one trained: not a success."""
+    extra = (
+        [f"tokenizer.weights_path={demo_tokenizer_file}"]
+        if config == "pretrain"
+        else ["model.pretrained=null", "data.num_workers=0"]
+    )
+    overrides = [
+        *FAST,
+        *extra,
+        "trainer.max_steps=3",
+        "task.max_nonfinite_steps=10",
+        f"task.nonfinite_check={check}",
+    ]
+    with pytest.raises(FloatingPointError, match=r"every training step .*\(steps 0 to 2\)"):
+        runner.train(compose_cfg(config, overrides, tmp_path), callbacks=[PoisonBatches({0, 1, 2})])
+
+
 def test_auto_resume_falls_back_from_truncated_last_ckpt(
     compose_cfg, demo_tokenizer_file, tmp_path, caplog
 ):

@@ -1,4 +1,4 @@
-"""Preemption: SIGTERM mid-epoch writes a checkpoint, exits 143; the resumed run is the same run."""
+"""Preemption: SIGTERM or Ctrl-C mid-epoch: a checkpoint, exit 143 / 130; the resume continues."""
 
 import csv
 import os
@@ -114,6 +114,57 @@ def test_external_sigterm_from_the_command_line(demo_tokenizer_file, tmp_path):
     stopped = ckpt["global_step"]
     assert 5 <= stopped < 400
     assert "SIGTERM: checkpoint of step" in rest
+
+    cmd = _pretrain_cmd(
+        run,
+        demo_tokenizer_file,
+        f"trainer.max_steps={stopped + 2}",
+        "+trainer.limit_train_batches=300",
+        "ckpt_path=auto",
+    )
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"training from step {stopped} to {stopped + 2}" in done.stdout
+    assert sorted(_losses(run)) == list(range(stopped + 2))
+
+
+def test_ctrl_c_writes_a_checkpoint_of_the_current_step_and_auto_resumes(
+    demo_tokenizer_file, tmp_path
+):
+    """Ctrl-C in a terminal: SIGINT to the whole process group (data workers included)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    run = tmp_path / "run"
+    cmd = _pretrain_cmd(
+        run,
+        demo_tokenizer_file,
+        "trainer.max_steps=400",
+        "+trainer.limit_train_batches=300",
+        "data.num_workers=2",
+    )
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group, as a foreground job in a terminal
+    )
+    lines = []
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 5/"):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+        assert time.monotonic() < deadline, "".join(lines[-30:])
+    rest = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 128 + signal.SIGINT, "".join(lines[-20:]) + rest[-3000:]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    stopped = ckpt["global_step"]
+    assert 5 <= stopped < 400  # the current step, not the last periodic checkpoint (none)
+    assert f"Ctrl-C: checkpoint of step {stopped} written to" in rest, rest[-3000:]
+    assert f"training stopped at step {stopped}: Ctrl-C" in rest
+    assert "ckpt_path=auto" in rest
 
     cmd = _pretrain_cmd(
         run,

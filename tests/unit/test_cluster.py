@@ -1,7 +1,9 @@
 """bitrain.cluster: run directory names (SLURM requeue) and hpc checkpoints found by auto-resume."""
 
+import logging
 import os
 import re
+import signal
 import time
 
 import pytest
@@ -42,6 +44,7 @@ def test_hydra_run_dir_uses_run_name():
 def test_exit_code():
     assert exit_code_for(SIGTERMException()) == SIGTERM_EXIT_CODE == 143
     assert exit_code_for(SystemExit(1)) is None
+    assert exit_code_for(SIGTERMException(), signal.SIGINT) == 130  # Ctrl-C
 
 
 def _ckpt(path, step):
@@ -110,3 +113,48 @@ def test_global_batch_in_a_config_sets_batch_and_accumulation():
     assert plan.per_device * plan.world_size * plan.accumulate == 2048
     assert world_size_of({"devices": [0, 1, 2], "num_nodes": 1}) == 3
     assert world_size_of({"devices": "auto", "accelerator": "cpu"}) == 1
+
+
+@pytest.mark.parametrize(
+    "trainer,visible,message",
+    [
+        ({"accelerator": "gpu", "devices": 8}, 0, r"^8 GPUs requested .* 0 visible"),
+        ({"accelerator": "cuda", "devices": "auto"}, 0, r"^1 GPU requested .* 0 visible"),
+        ({"accelerator": "gpu", "devices": 4}, 2, r"^4 GPUs requested .* 2 visible \(GPUs 0..1"),
+        ({"accelerator": "gpu", "devices": [0, 3]}, 2, r"^2 GPUs requested .* 2 visible"),
+    ],
+)
+def test_gpus_that_are_not_there_are_refused(trainer, visible, message, monkeypatch):
+    from bitrain.cluster import check_devices
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(ValueError, match=message):
+        check_devices(trainer, cuda_count=visible)
+    check_devices({**trainer, "devices": 1}, cuda_count=1)  # one GPU, one visible: fine
+
+
+def test_more_cpu_processes_than_cores_is_a_warning(caplog):
+    from bitrain.cluster import check_devices
+
+    with caplog.at_level(logging.WARNING, logger="bitrain.cluster"):
+        check_devices({"accelerator": "cpu", "devices": 2}, cuda_count=0, cpu_cores=2)
+        assert not caplog.records
+        check_devices({"accelerator": "auto", "devices": 8}, cuda_count=0, cpu_cores=2)
+    assert "starts 8 training processes (DDP over gloo) on 2 CPU cores" in caplog.text
+
+
+def test_build_refuses_missing_gpus_and_warns_about_cpu_processes(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        gpu = compose("finetune", overrides=["trainer.accelerator=gpu", "trainer.devices=8",
+                                             "model.pretrained=null",
+                                             f"paths.output_dir={tmp_path}"])  # fmt: skip
+        cpu = compose("finetune", overrides=["trainer.accelerator=cpu", "trainer.devices=8",
+                                             "model.pretrained=null",
+                                             f"paths.output_dir={tmp_path}"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"8 GPUs requested .* 0 visible"):
+        runner.build(gpu)
+    with caplog.at_level(logging.WARNING, logger="bitrain.cluster"):
+        runner.build(cpu)
+    assert "starts 8 training processes" in caplog.text

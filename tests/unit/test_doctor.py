@@ -154,3 +154,49 @@ def test_missing_dall_e_decoder_is_reported(tmp_path):
     assert "tokenizer decoder" in problems and "decoder file" in problems["tokenizer decoder"]
     assert "tokenizer" not in problems
     assert "tokenizer decoder" not in _problems([*overrides, f"tokenizer.decoder_path={enc}"])
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("trainer.max_step=5", "use +trainer.max_step=5. Key 'max_step' is not in struct"),
+        (
+            "+experiment=nope",
+            "Could not find 'experiment/nope'. Available options in "
+            "'experiment': beit_base, beit_base_ft1k",
+        ),
+    ],
+)
+def test_an_override_that_does_not_compose_is_one_line(override, expected, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="bitrain.doctor"):
+        assert doctor.main([override]) == 1
+    (record,) = caplog.records
+    assert "\n" not in record.getMessage() and expected in record.getMessage()
+
+
+def test_the_command_line_prints_no_traceback_for_a_bad_override():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "bitrain.doctor", "trainer.max_step=5"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    out = (done.stdout + done.stderr).strip()
+    assert done.returncode == 1 and len(out.splitlines()) == 1 and "Traceback" not in out, out
+
+
+def test_a_fresh_start_over_an_earlier_run_is_reported(tmp_path, tokenizers_dir):
+    run = tmp_path / "pretrain" / "exp1"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    base = [f"paths.tokenizers_dir={tokenizers_dir}", f"paths.log_dir={tmp_path}",
+            "paths.run_name=exp1"]  # fmt: skip
+    problems = _problems(base)
+    assert set(problems) == {"run dir"}
+    assert "checkpoints/last.ckpt" in problems["run dir"]
+    assert "ckpt_path=auto" in problems["run dir"]
+    assert _problems([*base, "ckpt_path=auto"]) == {}
+    assert _problems([*base[:2], "paths.run_name=exp2"]) == {}
