@@ -179,8 +179,8 @@ def test_timm_folder_predicts_as_timm(tmp_path, photo_folder):
     import timm
     import timm.data
 
+    from bitrain.checkpoints import save_classifier
     from bitrain.models.classifier import create_classifier
-    from bitrain.models.classifier_io import save_classifier
 
     torch.manual_seed(0)
     spec = dict(img_size=224, patch_size=32, embed_dim=64, depth=2, num_heads=4)

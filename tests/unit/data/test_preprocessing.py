@@ -235,3 +235,34 @@ def test_spec_validates_itself():
     with pytest.raises(CheckpointError, match="interpolation"):
         EvalPreprocessing(None, "cubic", None, (0.5,) * 3, (0.5,) * 3)
     assert RECORD["format"] == RECORD_FORMAT
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"input_size": 224, "imagenet_default_mean_and_std": True},
+        {"input_size": 224, "imagenet_default_mean_and_std": False, "crop_pct": 0.875},
+        {"input_size": 384},
+        {"input_size": 32},
+    ],
+    ids=["224_imagenet", "224_inception", "384", "32"],
+)
+def test_official_args_preprocess_as_unilm_build_transform(args):
+    from torchvision import transforms as T
+
+    from bitrain.data.preprocessing import from_official_args
+
+    # unilm beit/datasets.py build_transform(is_train=False, args), commit 03380c8, re-stated
+    size = args["input_size"]
+    imagenet = args.get("imagenet_default_mean_and_std")
+    mean = (0.485, 0.456, 0.406) if imagenet else (0.5, 0.5, 0.5)
+    std = (0.229, 0.224, 0.225) if imagenet else (0.5, 0.5, 0.5)
+    steps = []
+    if size > 32:
+        pct = args.get("crop_pct") or (224 / 256 if size < 384 else 1.0)
+        steps += [T.Resize(int(size / pct), interpolation=3), T.CenterCrop(size)]
+    reference = T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+    ours = from_official_args(args).build()
+    for img in PHOTOS[:3]:
+        small = img.resize((48, 40)) if size <= 32 else img
+        assert torch.equal(ours(small), reference(small)), img.size
