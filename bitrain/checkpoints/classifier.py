@@ -34,6 +34,7 @@ from bitrain.checkpoints.official import (
 )
 from bitrain.checkpoints.sniff import (
     Sniffed,
+    bitrain_state,
     is_tensor_mapping,
     sniff,
     tensors_of,
@@ -269,15 +270,7 @@ def _bitrain(found: Sniffed, user_spec: Any, use_ema: bool) -> _Loaded:
     """A bitrain fine-tuning ``.ckpt`` (or a ``save_classifier`` ``bitrain`` export)."""
     obj, path = found.obj, found.path
     hparams = obj["hyper_parameters"]
-    prefix = "ema.module." if use_ema else "model."
-    state = {k[len(prefix) :]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
-    if not state:
-        what = (
-            "EMA weights (ema.module.*): was the run trained with task.ema?"
-            if use_ema
-            else ("model.* weights")
-        )
-        raise CheckpointError(f"bitrain checkpoint '{path}' has no {what}")
+    state = bitrain_state(found, use_ema)
     spec = {k: v for k, v in hparams["model"].items() if k not in ("_target_", "pretrained")}
     spec.pop("pretrained_strict", None)
     return _Loaded(

@@ -211,6 +211,31 @@ def config_square(
     return int(value)
 
 
+def transformer_sizes(config: Mapping[str, Any], family: str) -> dict[str, Any]:
+    """Sizes of a BEiT / ViT config in timm's argument names (exact GELU, a buildable MLP)."""
+    if config.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(
+            f"Hugging Face {family} config uses hidden_act={config['hidden_act']!r}; timm's model "
+            "uses exact GELU ('gelu')"
+        )
+    hidden = int(config.get("hidden_size", 768))
+    inner = int(config.get("intermediate_size", 4 * hidden))
+    if int(hidden * (inner / hidden)) != inner:
+        raise CheckpointError(
+            f"Hugging Face config: intermediate_size={inner} is not int(hidden_size * r) for "
+            f"r = {inner / hidden}; timm cannot build this MLP width"
+        )
+    return {
+        "img_size": config_square(config, "image_size", 224),
+        "patch_size": config_square(config, "patch_size", 16),
+        "in_chans": int(config.get("num_channels", 3)),
+        "embed_dim": hidden,
+        "depth": int(config.get("num_hidden_layers", 12)),
+        "num_heads": int(config.get("num_attention_heads", 12)),
+        "mlp_ratio": inner / hidden,
+    }
+
+
 def label_names(config: Mapping[str, Any], num_classes: int | None) -> list[str] | None:
     """Class names from ``id2label`` (by index); None when absent or HF's ``LABEL_i`` defaults."""
     id2label = config.get("id2label") or {}
@@ -268,13 +293,6 @@ def one_value(model: nn.Module, kind: type[nn.Module], attr: str) -> Any:
             "Face configs have one"
         )
     return values.pop()
-
-
-def head_classes(weight: torch.Tensor | None) -> int:
-    """Classes of a classifier head weight; a head-less model cannot be exported as a classifier."""
-    if weight is None:
-        raise CheckpointError("the model has no classification head (num_classes=0) to export")
-    return int(weight.shape[0])
 
 
 # --- layer tables ---------------------------------------------------------------------------------

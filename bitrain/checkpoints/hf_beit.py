@@ -43,10 +43,10 @@ from torch import nn
 
 from bitrain.checkpoints.hf import (
     HF_LAYER_NORM_EPS,
-    config_square,
     from_layer_table,
     one_value,
     to_layer_table,
+    transformer_sizes,
     weight_bias,
 )
 from bitrain.io import CheckpointError
@@ -96,26 +96,8 @@ def _architecture(config: Mapping[str, Any]) -> dict[str, Any]:
     """What a ``BeitConfig`` says about the network, in our argument names."""
     if config.get("model_type", "beit") != "beit":
         raise CheckpointError(f"Hugging Face config has model_type {config['model_type']!r}")
-    if config.get("hidden_act", "gelu") != "gelu":
-        raise CheckpointError(
-            f"Hugging Face BEiT config uses hidden_act={config['hidden_act']!r}; timm's BEiT uses "
-            "exact GELU ('gelu')"
-        )
-    hidden = int(config.get("hidden_size", 768))
-    inner = int(config.get("intermediate_size", 4 * hidden))
-    if int(hidden * (inner / hidden)) != inner:
-        raise CheckpointError(
-            f"Hugging Face config: intermediate_size={inner} is not int(hidden_size * r) for "
-            f"r = {inner / hidden}; timm cannot build this MLP width"
-        )
     return {
-        "img_size": config_square(config, "image_size", 224),
-        "patch_size": config_square(config, "patch_size", 16),
-        "in_chans": int(config.get("num_channels", 3)),
-        "embed_dim": hidden,
-        "depth": int(config.get("num_hidden_layers", 12)),
-        "num_heads": int(config.get("num_attention_heads", 12)),
-        "mlp_ratio": inner / hidden,
+        **transformer_sizes(config, "BEiT"),
         "use_abs_pos_emb": bool(config.get("use_absolute_position_embeddings", False)),
         "use_rel_pos_bias": bool(config.get("use_relative_position_bias", False)),
         "use_shared_rel_pos_bias": bool(config.get("use_shared_relative_position_bias", False)),

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from bitrain.checkpoints.hf import (
-    config_square,
     from_layer_table,
     one_value,
     to_layer_table,
+    transformer_sizes,
     weight_bias,
 )
 from bitrain.checkpoints.hf_beit import BLOCK as _BEIT_BLOCK
@@ -55,18 +55,7 @@ def vit_from_hf(
     sd: Mapping[str, torch.Tensor], config: Mapping[str, Any]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """HF ViT weights (5.x spelling) -> ``(timm state dict, create_classifier spec)``."""
-    if config.get("hidden_act", "gelu") != "gelu":
-        raise CheckpointError(
-            f"Hugging Face ViT config uses hidden_act={config['hidden_act']!r}; timm's "
-            "VisionTransformer uses exact GELU ('gelu')"
-        )
-    hidden = int(config.get("hidden_size", 768))
-    inner = int(config.get("intermediate_size", 4 * hidden))
-    if int(hidden * (inner / hidden)) != inner:
-        raise CheckpointError(
-            f"Hugging Face config: intermediate_size={inner} is not int(hidden_size * r); timm "
-            "cannot build this MLP width"
-        )
+    sizes = transformer_sizes(config, "ViT")
     state = from_layer_table(
         sd, "vit", TOP, BLOCK, "Hugging Face ViT weights", separate_qv_bias=False, drop=_DROPPED
     )
@@ -74,13 +63,7 @@ def vit_from_hf(
     spec = {
         "model_name": TIMM_VIT,
         "num_classes": int(head.shape[0]) if head is not None else None,
-        "img_size": config_square(config, "image_size", 224),
-        "patch_size": config_square(config, "patch_size", 16),
-        "in_chans": int(config.get("num_channels", 3)),
-        "embed_dim": hidden,
-        "depth": int(config.get("num_hidden_layers", 12)),
-        "num_heads": int(config.get("num_attention_heads", 12)),
-        "mlp_ratio": inner / hidden,
+        **sizes,
         "global_pool": "token",
         "qkv_bias": bool(config.get("qkv_bias", True)),
     }

@@ -20,7 +20,13 @@ import torch
 
 from bitrain.checkpoints.huggingface import read_hf_mim, save_hf_mim
 from bitrain.checkpoints.official import from_official, mim_args, mim_kwargs, some_keys, to_official
-from bitrain.checkpoints.sniff import BEIT_MIM_TARGET, Sniffed, is_tensor_mapping, sniff
+from bitrain.checkpoints.sniff import (
+    BEIT_MIM_TARGET,
+    Sniffed,
+    bitrain_state,
+    is_tensor_mapping,
+    sniff,
+)
 from bitrain.io import CheckpointError, atomic_save
 from bitrain.models.beit import BeitMIM
 
@@ -58,15 +64,7 @@ def load_mim_state(
         return state, kwargs, "hf"
     if found.format == "bitrain":
         kwargs = {k: v for k, v in obj["hyper_parameters"]["model"].items() if k != "_target_"}
-        state = {
-            k[len("model.") :]: v for k, v in obj["state_dict"].items() if k.startswith("model.")
-        }
-        if not state:
-            raise CheckpointError(
-                f"bitrain checkpoint '{path}' has no 'model.*' weights; found "
-                f"{some_keys(obj['state_dict'])}"
-            )
-        return state, kwargs, "bitrain"
+        return bitrain_state(found), kwargs, "bitrain"
     key = next(
         (k for k in ("model", "module", "state_dict") if is_tensor_mapping(obj.get(k))), None
     )

@@ -31,7 +31,7 @@ from torch import nn
 
 from bitrain.checkpoints.hf import read_folder
 from bitrain.checkpoints.huggingface import read_hf_classifier, read_hf_mim
-from bitrain.checkpoints.sniff import is_tensor_mapping, sniff, tensors_of
+from bitrain.checkpoints.sniff import bitrain_state, is_tensor_mapping, sniff, tensors_of
 from bitrain.io import CheckpointError
 from bitrain.models.classifier import create_classifier
 
@@ -68,16 +68,7 @@ def load_encoder_state(
     if found.format == "timm" and path.is_dir():
         return read_folder(path)[0], "timm"
     if found.format == "bitrain":
-        prefix = "ema.module." if use_ema else "model."
-        state = {k[len(prefix) :]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
-        if not state:
-            what = (
-                "EMA weights (ema.module.*): was the run trained with task.ema?"
-                if use_ema
-                else "model.* weights"
-            )
-            raise CheckpointError(f"bitrain checkpoint '{path}' has no {what}")
-        return state, "bitrain"
+        return bitrain_state(found, use_ema), "bitrain"
     if found.format == "official":
         key = "model_ema" if use_ema and is_tensor_mapping(obj.get("model_ema")) else None
         key = key or next(k for k in ("model", "module") if is_tensor_mapping(obj.get(k)))

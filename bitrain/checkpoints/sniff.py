@@ -141,6 +141,21 @@ def sniff(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> 
     )
 
 
+def bitrain_state(found: Sniffed, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The model (``model.*``) or its EMA (``ema.module.*``) of a sniffed bitrain checkpoint."""
+    prefix = "ema.module." if use_ema else "model."
+    items = found.obj["state_dict"].items()
+    state = {k[len(prefix) :]: v for k, v in items if k.startswith(prefix)}
+    if not state:
+        what = (
+            "EMA weights (ema.module.*): was the run trained with task.ema?"
+            if use_ema
+            else (f"model.* weights; found {some_keys(found.obj['state_dict'])}")
+        )
+        raise CheckpointError(f"bitrain checkpoint '{found.path}' has no {what}")
+    return state
+
+
 def tensors_of(found: Sniffed) -> dict[str, torch.Tensor]:
     """The state dict of a sniffed ``timm`` file (bare, or under ``state_dict``)."""
     obj = found.obj

@@ -8,6 +8,7 @@ processors (PIL backend: equal to the last bit; default backend: within one inte
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,42 +42,8 @@ PHOTOS = _photos()
 
 # The preprocessor_config.json files of the three reference model cards (Hugging Face hub:
 # microsoft/beit-base-patch16-224, google/vit-base-patch32-224-in21k, google/bit-50).
-CARDS = {
-    "beit": {
-        "crop_size": 224,
-        "do_center_crop": False,
-        "do_normalize": True,
-        "do_resize": True,
-        "feature_extractor_type": "BeitFeatureExtractor",
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
-        "resample": 2,
-        "size": 224,
-    },
-    "vit": {
-        "do_normalize": True,
-        "do_resize": True,
-        "feature_extractor_type": "ViTFeatureExtractor",
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
-        "resample": 2,
-        "size": 224,
-    },
-    "bit": {
-        "crop_size": {"height": 224, "width": 224},
-        "do_center_crop": True,
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": [0.485, 0.456, 0.406],
-        "image_processor_type": "BitImageProcessor",
-        "image_std": [0.229, 0.224, 0.225],
-        "resample": 3,
-        "rescale_factor": 0.00392156862745098,
-        "size": {"shortest_edge": 256},
-    },
-}
+_CARDS_FILE = Path(__file__).resolve().parents[2] / "data" / "model_card_processors.json"
+CARDS = {k: v for k, v in json.loads(_CARDS_FILE.read_text()).items() if not k.startswith("_")}
 
 
 @pytest.mark.parametrize("card", sorted(CARDS))
