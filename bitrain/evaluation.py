@@ -1,6 +1,6 @@
 """Evaluate a fine-tuned classifier: top-1 / top-5, loss, images per second, per-class accuracy.
 
-:func:`evaluate` loads the checkpoint (:func:`bitrain.models.classifier_io.load_classifier`), builds
+:func:`evaluate` loads the checkpoint (:func:`bitrain.checkpoints.load_classifier`), builds
 the config's data module with the checkpoint's model settings (so ``${model.img_size}`` in the
 data config is the resolution the model was trained at) and, with ``preprocessing=checkpoint``
 (the default), the evaluation preprocessing the checkpoint records (a bitrain run's own, a Hugging
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torchmetrics.classification import MulticlassAccuracy
 
-from bitrain.models.classifier_io import load_classifier
+from bitrain.checkpoints import load_classifier
 from bitrain.tasks.common import topk_accuracy
 
 __all__ = ["evaluate", "resolve_device"]

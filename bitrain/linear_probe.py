@@ -40,8 +40,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from torch import nn
 
+from bitrain.checkpoints import load_classifier, load_mim_model, sniff
 from bitrain.evaluation import resolve_device
 from bitrain.io import CheckpointError
+from bitrain.models.beit import BeitMIM
+from bitrain.models.classifier import create_classifier
 from bitrain.tasks.common import topk_accuracy
 
 __all__ = [
@@ -68,29 +71,16 @@ def load_frozen_encoder(
         FileNotFoundError: nothing at ``path``.
         CheckpointError: neither a pretraining nor a classifier checkpoint.
     """
-    from bitrain.models.beit import BeitMIM
-    from bitrain.models.checkpoints import load_mim_model
-    from bitrain.models.classifier import create_classifier
-    from bitrain.models.classifier_io import load_classifier
-
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"linear probe: checkpoint not found: '{path}' (a pretraining .ckpt/.pth, a Hugging "
-            "Face folder, or a fine-tuned classifier .ckpt)"
-        )
     try:
-        model: nn.Module = load_mim_model(path)
+        found = sniff(path)  # one read, whatever the format
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"linear probe: {err}") from None
+    if found.kind == "mim":
+        model: nn.Module = load_mim_model(found)
         spec = dict(model.model_kwargs)
         kind = "mim"
-    except CheckpointError as mim_err:
-        try:
-            model = load_classifier(path, use_ema=use_ema)
-        except CheckpointError as cls_err:
-            raise CheckpointError(
-                f"linear probe: '{path}' is neither a pretraining checkpoint ({mim_err}) nor a "
-                f"classifier ({cls_err})"
-            ) from cls_err
+    else:
+        model = load_classifier(found, use_ema=use_ema)
         spec = dict(model.bitrain_spec)
         kind = "classifier"
     if random_init:

@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
+from bitrain.checkpoints import load_classifier
 from bitrain.data.decode import BadImageError, decode_image
 from bitrain.data.sources import IMAGE_EXTENSIONS
 from bitrain.io import atomic_write_bytes
-from bitrain.models.classifier_io import load_classifier
 
 __all__ = ["class_names", "list_images", "predict"]
 

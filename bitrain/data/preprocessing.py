@@ -23,6 +23,8 @@ Readers, each with the semantics of the library that wrote the record:
 * :func:`from_processor_config` -- a Hugging Face ``preprocessor_config.json``, following
   transformers' ``get_size_dict`` (an integer ``size`` is a square for BEiT / ViT / DeiT
   processors and a shortest edge for BiT / CLIP ones) and each processor's defaults;
+* :func:`from_official_args` -- the ``args`` of an official unilm ``run_class_finetuning.py``
+  checkpoint, following ``beit/datasets.py:build_transform`` (unilm commit 03380c8);
 * :func:`from_transform` -- a torchvision transform built from the user's *own* config (trusted);
 * :func:`read_record` -- what a bitrain file stores: the spec's record, or a Hydra node written by
   an older bitrain, read as data when it names one of the two builders bitrain used to write
@@ -42,6 +44,7 @@ __all__ = [
     "EvalPreprocessing",
     "INTERPOLATIONS",
     "RECORD_FORMAT",
+    "from_official_args",
     "from_processor_config",
     "from_timm_args",
     "from_transform",
@@ -477,6 +480,47 @@ def from_processor_config(
         std=tuple(s / scale for s in std),
         crop_offset="floor",
     )
+
+
+# --- official unilm args --------------------------------------------------------------------------
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+INCEPTION_MEAN, INCEPTION_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def official_normalization(args: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std of an official BEiT run (``beit/datasets.py``, unilm commit 03380c8).
+
+    ImageNet's with ``--imagenet_default_mean_and_std``, else the "inception" 0.5 / 0.5.
+    """
+    if args.get("imagenet_default_mean_and_std"):
+        return IMAGENET_MEAN, IMAGENET_STD
+    return INCEPTION_MEAN, INCEPTION_STD
+
+
+def from_official_args(args: Mapping[str, Any], where: str = "official args") -> EvalPreprocessing:
+    """The evaluation transform ``run_class_finetuning.py`` built from these ``args``.
+
+    ``beit/datasets.py:build_transform(is_train=False)``: for ``input_size > 32``, ``Resize(
+    int(input_size / crop_pct), interpolation=3)`` (bicubic, shortest edge) then
+    ``CenterCrop(input_size)``, with ``crop_pct`` 224/256 below 384 and 1.0 from 384 when the
+    args do not set it; then ``ToTensor`` and ``Normalize`` (:func:`official_normalization`).
+
+    Raises:
+        CheckpointError: no ``input_size``, or values of the wrong type.
+    """
+    size = args.get("input_size")
+    if size is None:
+        raise CheckpointError(f"{where}: no input_size")
+    side = _side(size, f"{where}: input_size")
+    mean, std = official_normalization(args)
+    if side <= 32:
+        return EvalPreprocessing(None, "bicubic", None, mean, std)
+    pct = args.get("crop_pct")
+    pct = (224 / 256 if side < 384 else 1.0) if pct is None else _number(pct, f"{where}: crop_pct")
+    if not 0.05 <= pct <= 4.0:
+        raise CheckpointError(f"{where}: crop_pct {pct} is outside 0.05..4")
+    return EvalPreprocessing(("shortest_edge", int(side / pct)), "bicubic", (side, side), mean, std)
 
 
 # --- a torchvision transform of the user's own config ---------------------------------------------

@@ -7,7 +7,7 @@ cross entropy with ``label_smoothing``. Validation reports ``val/loss`` (plain c
 EMA of the weights (timm ``ModelEmaV3``, updated after every optimizer step), the same for the
 EMA model as ``val/ema_top1`` / ``val/ema_top5``.
 
-The model is built by its config (``bitrain.models.classifier.create_classifier``: a timm model,
+The model is built by its config (``bitrain.checkpoints.build_classifier``: a timm model,
 optionally initialised from ``model.pretrained``); the optimizer by :mod:`bitrain.optim` with
 layer-wise lr decay folded into each group's lr. Label names (from the data module) are kept in
 every checkpoint (``checkpoint["label_names"]``), and hyper-parameters are plain containers, so

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bitrain import runner
+from bitrain.checkpoints import load_encoder_state, save_mim_model
 from bitrain.models.beit import BeitMIM
-from bitrain.models.checkpoints import load_encoder_state, save_mim_model
 
 pytestmark = pytest.mark.slow
 
@@ -121,8 +121,8 @@ def test_evaluate_reproduces_the_last_validation(compose_cfg, demo_mim_ckpt, tmp
 
 
 def test_evaluate_refuses_a_pretraining_checkpoint(demo_mim_ckpt, tmp_path):
+    from bitrain.checkpoints import load_classifier
     from bitrain.io import CheckpointError
-    from bitrain.models.classifier_io import load_classifier
 
     ckpt, _ = demo_mim_ckpt
     with pytest.raises(CheckpointError, match="pretraining .* not a classifier"):

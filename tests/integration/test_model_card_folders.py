@@ -28,41 +28,9 @@ LABELS = ["astronaut", "cat", "chelsea", "coffee", "rocket"]  # sorted, as Image
 PROB_TOL = 1e-3
 
 # The cards' preprocessor_config.json (Hugging Face hub), as published.
+_CARDS_FILE = Path(__file__).resolve().parents[1] / "data" / "model_card_processors.json"
 CARD_PROCESSORS = {
-    "beit": {
-        "crop_size": 224,
-        "do_center_crop": False,
-        "do_normalize": True,
-        "do_resize": True,
-        "feature_extractor_type": "BeitFeatureExtractor",
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
-        "resample": 2,
-        "size": 224,
-    },
-    "vit": {
-        "do_normalize": True,
-        "do_resize": True,
-        "feature_extractor_type": "ViTFeatureExtractor",
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
-        "resample": 2,
-        "size": 224,
-    },
-    "bit": {
-        "crop_size": {"height": 224, "width": 224},
-        "do_center_crop": True,
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": [0.485, 0.456, 0.406],
-        "image_processor_type": "BitImageProcessor",
-        "image_std": [0.229, 0.224, 0.225],
-        "resample": 3,
-        "rescale_factor": 0.00392156862745098,
-        "size": {"shortest_edge": 256},
-    },
+    k: v for k, v in json.loads(_CARDS_FILE.read_text()).items() if not k.startswith("_")
 }
 # Tiny models of each card's family at the card's resolution and patch size.
 CARD_MODELS = {
@@ -179,8 +147,8 @@ def test_timm_folder_predicts_as_timm(tmp_path, photo_folder):
     import timm
     import timm.data
 
+    from bitrain.checkpoints import save_classifier
     from bitrain.models.classifier import create_classifier
-    from bitrain.models.classifier_io import save_classifier
 
     torch.manual_seed(0)
     spec = dict(img_size=224, patch_size=32, embed_dim=64, depth=2, num_heads=4)

@@ -8,10 +8,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import bitrain.runner  # noqa: F401  (config resolvers)
+from bitrain.checkpoints import save_mim_model
 from bitrain.io import CheckpointError
 from bitrain.linear_probe import linear_probe, load_frozen_encoder, pooled_features, resolve_layers
 from bitrain.models.beit import BeitMIM
-from bitrain.models.checkpoints import save_mim_model
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY = dict(
@@ -103,7 +103,7 @@ def test_linear_probe_errors(mim_ckpt, tmp_path):
     with pytest.raises(FileNotFoundError, match="linear probe: checkpoint not found"):
         load_frozen_encoder(tmp_path / "nope.ckpt")
     torch.save({"something": 1}, tmp_path / "bad.pt")
-    with pytest.raises(CheckpointError, match="neither a pretraining checkpoint"):
+    with pytest.raises(CheckpointError, match="is not a model checkpoint"):
         load_frozen_encoder(tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="outside 1..3"):
         linear_probe(_cfg(mim_ckpt, tmp_path, "task.layers=[7]"))

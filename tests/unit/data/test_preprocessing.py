@@ -8,6 +8,7 @@ processors (PIL backend: equal to the last bit; default backend: within one inte
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,42 +42,8 @@ PHOTOS = _photos()
 
 # The preprocessor_config.json files of the three reference model cards (Hugging Face hub:
 # microsoft/beit-base-patch16-224, google/vit-base-patch32-224-in21k, google/bit-50).
-CARDS = {
-    "beit": {
-        "crop_size": 224,
-        "do_center_crop": False,
-        "do_normalize": True,
-        "do_resize": True,
-        "feature_extractor_type": "BeitFeatureExtractor",
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
-        "resample": 2,
-        "size": 224,
-    },
-    "vit": {
-        "do_normalize": True,
-        "do_resize": True,
-        "feature_extractor_type": "ViTFeatureExtractor",
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
-        "resample": 2,
-        "size": 224,
-    },
-    "bit": {
-        "crop_size": {"height": 224, "width": 224},
-        "do_center_crop": True,
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": [0.485, 0.456, 0.406],
-        "image_processor_type": "BitImageProcessor",
-        "image_std": [0.229, 0.224, 0.225],
-        "resample": 3,
-        "rescale_factor": 0.00392156862745098,
-        "size": {"shortest_edge": 256},
-    },
-}
+_CARDS_FILE = Path(__file__).resolve().parents[2] / "data" / "model_card_processors.json"
+CARDS = {k: v for k, v in json.loads(_CARDS_FILE.read_text()).items() if not k.startswith("_")}
 
 
 @pytest.mark.parametrize("card", sorted(CARDS))
@@ -235,3 +202,34 @@ def test_spec_validates_itself():
     with pytest.raises(CheckpointError, match="interpolation"):
         EvalPreprocessing(None, "cubic", None, (0.5,) * 3, (0.5,) * 3)
     assert RECORD["format"] == RECORD_FORMAT
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"input_size": 224, "imagenet_default_mean_and_std": True},
+        {"input_size": 224, "imagenet_default_mean_and_std": False, "crop_pct": 0.875},
+        {"input_size": 384},
+        {"input_size": 32},
+    ],
+    ids=["224_imagenet", "224_inception", "384", "32"],
+)
+def test_official_args_preprocess_as_unilm_build_transform(args):
+    from torchvision import transforms as T
+
+    from bitrain.data.preprocessing import from_official_args
+
+    # unilm beit/datasets.py build_transform(is_train=False, args), commit 03380c8, re-stated
+    size = args["input_size"]
+    imagenet = args.get("imagenet_default_mean_and_std")
+    mean = (0.485, 0.456, 0.406) if imagenet else (0.5, 0.5, 0.5)
+    std = (0.229, 0.224, 0.225) if imagenet else (0.5, 0.5, 0.5)
+    steps = []
+    if size > 32:
+        pct = args.get("crop_pct") or (224 / 256 if size < 384 else 1.0)
+        steps += [T.Resize(int(size / pct), interpolation=3), T.CenterCrop(size)]
+    reference = T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+    ours = from_official_args(args).build()
+    for img in PHOTOS[:3]:
+        small = img.resize((48, 40)) if size <= 32 else img
+        assert torch.equal(ours(small), reference(small)), img.size

@@ -9,14 +9,12 @@ import os
 import pytest
 import torch
 
+from bitrain.checkpoints import load_mim_model, save_mim_model
+from bitrain.checkpoints.huggingface import from_hf_mim as from_hf_beit
+from bitrain.checkpoints.huggingface import to_hf_mim as to_hf_beit
+from bitrain.checkpoints.official import from_official as from_official_beit
+from bitrain.checkpoints.official import to_official as to_official_beit
 from bitrain.io import CheckpointError
-from bitrain.models.checkpoints import (
-    from_official_beit,
-    load_mim_model,
-    save_mim_model,
-    to_official_beit,
-)
-from bitrain.models.hf import from_hf_beit, to_hf_beit
 
 transformers = pytest.importorskip("transformers")
 
@@ -268,7 +266,7 @@ def test_convert_checkpoint_cli_round_trip(tmp_path, make_tiny):
     import importlib.util
     from pathlib import Path
 
-    from bitrain.models.checkpoints import load_mim_state
+    from bitrain.checkpoints import load_mim_state
 
     script = Path(__file__).resolve().parents[3] / "scripts" / "convert_checkpoint.py"
     spec = importlib.util.spec_from_file_location("convert_checkpoint", script)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from bitrain.checkpoints import adapt_state_dict, build_classifier, save_mim_model
 from bitrain.io import CheckpointError
 from bitrain.models.beit import BeitMIM
-from bitrain.models.checkpoints import save_mim_model
-from bitrain.models.classifier import adapt_state_dict, create_classifier
+from bitrain.models.classifier import create_classifier
 
 MIM = dict(
     img_size=32,
@@ -43,7 +43,7 @@ def test_random_init_and_spec(beit_spec):
 @pytest.mark.parametrize("fmt", ["bitrain", "official", "hf"])
 def test_from_every_mim_format(tmp_path, mim, fmt, beit_spec):
     path = save_mim_model(mim, tmp_path / ("ckpt" if fmt == "hf" else f"m.{fmt}"), format=fmt)
-    model = create_classifier(NAME, 7, pretrained=str(path), **beit_spec)
+    model = build_classifier(NAME, 7, pretrained=str(path), **beit_spec)
     shared = mim.rel_pos_bias.relative_position_bias_table
     for block in model.blocks:  # the shared bias, copied into every block
         assert torch.equal(block.attn.relative_position_bias_table, shared)
@@ -57,7 +57,7 @@ def test_from_every_mim_format(tmp_path, mim, fmt, beit_spec):
 
 def test_resolution_change_resizes_tables(tmp_path, mim, beit_spec):
     path = save_mim_model(mim, tmp_path / "m.ckpt")
-    model = create_classifier(NAME, 3, pretrained=str(path), **{**beit_spec, "img_size": 48})
+    model = build_classifier(NAME, 3, pretrained=str(path), **{**beit_spec, "img_size": 48})
     table = model.blocks[0].attn.relative_position_bias_table
     assert table.shape == ((2 * 6 - 1) ** 2 + 3, 3)
     # The 3 cls-token entries are kept as they are.
@@ -79,25 +79,31 @@ def test_constant_table_stays_constant_when_resized(beit_spec):
 def test_other_shape_is_a_clear_error_unless_partial(tmp_path, mim, beit_spec):
     path = save_mim_model(mim, tmp_path / "m.ckpt")
     with pytest.raises(CheckpointError, match=r"shape mismatch: .*\(48,\) != \(96,\)"):
-        create_classifier(NAME, 3, pretrained=str(path), **{**beit_spec, "embed_dim": 96})
-    model = create_classifier(
+        build_classifier(NAME, 3, pretrained=str(path), **{**beit_spec, "embed_dim": 96})
+    model = build_classifier(
         NAME, 3, pretrained=str(path), pretrained_strict=False, **{**beit_spec, "depth": 3}
     )
     assert torch.equal(model.blocks[0].mlp.fc1.weight, mim.blocks[0].mlp.fc1.weight)
+
+
+def test_create_classifier_builds_the_architecture_only(beit_spec):
+    # models never import checkpoints: initialising is bitrain.checkpoints.build_classifier's job
+    with pytest.raises(ValueError, match="build_classifier"):
+        create_classifier(NAME, 3, pretrained="x.pth", **beit_spec)
 
 
 def test_classifier_checkpoint_keeps_its_head_when_classes_match(tmp_path, beit_spec):
     torch.manual_seed(1)
     source = create_classifier(NAME, 4, **beit_spec)
     torch.save({"model": source.state_dict()}, tmp_path / "ft.pth")  # official fine-tuned layout
-    same = create_classifier(NAME, 4, pretrained=str(tmp_path / "ft.pth"), **beit_spec)
+    same = build_classifier(NAME, 4, pretrained=str(tmp_path / "ft.pth"), **beit_spec)
     assert torch.equal(same.head.weight, source.head.weight)
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(same.eval()(x), source.eval()(x))
-    other = create_classifier(NAME, 9, pretrained=str(tmp_path / "ft.pth"), **beit_spec)
+    other = build_classifier(NAME, 9, pretrained=str(tmp_path / "ft.pth"), **beit_spec)
     assert other.head.out_features == 9 and torch.equal(other.fc_norm.weight, source.fc_norm.weight)
 
 
 def test_missing_checkpoint_says_what_to_give(tmp_path, beit_spec):
     with pytest.raises(FileNotFoundError, match="official BEiT .pth"):
-        create_classifier(NAME, 3, pretrained=str(tmp_path / "nope.pth"), **beit_spec)
+        build_classifier(NAME, 3, pretrained=str(tmp_path / "nope.pth"), **beit_spec)

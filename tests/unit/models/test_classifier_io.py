@@ -18,14 +18,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from bitrain.data.preprocessing import (
-    read_record,
-)
+from bitrain.checkpoints import CLASSIFIER_FORMATS, load_classifier, save_classifier, save_mim_model
+from bitrain.checkpoints.official import to_official as to_official_beit
+from bitrain.data.preprocessing import from_timm_args, read_record
 from bitrain.io import CheckpointError
-from bitrain.models.checkpoints import save_mim_model, to_official_beit
-from bitrain.models.classifier import CLASSIFIER_TARGET, create_classifier
-from bitrain.models.classifier_io import CLASSIFIER_FORMATS, load_classifier, save_classifier
-from bitrain.models.hf_classifier import apply_norm_settings
+from bitrain.models.classifier import CLASSIFIER_TARGET, apply_norm_settings, create_classifier
 
 ROOT = Path(__file__).resolve().parents[3]
 TOL = 1e-5
@@ -139,7 +136,8 @@ def test_beit_round_trip_every_format(tmp_path, fmt, beit):
     assert got.mean == pytest.approx(EVAL_SPEC.mean) and got.std == pytest.approx(EVAL_SPEC.std)
     if fmt != "hf":  # hf keeps the preprocessing as preprocessor_config.json instead
         assert got == EVAL_SPEC
-        assert back.bitrain_spec == source.bitrain_spec
+        # the spec states the norm settings too, so it rebuilds the model exactly
+        assert back.bitrain_spec == {**source.bitrain_spec, "layer_norm_eps": 1e-6}
 
 
 @pytest.mark.parametrize("fmt", ["bitrain", "timm", "hf"])
@@ -283,9 +281,20 @@ def test_official_export_is_unilm_layout(tmp_path, beit):
     assert "blocks.0.attn.relative_position_index" in obj["model"]
     assert torch.equal(obj["model"]["head.weight"], source.head.weight)
     # Without our exact records, the shapes and the unilm fields alone give the same model.
-    del args.bitrain_spec, args.bitrain_norm_settings, args.bitrain_eval_transform
+    del args.bitrain_spec, args.bitrain_eval_transform
     torch.save({"model": obj["model"], "args": args}, tmp_path / "plain.pth")
     assert max_diff(source, load_classifier(tmp_path / "plain.pth"), batch(source)) <= TOL
+
+
+def test_official_export_says_its_preprocessing_in_unilm_fields(tmp_path, beit):
+    spec = from_timm_args({"input_size": 64, "crop_pct": 0.875, "interpolation": "bicubic"})
+    path = save_classifier(beit(img_size=64), tmp_path / "ft.pth", "official", eval_transform=spec)
+    obj = torch.load(path, weights_only=False)
+    args = obj["args"]
+    assert args.imagenet_default_mean_and_std is True and int(64 / args.crop_pct) == 73
+    del args.bitrain_eval_transform  # unilm's own fields alone say the same
+    torch.save(obj, tmp_path / "plain.pth")
+    assert load_classifier(tmp_path / "plain.pth").bitrain_eval_transform == spec
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -315,14 +324,14 @@ def test_unknown_and_unsupported_inputs(tmp_path, beit):
         load_classifier(tmp_path / "empty")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text('{"model_type": "resnet"}')
-    with pytest.raises(CheckpointError, match="names no 'architecture'"):
+    with pytest.raises(CheckpointError, match=r"names architectures \(none\)"):
         load_classifier(tmp_path / "other")
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text('{"architectures": ["BertModel"]}')
     with pytest.raises(CheckpointError, match="BertModel"):
         load_classifier(tmp_path / "bert")
     torch.save({"epoch": 3, "note": "no weights"}, tmp_path / "junk.pth")
-    with pytest.raises(CheckpointError, match="not a classifier checkpoint"):
+    with pytest.raises(CheckpointError, match="not a model checkpoint"):
         load_classifier(tmp_path / "junk.pth")
     source = beit()
     ckpt = finetune_ckpt(source, tmp_path / "ft.ckpt")

@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bitrain.io import CheckpointError
-from bitrain.models.classifier import create_classifier
-from bitrain.models.hf_classifier import (
-    apply_norm_settings,
+from bitrain.checkpoints.hf import label_names
+from bitrain.checkpoints.huggingface import (
     build_classifier_from_hf,
-    load_hf_classifier,
+    read_hf_classifier,
     save_hf_classifier,
 )
+from bitrain.io import CheckpointError
+from bitrain.models.classifier import apply_norm_settings, create_classifier
 
 transformers = pytest.importorskip("transformers")
 
@@ -141,10 +141,10 @@ def test_hf_to_bitrain_logits(variant, tmp_path):
         eps = {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}
         assert eps == {hf.config.layer_norm_eps}
 
-    # the 4-tuple: the spec rebuilds the model through create_classifier, strict load
-    name, spec, state, labels = load_hf_classifier(tmp_path / "hf")
-    assert name == spec["model_name"] and spec["num_classes"] == len(LABELS)
-    assert labels == LABELS
+    # the spec rebuilds the model through create_classifier, strict load
+    spec, state, config = read_hf_classifier(tmp_path / "hf")
+    assert spec["num_classes"] == len(LABELS)
+    assert label_names(config, spec["num_classes"]) == LABELS
     create_classifier(**spec).load_state_dict(state, strict=True)
 
 
@@ -252,8 +252,8 @@ def test_headless_folder_needs_num_classes(tmp_path):
     config = transformers.ViTConfig(**HF_VARIANTS["vit_patch32"][1])
     torch.manual_seed(0)
     transformers.ViTModel(config).save_pretrained(tmp_path / "hf")
-    name, spec, state, labels = load_hf_classifier(tmp_path / "hf")
-    assert spec["num_classes"] is None and labels is None
+    spec, state, config = read_hf_classifier(tmp_path / "hf")
+    assert spec["num_classes"] is None and label_names(config, None) is None
     assert not any(k.startswith("head.") for k in state)
     with pytest.raises(CheckpointError, match="no classification head: pass num_classes"):
         build_classifier_from_hf(tmp_path / "hf")
@@ -262,7 +262,7 @@ def test_headless_folder_needs_num_classes(tmp_path):
 
 
 def test_checkpoints_folder_state_uses_classifier_import(tmp_path):
-    from bitrain.models.checkpoints import load_encoder_state
+    from bitrain.checkpoints import load_encoder_state
 
     hf, _ = make_hf("vit_patch32")
     hf.save_pretrained(tmp_path / "hf")
@@ -283,7 +283,7 @@ def test_other_architecture_is_refused(tmp_path):
         {"architectures": ["ConvNextForImageClassification"], "model_type": "convnext"},
     )
     with pytest.raises(CheckpointError, match="ConvNextForImageClassification.*BeitForImage"):
-        load_hf_classifier(folder)
+        read_hf_classifier(folder)
     with pytest.raises(CheckpointError, match="ViTForImageClassification"):
         build_classifier_from_hf(folder)
 
@@ -299,7 +299,7 @@ def test_other_architecture_is_refused(tmp_path):
 def test_bit_config_timm_cannot_build_is_refused(tmp_path, overrides, match):
     config = {"architectures": ["BitForImageClassification"], "model_type": "bit", **overrides}
     with pytest.raises(CheckpointError, match=match):
-        load_hf_classifier(_fake_folder(tmp_path / "bit", config))
+        read_hf_classifier(_fake_folder(tmp_path / "bit", config))
 
 
 def test_label_names_must_fit(tmp_path):
@@ -312,8 +312,8 @@ def test_label_names_must_fit(tmp_path):
     "architecture", ["BeitForImageClassification", "ViTForImageClassification", "BitModel"]
 )
 def test_a_non_square_image_size_is_refused_by_name(architecture):
+    from bitrain.checkpoints.huggingface import from_hf as from_hf_classifier
     from bitrain.io import CheckpointError
-    from bitrain.models.hf_classifier import from_hf_classifier
 
     config = {"architectures": [architecture], "image_size": [224, 192]}
     with pytest.raises(CheckpointError, match=r"Hugging Face config: image_size=\[224, 192\]"):

@@ -20,11 +20,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from bitrain.checkpoints import load_classifier, load_pretrained, save_classifier
 from bitrain.data.preprocessing import from_timm_args
 from bitrain.evaluation import evaluate
 from bitrain.io import CheckpointError
-from bitrain.models.classifier import create_classifier, load_pretrained
-from bitrain.models.classifier_io import load_classifier, save_classifier
+from bitrain.models.classifier import create_classifier
 from bitrain.prediction import check_output, predict
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -188,7 +188,9 @@ def test_a_failed_conversion_leaves_the_destination_as_it_was(
     src = save_classifier(classifier, tmp_path / "cls.ckpt", "bitrain", eval_transform=SPEC)
     dst = save_classifier(classifier, tmp_path / "hf", "hf")
     before = {p.name: p.read_bytes() for p in dst.iterdir()}
-    monkeypatch.setattr(cli, "LOGIT_TOL", -1.0)  # every verification fails
+    import bitrain.checkpoints.conversion
+
+    monkeypatch.setattr(bitrain.checkpoints.conversion, "LOGIT_TOL", -1.0)  # every check fails
     args = ["--src", str(src), "--dst", str(dst), "--dst-format", "hf", "--force"]
     assert cli.main(args) == 1
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before

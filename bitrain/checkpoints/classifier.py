@@ -1,52 +1,60 @@
-"""Fine-tuned classifier checkpoints: load any format into a timm model, export to any format.
+"""Classifier checkpoints: load any format into a timm model, export to any format.
 
 :func:`load_classifier` reads a bitrain fine-tuning ``.ckpt``, a timm hub folder, a Hugging Face
 classifier folder, an official unilm fine-tuned ``.pth`` (with or without ``args``) or a bare
 state dict (with ``model_name``); :func:`save_classifier` writes the ``bitrain``, ``timm``,
 ``official`` and ``hf`` layouts. The evaluation preprocessing travels with the model as data (a
 Hugging Face ``preprocessor_config.json``, timm's ``pretrained_cfg``, bitrain's record; read and
-written by :mod:`bitrain.data.preprocessing`, never a code path taken from the file). Encoder
-weights for fine-tuning and the MIM formats are in :mod:`bitrain.models.checkpoints`;
-docs/checkpoints.md has the tables.
+written by :mod:`bitrain.data.preprocessing`, never a code path taken from the file). The timm
+hub folder layout is here too (a ``config.json`` + weights with timm's own key names); the other
+formats' tables are in :mod:`.official` and :mod:`.huggingface`. docs/checkpoints.md has the
+tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
-import math
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 
+from bitrain.checkpoints.hf import read_folder, read_json, write_folder
+from bitrain.checkpoints.huggingface import build_classifier_from_hf, save_hf_classifier
+from bitrain.checkpoints.official import (
+    classifier_args,
+    classifier_spec,
+    from_official,
+    to_official,
+)
+from bitrain.checkpoints.sniff import (
+    Sniffed,
+    bitrain_state,
+    is_tensor_mapping,
+    sniff,
+    tensors_of,
+)
 from bitrain.data.preprocessing import (
     EvalPreprocessing,
+    from_official_args,
     from_processor_config,
     from_timm_args,
     read_record,
 )
-from bitrain.io import CheckpointError, atomic_save, load_torch_file
+from bitrain.io import CheckpointError, atomic_save
 from bitrain.io import plain_tree as _plain
-from bitrain.models.checkpoints import (
-    _OFFICIAL_SIZES,
-    BEIT_MIM_TARGET,
-    _grid_from_table,
-    _is_tensor_mapping,
-    _some_keys,
-    from_official_beit,
-    load_encoder_state,
-    to_official_beit,
-)
+from bitrain.models.classifier import CLASSIFIER_TARGET, create_classifier
 
 log = logging.getLogger(__name__)
 
 
 def load_classifier(
-    path_or_dir: str | os.PathLike,
+    path_or_dir: str | os.PathLike | Sniffed,
     map_location: str | torch.device = "cpu",
     use_ema: bool = False,
     model_name: str | None = None,
@@ -74,7 +82,7 @@ def load_classifier(
     none). A record is data: one that names code to run is refused (CheckpointError).
 
     Args:
-        path_or_dir: the checkpoint file or folder.
+        path_or_dir: the checkpoint file or folder (or what :func:`~.sniff.sniff` found there).
         map_location: device of the returned model.
         use_ema: the EMA weights (bitrain ``ema.module.*``, official ``model_ema``).
         model_name: timm architecture of a bare state dict (or to override an official file's).
@@ -88,23 +96,25 @@ def load_classifier(
         ValueError: ``spec`` without ``model_name``, or either given for a checkpoint that names
             its own architecture.
     """
-    path = Path(path_or_dir).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"classifier checkpoint not found: '{path}' (expected a bitrain .ckpt, an official "
-            ".pth, a timm .pth/.safetensors, or a timm / Hugging Face model folder)"
-        )
+    found = path_or_dir if isinstance(path_or_dir, Sniffed) else sniff(path_or_dir)
+    path = found.path
     if spec and model_name is None:
         raise ValueError(
             f"load_classifier: {sorted(spec)} given without model_name; pass model_name=<timm "
             "architecture> with the other create_classifier arguments"
         )
     user_spec = {"model_name": model_name, **spec} if model_name is not None else None
-    if path.is_dir():
-        loaded = _folder_classifier(path, user_spec, use_ema)
-    else:
-        loaded = _file_classifier(path, user_spec, use_ema)
-    model = _build_classifier(loaded, path)
+    if found.kind == "mim":
+        raise CheckpointError(
+            f"'{path}' is a pretraining (MIM) checkpoint ({found.format}), not a classifier: "
+            f"fine-tune it first with `python -m bitrain.finetune model.pretrained={path}`"
+        )
+    if found.format != "timm" or path.is_dir():
+        _no_spec(user_spec, path, found.format)
+    if use_ema and found.format not in ("bitrain", "official"):
+        _no_ema(path, found.format)
+    reader = {"bitrain": _bitrain, "official": _official, "hf": _hf, "timm": _timm}[found.format]
+    model = _build_classifier(reader(found, user_spec, use_ema), path)
     return model.to(map_location).eval()
 
 
@@ -145,14 +155,15 @@ def _label_list(names: Any, where: str) -> list[str] | None:
 
 
 def _build_classifier(loaded: _Loaded, path: Path) -> torch.nn.Module:
-    """``create_classifier(**spec)`` + norm settings + strict load, with clear errors."""
-    from bitrain.models.classifier import create_classifier
-    from bitrain.models.hf_classifier import apply_norm_settings
+    """``create_classifier(**spec)`` + strict load, with clear errors.
 
+    Files written before the norm settings were ``create_classifier`` arguments keep them in a
+    separate record (``norm_settings``); they join the spec.
+    """
     where = f"{loaded.fmt} checkpoint '{path}'"
     model = loaded.model
     if model is None:
-        spec = _checked_spec(loaded.spec or {}, where)
+        spec = _checked_spec({**loaded.norm_settings, **(loaded.spec or {})}, where)
         if spec.get("num_classes") is None:
             spec["num_classes"] = _head_classes(loaded.state, where)
         spec.pop("pretrained", None)
@@ -162,7 +173,6 @@ def _build_classifier(loaded: _Loaded, path: Path) -> torch.nn.Module:
             raise CheckpointError(
                 f"{where}: cannot build create_classifier({spec}): {err}"
             ) from err
-        apply_norm_settings(model, **loaded.norm_settings)
         state = {
             k.removeprefix("module."): v
             for k, v in loaded.state.items()
@@ -236,304 +246,137 @@ def _head_classes(state: Mapping[str, torch.Tensor], where: str) -> int:
     )
 
 
-def _mim_error(path: Path, fmt: str) -> CheckpointError:
-    return CheckpointError(
-        f"'{path}' is a pretraining (MIM) checkpoint ({fmt}), not a classifier: fine-tune it "
-        f"first with `python -m bitrain.finetune model.pretrained={path}`"
-    )
-
-
 def _no_spec(user_spec: Mapping[str, Any] | None, path: Path, fmt: str) -> None:
     if user_spec is not None:
         raise ValueError(
             f"'{path}' is a {fmt} checkpoint that names its own architecture; model_name and "
-            "spec are only for bare state dicts (and to override an official .pth)"
+            "spec are only for bare state dicts"
         )
 
 
-def _no_ema(use_ema: bool, path: Path, fmt: str) -> None:
-    if use_ema:
-        raise CheckpointError(
-            f"'{path}' ({fmt}) has no EMA weights: use_ema is for bitrain .ckpt files of runs "
-            "trained with task.ema and official .pth files with 'model_ema'"
-        )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"'{path}' is not valid JSON ({err})") from err
-    if not isinstance(value, dict):
-        raise CheckpointError(f"'{path}' holds a {type(value).__name__}, not a JSON object")
-    return value
-
-
-def _folder_classifier(folder: Path, user_spec: Mapping[str, Any] | None, use_ema: bool) -> _Loaded:
-    """A timm hub folder or a Hugging Face classifier folder."""
-    from bitrain.models.hf import _read_weights
-
-    expected = (
-        "expected a timm hub folder (config.json with 'architecture' + model.safetensors) or a "
-        "Hugging Face classifier folder (config.json with architectures "
-        "[Beit|ViT|Bit]ForImageClassification + model.safetensors)"
+def _no_ema(path: Path, fmt: str) -> None:
+    raise CheckpointError(
+        f"'{path}' ({fmt}) has no EMA weights: use_ema is for bitrain .ckpt files of runs "
+        "trained with task.ema and official .pth files with 'model_ema'"
     )
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"'{folder}' is a folder without config.json: {expected}")
-    config = _read_json(cfg_path)
-    if "architecture" in config and "architectures" not in config:
-        _no_spec(user_spec, folder, "timm")
-        _no_ema(use_ema, folder, "timm")
-        weights = next(
-            (
-                folder / n
-                for n in ("model.safetensors", "pytorch_model.bin")
-                if (folder / n).is_file()
-            ),
-            None,
-        )
-        if weights is None:
-            raise CheckpointError(
-                f"timm folder '{folder}' has no model.safetensors (or pytorch_model.bin)"
-            )
-        if isinstance(config.get("bitrain_spec"), Mapping):
-            spec = dict(config["bitrain_spec"])
-        else:
-            spec = {k: v for k, v in (config.get("model_args") or {}).items()}
-            spec = {"model_name": config["architecture"], **spec}
-            spec["num_classes"] = config.get("num_classes", spec.get("num_classes"))
-        node = _timm_folder_preprocessing(config, cfg_path)
-        return _Loaded(
-            "timm",
-            spec,
-            _read_weights(weights),
-            config.get("label_names"),
-            node,
-            config.get("bitrain_norm_settings"),
-        )
-    architectures = [str(a) for a in config.get("architectures") or []]
-    if any(a.endswith("ForMaskedImageModeling") for a in architectures):
-        raise _mim_error(folder, "Hugging Face " + "/".join(architectures))
-    if not architectures:
-        raise CheckpointError(
-            f"'{cfg_path}' names no 'architecture' nor 'architectures': {expected}"
-        )
-    from bitrain.models.hf_classifier import ARCHITECTURES, build_classifier_from_hf
-
-    _no_spec(user_spec, folder, "Hugging Face")
-    _no_ema(use_ema, folder, "Hugging Face")
-    known = [a for a in architectures if a in ARCHITECTURES]
-    if not known:
-        heads = [a for a, (_, has_head) in ARCHITECTURES.items() if has_head]
-        raise CheckpointError(
-            f"Hugging Face folder '{folder}' holds {architectures}; load_classifier reads "
-            f"{', '.join(heads)} (or a timm folder, config.json with 'architecture')"
-        )
-    if not ARCHITECTURES[known[0]][1]:
-        raise CheckpointError(
-            f"Hugging Face folder '{folder}' holds a head-less {known[0]}, not a classifier: "
-            f"fine-tune it first with `python -m bitrain.finetune model.pretrained={folder}`"
-        )
-    model = build_classifier_from_hf(folder)
-    processor = folder / "preprocessor_config.json"
-    node = None
-    if processor.is_file():
-        node = from_processor_config(_read_json(processor), str(processor))
-    return _Loaded("hf", None, {}, model.label_names, node, model=model)
 
 
-def _file_classifier(path: Path, user_spec: Mapping[str, Any] | None, use_ema: bool) -> _Loaded:
-    """A bitrain ``.ckpt``, an official ``.pth`` or a bare timm state dict."""
-    from bitrain.models.classifier import CLASSIFIER_TARGET
-
-    if path.suffix == ".safetensors":
-        from bitrain.models.hf import _read_weights
-
-        obj: Any = _read_weights(path)
-    else:
-        obj = load_torch_file(path, allow_namespace=True)
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"'{path}' holds a {type(obj).__name__}, not a checkpoint dict")
-    if "state_dict" in obj and "hyper_parameters" in obj:
-        hparams = obj["hyper_parameters"]
-        model_cfg = hparams.get("model") if isinstance(hparams, Mapping) else None
-        if not isinstance(model_cfg, Mapping):
-            raise CheckpointError(
-                f"'{path}' is not a bitrain fine-tuning checkpoint (no hyper_parameters['model'])"
-            )
-        target = model_cfg.get("_target_")
-        if target == BEIT_MIM_TARGET:
-            raise _mim_error(path, "bitrain")
-        if target != CLASSIFIER_TARGET:
-            raise CheckpointError(
-                f"'{path}' holds a {target}, not a classifier ({CLASSIFIER_TARGET})"
-            )
-        _no_spec(user_spec, path, "bitrain")
-        state, _ = load_encoder_state(path, use_ema=use_ema)
-        spec = {k: v for k, v in model_cfg.items() if k not in ("_target_", "pretrained")}
-        return _Loaded(
-            "bitrain",
-            spec,
-            state,
-            obj.get("label_names"),
-            _recorded(hparams.get("eval_transform"), f"'{path}' hyper_parameters.eval_transform"),
-            obj.get("norm_settings"),
-        )
-    for key in ("model", "module"):
-        if _is_tensor_mapping(obj.get(key)):
-            return _official_classifier(path, obj, key, user_spec, use_ema)
-    if _is_tensor_mapping(obj.get("state_dict")):
-        obj = obj["state_dict"]
-    if not _is_tensor_mapping(obj):
-        raise CheckpointError(
-            f"'{path}' is not a classifier checkpoint: expected a bitrain .ckpt (state_dict + "
-            "hyper_parameters), an official .pth ({'model': ..., 'args': ...}) or a timm state "
-            f"dict of tensors; found keys {_some_keys(obj)}"
-        )
-    state = {k.removeprefix("module."): v for k, v in obj.items()}
-    if "lm_head.weight" in state:
-        raise _mim_error(path, "state dict")
-    _no_ema(use_ema, path, "a bare state dict")
-    if user_spec is None:
-        raise CheckpointError(
-            f"'{path}' is a bare state dict, which does not say its architecture: pass "
-            "model_name=<timm architecture> (and the other create_classifier arguments, e.g. "
-            "img_size, patch_size, embed_dim, depth, num_heads) to load_classifier, or "
-            "--model-name / --model-kwargs to scripts/convert_checkpoint.py"
-        )
-    return _Loaded("timm", user_spec, state)
+def _recorded(record: Any, where: str) -> EvalPreprocessing | None:
+    """A file's evaluation-preprocessing record as data (None when the file records none)."""
+    return None if record is None else read_record(record, where)
 
 
-def _official_classifier(
-    path: Path,
-    obj: Mapping[str, Any],
-    key: str,
-    user_spec: Mapping[str, Any] | None,
-    use_ema: bool,
-) -> _Loaded:
-    raw = obj[key]
-    if use_ema:
-        if not _is_tensor_mapping(obj.get("model_ema")):
-            _no_ema(True, path, "official")
-        raw = obj["model_ema"]
-    state = from_official_beit(raw)  # drops module. and relative_position_index
-    if "lm_head.weight" in state or ("mask_token" in state and "head.weight" not in state):
-        raise _mim_error(path, "official")
+def _bitrain(found: Sniffed, user_spec: Any, use_ema: bool) -> _Loaded:
+    """A bitrain fine-tuning ``.ckpt`` (or a ``save_classifier`` ``bitrain`` export)."""
+    obj, path = found.obj, found.path
+    hparams = obj["hyper_parameters"]
+    state = bitrain_state(found, use_ema)
+    spec = {k: v for k, v in hparams["model"].items() if k not in ("_target_", "pretrained")}
+    spec.pop("pretrained_strict", None)
+    return _Loaded(
+        "bitrain",
+        spec,
+        state,
+        obj.get("label_names"),
+        _recorded(hparams.get("eval_transform"), f"'{path}' hyper_parameters.eval_transform"),
+        obj.get("norm_settings"),
+    )
+
+
+def _official(found: Sniffed, user_spec: Any, use_ema: bool) -> _Loaded:
+    """An official unilm fine-tuned ``.pth`` (with or without ``args``)."""
+    obj, path = found.obj, found.path
+    if use_ema and not is_tensor_mapping(obj.get("model_ema")):
+        _no_ema(path, "official")
+    key = (
+        "model_ema"
+        if use_ema
+        else next(k for k in ("model", "module") if is_tensor_mapping(obj.get(k)))
+    )
+    state = from_official(obj[key])
     args = obj.get("args")
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
     if user_spec is not None:
         spec = dict(user_spec)
     else:
         try:
-            spec = infer_official_classifier_spec(state, args)
+            spec = classifier_spec(state, args)
         except CheckpointError as err:
             raise CheckpointError(
                 f"'{path}': {err}. If this is not a BEiT, pass model_name=<timm architecture> "
                 "(and its arguments) to load_classifier"
-            ) from err
+            ) from None
     return _Loaded(
         "official",
         spec,
         state,
         obj.get("label_names") or args.get("bitrain_label_names"),
-        _recorded(args.get("bitrain_eval_transform"), f"'{path}' args.bitrain_eval_transform"),
+        _official_preprocessing(args, path),
         args.get("bitrain_norm_settings"),
     )
 
 
-def infer_official_classifier_spec(
-    state_dict: Mapping[str, torch.Tensor], args: Any = None
-) -> dict[str, Any]:
-    """``create_classifier`` arguments of an official fine-tuned BEiT state dict.
+def _official_preprocessing(args: Mapping[str, Any], path: Path) -> EvalPreprocessing | None:
+    """The record bitrain wrote into ``args``, else what unilm's own ``args`` say, else None."""
+    if args.get("bitrain_eval_transform") is not None:
+        return read_record(args["bitrain_eval_transform"], f"'{path}' args.bitrain_eval_transform")
+    if args.get("input_size") is None:
+        return None
+    return from_official_args(args, f"'{path}' args")
 
-    Like :func:`infer_official_kwargs` for pretraining checkpoints: width from ``cls_token``,
-    depth from the block indices, patch size and channels from the patch conv, heads (columns) and
-    patch grid (rows) from a relative position table (else heads from the model name and grid from
-    ``pos_embed``), classes from ``head.weight``, mean pooling from ``fc_norm.*``, per-layer /
-    shared relative positions and absolute positions from their tensors, LayerScale from
-    ``gamma_1``. ``args`` (the ``run_class_finetuning.py`` command line) supplies the LayerScale
-    init value and the drop-path rate; an ``args.bitrain_spec`` written by :func:`save_classifier`
-    is used as is.
 
-    Raises:
-        CheckpointError: a tensor the inference needs is missing.
-    """
-    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
-    if isinstance(args.get("bitrain_spec"), Mapping):
-        return dict(args["bitrain_spec"])
-    for key in ("cls_token", "patch_embed.proj.weight", "head.weight", "blocks.0.mlp.fc1.weight"):
-        if key not in state_dict:
-            raise CheckpointError(
-                f"official fine-tuned BEiT state dict has no '{key}'; found keys "
-                f"{_some_keys(state_dict)}"
-            )
-    embed_dim = int(state_dict["cls_token"].shape[-1])
-    depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
-    proj = state_dict["patch_embed.proj.weight"]
-    patch = int(proj.shape[-1])
-    shared = "rel_pos_bias.relative_position_bias_table" in state_dict
-    per_layer = "blocks.0.attn.relative_position_bias_table" in state_dict
-    name = str(args.get("model", ""))
-    if shared or per_layer:
-        table_key = (
-            "blocks.0.attn.relative_position_bias_table"
-            if per_layer
-            else "rel_pos_bias.relative_position_bias_table"
+def _hf(found: Sniffed, user_spec: Any, use_ema: bool) -> _Loaded:
+    """A Hugging Face classifier folder (``preprocessor_config.json`` gives the preprocessing)."""
+    folder = found.path
+    if found.kind != "classifier":
+        raise CheckpointError(
+            f"Hugging Face folder '{folder}' holds a head-less "
+            f"{', '.join(map(str, found.obj.get('architectures') or []))}, "
+            f"not a classifier: fine-tune it first with `python -m bitrain.finetune "
+            f"model.pretrained={folder}`"
         )
-        num_heads = int(state_dict[table_key].shape[1])
-        grid = _grid_from_table(state_dict[table_key].shape[0], table_key)
-    else:
-        size = next((s for tag, s in _OFFICIAL_SIZES.items() if f"_{tag}_" in name), None)
-        num_heads = size[2] if size and size[0] == embed_dim else max(1, embed_dim // 64)
-        if "pos_embed" not in state_dict:
+    model = build_classifier_from_hf(folder)
+    processor = folder / "preprocessor_config.json"
+    node = None
+    if processor.is_file():
+        node = from_processor_config(read_json(processor), str(processor))
+    return _Loaded("hf", None, {}, model.label_names, node, model=model)
+
+
+def _timm(found: Sniffed, user_spec: Any, use_ema: bool) -> _Loaded:
+    """A timm hub folder, or a bare timm state dict (which needs ``model_name``)."""
+    path = found.path
+    if not path.is_dir():
+        state = {k.removeprefix("module."): v for k, v in tensors_of(found).items()}
+        if user_spec is None:
             raise CheckpointError(
-                "official BEiT state dict has neither a relative position table nor pos_embed"
+                f"'{path}' is a bare state dict, which does not say its architecture: pass "
+                "model_name=<timm architecture> (and the other create_classifier arguments, e.g. "
+                "img_size, patch_size, embed_dim, depth, num_heads) to load_classifier, or "
+                "--model-name / --model-kwargs to scripts/convert_checkpoint.py"
             )
-        grid = math.isqrt(state_dict["pos_embed"].shape[1] - 1)
-    img_size = grid * patch
-    num_classes = int(state_dict["head.weight"].shape[0])
-    mean_pooling = "fc_norm.weight" in state_dict
-    for arg, found in (
-        ("input_size", img_size),
-        ("nb_classes", num_classes),
-        ("use_mean_pooling", mean_pooling),
-    ):
-        if args.get(arg) is not None and args[arg] != found:
-            log.warning("official args.%s=%s but the weights say %s", arg, args[arg], found)
-    layer_scale = args.get("layer_scale_init_value")
-    has_gamma = "blocks.0.gamma_1" in state_dict
-    import timm
-
-    spec: dict[str, Any] = {
-        "model_name": name if name.startswith("beit_") and timm.is_model(name) else _TIMM_BEIT,
-        "num_classes": num_classes,
-        "img_size": img_size,
-        "patch_size": patch,
-        "in_chans": int(proj.shape[1]),
-        "embed_dim": embed_dim,
-        "depth": depth,
-        "num_heads": num_heads,
-        "mlp_ratio": state_dict["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
-        "qkv_bias": "blocks.0.attn.q_bias" in state_dict,
-        "use_abs_pos_emb": "pos_embed" in state_dict,
-        "use_rel_pos_bias": per_layer,
-        "use_shared_rel_pos_bias": shared,
-        "init_values": (float(layer_scale) if layer_scale else 0.1) if has_gamma else 0.0,
-        "global_pool": "avg" if mean_pooling else "token",
-    }
-    if args.get("drop_path") is not None:
-        spec["drop_path_rate"] = float(args["drop_path"])
-    return spec
+        return _Loaded("timm", user_spec, state)
+    config = found.obj
+    state = read_folder(path)[0]
+    if isinstance(config.get("bitrain_spec"), Mapping):
+        spec = dict(config["bitrain_spec"])
+    else:
+        spec = {"model_name": config["architecture"], **(config.get("model_args") or {})}
+        spec["num_classes"] = config.get("num_classes", spec.get("num_classes"))
+    return _Loaded(
+        "timm",
+        spec,
+        state,
+        config.get("label_names"),
+        _timm_folder_preprocessing(config, path / "config.json"),
+        config.get("bitrain_norm_settings"),
+    )
 
 
-_TIMM_BEIT = "beit_base_patch16_224"
 CLASSIFIER_FORMATS: tuple[str, ...] = ("bitrain", "timm", "official", "hf")
 
 
-# --- classifier export ---------------------------------------------------------------------------
+# --- classifier export ----------------------------------------------------------------------------
 
 
 def save_classifier(
@@ -599,12 +442,9 @@ def save_classifier(
         return _save_hf(model, path, label_names, node)
     spec = _spec_of(model)
     state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    norms = classifier_norm_settings(model)
     if format == "timm":
-        return _save_timm(model, Path(path).expanduser(), spec, state, label_names, node, norms)
+        return _save_timm(model, Path(path).expanduser(), spec, state, label_names, node)
     if format == "bitrain":
-        from bitrain.models.classifier import CLASSIFIER_TARGET
-
         hparams: dict[str, Any] = {"model": {"_target_": CLASSIFIER_TARGET, **spec}}
         if node is not None:
             hparams["eval_transform"] = node.to_record()
@@ -612,19 +452,16 @@ def save_classifier(
             "state_dict": {f"model.{k}": v for k, v in state.items()},
             "hyper_parameters": hparams,
             "label_names": label_names,
-            "norm_settings": norms,
         }
         return atomic_save(obj, path)
-    import timm
-
     if not isinstance(model, timm.models.beit.Beit):
         raise CheckpointError(
             f"the official unilm layout holds BEiT classifiers only; this is a "
             f"{type(model).__name__}: export it as 'timm' or 'hf' instead"
         )
     obj = {
-        "model": to_official_beit(state),
-        "args": _official_classifier_args(model, spec, norms, node),
+        "model": to_official(state),
+        "args": classifier_args(model, spec, node),
         "label_names": label_names,
     }
     return atomic_save(obj, path)
@@ -638,17 +475,17 @@ def _spec_of(model: torch.nn.Module) -> dict[str, Any]:
             "create_classifier arguments that rebuild it); build it with create_classifier or "
             "load_classifier"
         )
-    out = _plain({k: v for k, v in spec.items() if k != "pretrained"})
+    out = _plain({k: v for k, v in spec.items() if k not in ("pretrained", "pretrained_strict")})
     out["num_classes"] = int(out["num_classes"])
+    out.update(classifier_norm_settings(model))  # what the modules are, also if set after build
     return out
 
 
 def classifier_norm_settings(model: torch.nn.Module) -> dict[str, Any]:
     """The model's LayerNorm ``eps`` / GroupNorm ``num_groups`` when all its layers share one.
 
-    :func:`~bitrain.models.classifier.create_classifier` cannot take them (a Hugging Face model
-    may use other values than timm's), so exports record them and :func:`load_classifier` sets
-    them back (:func:`bitrain.models.hf_classifier.apply_norm_settings`).
+    ``create_classifier``'s ``layer_norm_eps`` / ``group_norm_groups``: a Hugging Face model may
+    use other values than timm's, so every export's spec states them.
     """
     out: dict[str, Any] = {}
     eps = {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}
@@ -660,36 +497,6 @@ def classifier_norm_settings(model: torch.nn.Module) -> dict[str, Any]:
     return out
 
 
-def _official_classifier_args(
-    model: torch.nn.Module,
-    spec: Mapping[str, Any],
-    norms: Mapping[str, Any],
-    node: EvalPreprocessing | None,
-) -> argparse.Namespace:
-    """The model fields of ``run_class_finetuning.py``'s args, plus the exact bitrain records."""
-    blocks = model.blocks
-    dim, depth, heads = int(model.embed_dim), len(blocks), int(blocks[0].attn.num_heads)
-    patch = int(model.patch_embed.patch_size[0])
-    img = int(model.patch_embed.img_size[0])
-    size = next((t for t, s in _OFFICIAL_SIZES.items() if s == (dim, depth, heads)), None)
-    gamma = getattr(blocks[0], "gamma_1", None)
-    return argparse.Namespace(
-        model=f"beit_{size}_patch{patch}_{img}" if size else "bitrain_beit",
-        nb_classes=int(spec["num_classes"]),
-        input_size=img,
-        drop_path=float(spec.get("drop_path_rate", 0.0)),
-        rel_pos_bias=getattr(blocks[0].attn, "relative_position_bias_table", None) is not None,
-        disable_rel_pos_bias=getattr(blocks[0].attn, "relative_position_bias_table", None) is None,
-        abs_pos_emb=model.pos_embed is not None,
-        layer_scale_init_value=float(spec.get("init_values") or 0.0) if gamma is not None else 0.0,
-        use_mean_pooling=isinstance(getattr(model, "fc_norm", None), torch.nn.LayerNorm),
-        qkv_bias=getattr(blocks[0].attn, "q_bias", None) is not None,
-        bitrain_spec=dict(spec),
-        bitrain_norm_settings=dict(norms),
-        bitrain_eval_transform=None if node is None else node.to_record(),
-    )
-
-
 def _save_timm(
     model: torch.nn.Module,
     folder: Path,
@@ -697,15 +504,8 @@ def _save_timm(
     state: Mapping[str, torch.Tensor],
     label_names: list[str] | None,
     node: EvalPreprocessing | None,
-    norms: Mapping[str, Any],
 ) -> Path:
     """A timm hub folder, as ``timm.models.push_to_hf_hub`` lays it out (``save_for_hf``)."""
-    import json
-
-    from safetensors.torch import save as safetensors_bytes
-
-    from bitrain.io import atomic_write_bytes
-
     preprocessing = _preprocessing_or_default(model, spec, node)
     data = (preprocessing and preprocessing.to_timm_cfg(int(spec.get("in_chans", 3)))) or {}
     base = dict(getattr(model, "pretrained_cfg", None) or {})
@@ -731,32 +531,21 @@ def _save_timm(
     config["model_args"] = _timm_model_args(model, spec)
     config["pretrained_cfg"] = pretrained_cfg
     config["bitrain_spec"] = dict(spec)
-    config["bitrain_norm_settings"] = dict(norms)
     if node is not None:
         config["bitrain_eval_transform"] = node.to_record()
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(
-        folder / "model.safetensors", safetensors_bytes(dict(state), metadata={"format": "pt"})
-    )
-    atomic_write_bytes(folder / "config.json", (json.dumps(config, indent=2) + "\n").encode())
-    return folder
+    return write_folder(folder, state, config)
 
 
 def _timm_model_args(model: torch.nn.Module, spec: Mapping[str, Any]) -> dict[str, Any]:
     """``timm.create_model`` keyword arguments that rebuild the model (timm's ``model_args``)."""
-    import inspect
-
-    args = {k: v for k, v in spec.items() if k not in ("model_name", "pretrained")}
+    # the norm settings are create_classifier's, not timm.create_model's
+    skip = ("model_name", "pretrained", "layer_norm_eps", "group_norm_groups")
+    args = {k: v for k, v in spec.items() if k not in skip}
     if "img_size" in args:
         params = inspect.signature(type(model).__init__).parameters
         if "img_size" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
             args.pop("img_size")  # a record only (ResNets): timm.create_model would refuse it
     return _plain(args)
-
-
-def _recorded(record: Any, where: str) -> EvalPreprocessing | None:
-    """A file's evaluation-preprocessing record as data (None when the file records none)."""
-    return None if record is None else read_record(record, where)
 
 
 # The data fields of timm's pretrained_cfg that define its evaluation transform.
@@ -782,34 +571,24 @@ def _save_hf(
     label_names: list[str] | None,
     node: EvalPreprocessing | None,
 ) -> Path:
-    import json
+    """A HF classifier folder with ``preprocessor_config.json``.
 
-    from bitrain.io import atomic_write_bytes
-    from bitrain.models.hf_classifier import save_hf_classifier
-
-    out = save_hf_classifier(model, folder, label_names=label_names)
+    ``size`` is always written as a dict, so every processor class reads it the same way.
+    """
     spec = dict(getattr(model, "bitrain_spec", None) or {})
     preprocessing = _preprocessing_or_default(model, spec, node)
+    processor = None
     if preprocessing is not None:
         processor = preprocessing.to_processor_config()
-        from bitrain.models.hf_classifier import _family
-
-        processor["image_processor_type"] = _processor_type(_family(model), processor)
-        atomic_write_bytes(
-            out / "preprocessor_config.json",
-            (json.dumps(processor, indent=2) + "\n").encode(),
-        )
-    return out
-
-
-def _processor_type(family: str, processor: Mapping[str, Any]) -> str:
-    """The HF image processor whose ``resize`` means what ``processor["size"]`` says."""
-    exact = "height" in processor["size"]
-    if family == "beit" and exact:
-        return "BeitImageProcessor"
-    if family == "vit" and exact and not processor["do_center_crop"]:
-        return "ViTImageProcessor"
-    return "BitImageProcessor"  # shortest-edge resize + centre crop (timm's eval transform)
+        family = type(model).__name__
+        exact = "height" in processor["size"]
+        kind = "BitImageProcessor"  # shortest-edge resize + centre crop (timm's eval transform)
+        if family == "Beit" and exact:
+            kind = "BeitImageProcessor"
+        elif family == "VisionTransformer" and exact and not processor["do_center_crop"]:
+            kind = "ViTImageProcessor"
+        processor["image_processor_type"] = kind
+    return save_hf_classifier(model, folder, label_names, preprocessor=processor)
 
 
 def _preprocessing_or_default(

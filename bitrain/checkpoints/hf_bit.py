@@ -1,7 +1,6 @@
 """Hugging Face BiT (``BitForImageClassification`` / ``BitModel``) <-> timm ``ResNetV2``.
 
-The BiT family of :mod:`bitrain.models.hf_classifier`, which dispatches here by architecture and
-holds the public API (``load_hf_classifier``, ``save_hf_classifier`` ...).
+The BiT table of :mod:`bitrain.checkpoints.huggingface`, which dispatches here by architecture.
 
 timm architectures: ``resnetv2_{50x1,101x1,152x2}_bit`` (``timm.models.resnetv2.ResNetV2``:
 weight standardised convs with eps 1e-8, group norm, pre-activation bottlenecks, the "fixed" stem
@@ -22,7 +21,7 @@ Key map (HF on the left)::
     classifier.1.bias                                    head.fc.bias
 
 HF's ``num_groups`` cannot be passed to timm's constructor (it builds 32 groups): the caller sets
-it on the built model (``hf_classifier.apply_norm_settings``).
+it as ``create_classifier``'s ``group_norm_groups``.
 """
 
 from __future__ import annotations
@@ -34,10 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from bitrain.checkpoints.hf import config_square, one_value, weight_bias
 from bitrain.io import CheckpointError
-from bitrain.models.hf import config_square, head_classes, one_value, weight_bias
 
-__all__ = ["TIMM_BIT", "TIMM_GROUPS", "bit_spec", "bit_state", "bit_to_hf"]
+__all__ = ["TIMM_BIT", "TIMM_GROUPS", "bit_from_hf", "bit_to_hf"]
 
 
 # BiT depths -> (timm name, its fixed width factor).
@@ -68,7 +67,18 @@ def _make_div(value: float, divisor: int = 8) -> int:
     return new + divisor if new < 0.9 * value else new
 
 
-def bit_spec(config: Mapping[str, Any]) -> dict[str, Any]:
+def bit_from_hf(
+    sd: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """HF BiT weights (``bit.`` prefix) -> ``(timm state dict, create_classifier spec)``."""
+    spec = _bit_spec(config)  # the config's clear errors before the weights'
+    state = _bit_state(sd)
+    head = state.get("head.fc.weight")
+    spec["num_classes"] = int(head.shape[0]) if head is not None else None
+    return state, spec
+
+
+def _bit_spec(config: Mapping[str, Any]) -> dict[str, Any]:
     """``create_classifier`` kwargs (less ``num_classes``) of a BiT config."""
     checks = {
         "layer_type": (config.get("layer_type", "preactivation"), "preactivation"),
@@ -121,7 +131,7 @@ def bit_spec(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def bit_state(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _bit_state(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF BiT weights (with the ``bit.`` prefix) in timm ``ResNetV2`` names.
 
     Raises:
@@ -147,7 +157,7 @@ def bit_state(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def bit_to_hf(model: nn.Module) -> tuple[dict, dict[str, Any]]:
-    """A timm BiT ``ResNetV2`` as HF weights and config (``num_labels`` set, no labels yet).
+    """A timm BiT ``ResNetV2`` as HF weights and config (labels are the caller's).
 
     Raises:
         CheckpointError: a ResNetV2 that is not HF's BiT network (stem, convs, blocks, norms).
@@ -180,8 +190,7 @@ def bit_to_hf(model: nn.Module) -> tuple[dict, dict[str, Any]]:
         problems.append("its activation is not ReLU")
     if problems:
         raise CheckpointError(
-            "to_hf_classifier: this ResNetV2 is not a Hugging Face BiT network: "
-            + "; ".join(problems)
+            "this ResNetV2 is not a Hugging Face BiT network: " + "; ".join(problems)
         )
     back = {v: k for k, v in _BIT_TOP.items()}
     out: dict[str, torch.Tensor] = {}
@@ -196,7 +205,7 @@ def bit_to_hf(model: nn.Module) -> tuple[dict, dict[str, Any]]:
         elif key in back:
             out[back[key]] = value.flatten(1) if key == "head.fc.weight" else value
         else:
-            raise CheckpointError(f"to_hf_classifier: no Hugging Face name for timm key {key!r}")
+            raise CheckpointError(f"to Hugging Face: no name for timm key {key!r}")
     spec = getattr(model, "bitrain_spec", {})
     config = {
         "architectures": ["BitForImageClassification"],
@@ -214,6 +223,5 @@ def bit_to_hf(model: nn.Module) -> tuple[dict, dict[str, Any]]:
         "output_stride": 32,
         "width_factor": 1,
         "image_size": int(spec.get("img_size", getattr(model, "img_size", 224))),
-        "num_labels": head_classes(state.get("head.fc.weight")),
     }
     return out, config

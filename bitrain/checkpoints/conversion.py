@@ -1,0 +1,212 @@
+"""Convert a checkpoint between formats, verified, without ever destroying the source or a file.
+
+:func:`convert` sniffs the source once: BEiT masked-image-modeling weights go through
+:mod:`.mim` (``bitrain`` / ``official`` / ``hf``), anything else through :mod:`.classifier`
+(``bitrain`` / ``timm`` / ``official`` / ``hf``; label names and the evaluation preprocessing travel
+with it). The result is written to a temporary path beside ``dst``, reloaded and compared with the
+source there (a pretraining model tensor by tensor, bit exact; a classifier by its logits on a
+random batch, max abs difference <= :data:`LOGIT_TOL`, and its label names), and only then moved to
+``dst``. An existing ``dst``, or one that is the source (or holds it, or lies in it), is refused
+unless ``force``; with ``force`` the old one is replaced only after the new one passed its check.
+``scripts/convert_checkpoint.py`` is the command line of this function.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bitrain.checkpoints.classifier import CLASSIFIER_FORMATS, load_classifier, save_classifier
+from bitrain.checkpoints.mim import (
+    FORMATS,
+    build_mim_model,
+    load_mim_model,
+    load_mim_state,
+    save_mim_model,
+)
+from bitrain.checkpoints.sniff import sniff
+from bitrain.io import CheckpointError
+
+__all__ = ["ALL_FORMATS", "ConversionError", "Converted", "LOGIT_TOL", "convert"]
+
+log = logging.getLogger(__name__)
+
+ALL_FORMATS: tuple[str, ...] = tuple(dict.fromkeys((*FORMATS, *CLASSIFIER_FORMATS)))
+LOGIT_TOL = 1e-5
+
+
+class ConversionError(CheckpointError):
+    """The conversion was written but did not reload equal to its source; ``dst`` is untouched."""
+
+
+@dataclass(frozen=True)
+class Converted:
+    """What :func:`convert` did: paths, formats, kind (``mim`` / ``classifier``), the check."""
+
+    src: Path
+    dst: Path
+    src_format: str
+    dst_format: str
+    kind: str
+    check: str
+
+
+def check_destination(src: str | os.PathLike, dst: str | os.PathLike, force: bool) -> str | None:
+    """Why writing ``dst`` is refused (None when it is not): it exists, or it is the source.
+
+    The source counts as overwritten when ``dst`` is the same file or folder, a folder that holds
+    the source, or a path inside a source folder. ``force`` allows all of these.
+    """
+    src_path, dst_path = Path(src).expanduser().resolve(), Path(dst).expanduser().resolve()
+    if force:
+        return None
+    if src_path == dst_path or src_path in dst_path.parents or dst_path in src_path.parents:
+        return (
+            f"--dst {dst} would overwrite the source --src {src}; choose another --dst (or pass "
+            "--force to replace the source with its conversion)"
+        )
+    if dst_path.exists() or dst_path.is_symlink():
+        return f"--dst {dst} exists; choose another --dst, or pass --force to replace it"
+    return None
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    dst_format: str,
+    *,
+    src_format: str | None = None,
+    force: bool = False,
+    verify: bool = True,
+    use_ema: bool = False,
+    model_name: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> Converted:
+    """Convert the checkpoint at ``src`` to ``dst_format`` at ``dst`` (see the module docstring).
+
+    Args:
+        src: source file or folder (any format :func:`~bitrain.checkpoints.sniff` knows).
+        dst: destination file (``bitrain``, ``official``) or folder (``hf``, ``timm``).
+        dst_format: one of :data:`ALL_FORMATS` (``timm`` is for classifiers only).
+        src_format: when given, the detected format must be this one.
+        force: replace an existing ``dst`` (also the source itself) once verified.
+        verify: reload the conversion and compare it with the source before moving it.
+        use_ema: classifiers: the EMA weights.
+        model_name: classifiers: the timm architecture of a bare state dict.
+        model_kwargs: classifiers: further ``create_classifier`` arguments with ``model_name``.
+
+    Raises:
+        FileExistsError: ``dst`` exists or is the source, and not ``force``.
+        CheckpointError: an unreadable or unsafe source, a format mismatch, a destination format
+            that cannot hold the model; :class:`ConversionError` when the check failed.
+        ValueError: an unknown format, or ``model_kwargs`` without ``model_name``.
+    """
+    if dst_format not in ALL_FORMATS:
+        raise ValueError(f"unknown format {dst_format!r}; choose one of {ALL_FORMATS}")
+    refused = check_destination(src, dst, force)
+    if refused:
+        raise FileExistsError(refused)
+    if model_kwargs and not model_name:
+        raise ValueError("model_kwargs needs model_name")
+    found = sniff(src)
+    if found.kind == "mim":
+        if dst_format not in FORMATS:
+            raise CheckpointError(
+                f"'{src}' holds pretraining (MIM) weights; the destination format must be one of "
+                f"{FORMATS} ({dst_format} is for classifiers)"
+            )
+        state, kwargs, fmt = load_mim_state(found)
+        _check_format(src, fmt, src_format)
+        model = build_mim_model(state, kwargs, where=f"{fmt} checkpoint '{src}'")
+        save: Callable[[Path], Path] = lambda out: save_mim_model(model, out, dst_format)  # noqa: E731
+        check: Callable[[Path], str] = lambda out: _same_tensors(model, load_mim_model(out))  # noqa: E731
+        kind = "mim"
+    else:
+        extra = {"model_name": model_name, **(model_kwargs or {})} if model_name else {}
+        classifier = load_classifier(found, use_ema=use_ema, **extra)
+        fmt = classifier.bitrain_source_format
+        _check_format(src, fmt, src_format)
+        save = lambda out: save_classifier(classifier, out, dst_format)  # noqa: E731
+        check = lambda out: _same_logits(classifier, load_classifier(out))  # noqa: E731
+        kind = "classifier"
+    result = _write(Path(dst).expanduser(), save, check if verify else None)
+    return Converted(Path(src), Path(dst), fmt, dst_format, kind, result)
+
+
+def _check_format(src: str | os.PathLike, found: str, wanted: str | None) -> None:
+    if wanted is not None and found != wanted:
+        raise CheckpointError(f"'{src}' is a {found} checkpoint, not {wanted}")
+
+
+def _same_tensors(model: torch.nn.Module, back: torch.nn.Module) -> str:
+    reloaded = back.state_dict()
+    for key, value in model.state_dict().items():
+        if not torch.equal(reloaded[key], value):
+            raise ConversionError(f"verification failed: {key} differs after the round trip")
+    return f"{len(reloaded)} tensors identical after reloading"
+
+
+def _input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    spec = getattr(model, "bitrain_spec", {}) or {}
+    size = spec.get("img_size") or getattr(model, "img_size", None)
+    if size is None:
+        size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[1:]
+    h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+    return int(spec.get("in_chans", 3)), int(h), int(w)
+
+
+def _same_logits(model: torch.nn.Module, back: torch.nn.Module) -> str:
+    x = torch.randn(2, *_input_shape(model), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        diff = (back(x).float() - model(x).float()).abs().max().item()
+    if not diff <= LOGIT_TOL:
+        raise ConversionError(
+            f"verification failed: logits differ by {diff:.3g} (> {LOGIT_TOL:g}) after reloading"
+        )
+    if back.label_names != model.label_names:
+        raise ConversionError(
+            f"verification failed: label names {(back.label_names or [])[:5]} after reloading, "
+            f"{(model.label_names or [])[:5]} before"
+        )
+    return f"logits equal within {diff:.3g} and label names kept after reloading"
+
+
+def _write(dst: Path, save: Callable[[Path], Path], check: Callable[[Path], str] | None) -> str:
+    """Save into a temporary path beside ``dst``, check it there, then move it into place."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".converting", dir=dst.parent))
+    try:
+        staged = save(tmp / dst.name)
+        result = check(staged) if check is not None else "not verified (--no-verify)"
+        _replace(staged, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def _replace(staged: Path, dst: Path) -> None:
+    """Move ``staged`` to ``dst``; an existing ``dst`` is removed only once the new one is there."""
+    old = None
+    real_dir = dst.is_dir() and not dst.is_symlink()
+    if (dst.exists() or dst.is_symlink()) and (real_dir or staged.is_dir()):
+        old = dst.with_name(f".{dst.name}.replaced-{os.getpid()}")
+        os.replace(dst, old)
+    try:
+        os.replace(staged, dst)  # a file over a file is replaced atomically
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()

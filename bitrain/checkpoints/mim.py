@@ -1,0 +1,135 @@
+"""BEiT masked-image-modeling weights in three layouts: bitrain, official unilm ``.pth``, HF.
+
+* **bitrain** -- the Lightning ``.ckpt`` of :mod:`bitrain.tasks.mim`: ``{"state_dict":
+  {"model.<BeitMIM key>": ...}, "hyper_parameters": {"model": {"_target_": ..., **kwargs}, ...},
+  ...}``. :func:`save_mim_model` writes the same layout with only the model, so one reader serves
+  both.
+* **official** -- what ``unilm/beit/run_beit_pretraining.py`` saves (:mod:`.official`), or a bare
+  official state dict.
+* **hf** -- a ``BeitForMaskedImageModeling`` folder (:mod:`.hf_beit`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bitrain.checkpoints.huggingface import read_hf_mim, save_hf_mim
+from bitrain.checkpoints.official import from_official, mim_args, mim_kwargs, some_keys, to_official
+from bitrain.checkpoints.sniff import (
+    BEIT_MIM_TARGET,
+    Sniffed,
+    bitrain_state,
+    is_tensor_mapping,
+    sniff,
+)
+from bitrain.io import CheckpointError, atomic_save
+from bitrain.models.beit import BeitMIM
+
+__all__ = ["FORMATS", "build_mim_model", "load_mim_model", "load_mim_state", "save_mim_model"]
+
+FORMATS: tuple[str, ...] = ("bitrain", "official", "hf")
+
+
+def load_mim_state(
+    path_or_found: str | os.PathLike | Sniffed, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """Read any supported MIM checkpoint: ``(BeitMIM state_dict, BeitMIM kwargs, format)``.
+
+    Raises:
+        FileNotFoundError: nothing at the path.
+        CheckpointError: unknown format, unsafe pickle, or not a BEiT MIM model.
+    """
+    found = (
+        path_or_found if isinstance(path_or_found, Sniffed) else sniff(path_or_found, map_location)
+    )
+    path, obj = found.path, found.obj
+    if found.kind != "mim":
+        if found.format == "hf":
+            keys = list(obj.get("architectures") or [])
+        else:
+            raw = obj.get("state_dict") if found.format == "bitrain" else obj
+            raw = next((obj[k] for k in ("model", "module") if is_tensor_mapping(obj.get(k))), raw)
+            keys = some_keys(raw)
+        raise CheckpointError(
+            f"'{path}' is not a BEiT masked-image-modeling model (a {found.format} {found.kind} "
+            f"checkpoint: no lm_head.weight); found {keys}"
+        )
+    if found.format == "hf":
+        state, kwargs = read_hf_mim(path)
+        return state, kwargs, "hf"
+    if found.format == "bitrain":
+        kwargs = {k: v for k, v in obj["hyper_parameters"]["model"].items() if k != "_target_"}
+        return bitrain_state(found), kwargs, "bitrain"
+    key = next(
+        (k for k in ("model", "module", "state_dict") if is_tensor_mapping(obj.get(k))), None
+    )
+    raw = obj if key is None else obj[key]
+    state = from_official(raw)
+    if "mask_token" not in state:
+        raise CheckpointError(
+            f"'{path}' is not a BEiT masked-image-modeling model (no mask_token); found keys "
+            f"{some_keys(state)}"
+        )
+    return state, mim_kwargs(state, obj.get("args") if key is not None else None), "official"
+
+
+def build_mim_model(
+    state: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any], where: str = "checkpoint"
+) -> BeitMIM:
+    """``BeitMIM(**kwargs)`` with ``state`` loaded strictly.
+
+    Raises:
+        CheckpointError: the arguments are invalid or the weights do not fit them.
+    """
+    try:
+        model = BeitMIM(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: cannot build BeitMIM({dict(kwargs)}): {err}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{where} does not match BeitMIM({dict(kwargs)}): {err}") from None
+    return model
+
+
+def load_mim_model(
+    path_or_dir: str | os.PathLike | Sniffed, map_location: str | torch.device = "cpu"
+) -> BeitMIM:
+    """A :class:`BeitMIM` from a bitrain ``.ckpt``, an official ``.pth`` or a HF folder (strict).
+
+    Raises:
+        FileNotFoundError: nothing at ``path_or_dir``.
+        CheckpointError: unknown format, unsafe file, wrong model, or mismatched weights.
+    """
+    state, kwargs, fmt = load_mim_state(path_or_dir, map_location)
+    path = path_or_dir.path if isinstance(path_or_dir, Sniffed) else path_or_dir
+    model = build_mim_model(state, kwargs, where=f"{fmt} checkpoint '{path}'")
+    return model.to(map_location)
+
+
+def save_mim_model(model: BeitMIM, path: str | os.PathLike, format: str = "bitrain") -> Path:
+    """Save ``model`` as ``format`` (one of :data:`FORMATS`); returns the path written.
+
+    * ``bitrain``: ``{"state_dict": {"model.<key>": ...}, "hyper_parameters": {"model":
+      {"_target_": ..., **model_kwargs}}}``, the Lightning ``.ckpt`` layout, model only.
+    * ``official``: ``{"model": official state dict, "args": Namespace(...)}``.
+    * ``hf``: a ``BeitForMaskedImageModeling`` folder.
+    """
+    if format == "hf":
+        return save_hf_mim(model, path)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if format == "bitrain":
+        obj: dict[str, Any] = {
+            "state_dict": {f"model.{k}": v for k, v in state.items()},
+            "hyper_parameters": {"model": {"_target_": BEIT_MIM_TARGET, **model.model_kwargs}},
+        }
+    elif format == "official":
+        obj = {"model": to_official(state), "args": mim_args(model.model_kwargs)}
+    else:
+        raise ValueError(f"unknown checkpoint format {format!r}; choose one of {FORMATS}")
+    return atomic_save(obj, path)

@@ -1,0 +1,270 @@
+"""The official unilm BEiT layout: ``{"model": state_dict, ..., "args": Namespace}``.
+
+``run_beit_pretraining.py`` and ``run_class_finetuning.py`` save this (``utils.save_model``).
+``modeling_pretrain.py`` and ``modeling_finetune.py`` are built on timm, so the key table is the
+identity, except that the official models keep ``relative_position_index`` buffers in their state
+dicts (dropped on import, regenerated on export) and DDP-wrapped saves carry a ``module.`` prefix.
+
+The architecture is read from ``args`` when bitrain wrote it (``bitrain_model_kwargs`` /
+``bitrain_spec``: exact), else from the tensor shapes (:func:`infer_architecture`), one inference
+for pretraining and fine-tuned files: width from ``cls_token``, depth from the block indices,
+patch size and channels from ``patch_embed.proj.weight``, heads (columns) and patch grid (rows)
+from a relative position table (else heads from the model name or ``embed_dim // 64`` and grid
+from ``pos_embed``), absolute positions from ``pos_embed``, LayerScale from ``gamma_1``. ``args``
+(the official command line) supplies what the weights cannot tell: drop path and the LayerScale
+init value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from timm.models.beit import gen_relative_position_index
+from torch import nn
+
+from bitrain.data.preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INCEPTION_MEAN,
+    INCEPTION_STD,
+    EvalPreprocessing,
+)
+from bitrain.io import CheckpointError
+
+__all__ = [
+    "classifier_args",
+    "classifier_spec",
+    "from_official",
+    "infer_architecture",
+    "mim_args",
+    "mim_kwargs",
+    "to_official",
+]
+
+log = logging.getLogger(__name__)
+
+# Official model names (modeling_pretrain.py / modeling_finetune.py) -> (embed_dim, depth, heads).
+OFFICIAL_SIZES = {"base": (768, 12, 12), "large": (1024, 24, 16)}
+TIMM_BEIT = "beit_base_patch16_224"
+
+
+def some_keys(mapping: Mapping[str, Any], n: int = 6) -> list[str]:
+    """The first ``n`` keys of a mapping, for error messages."""
+    keys = [str(k) for k in mapping]
+    return keys[:n] + (["..."] if len(keys) > n else [])
+
+
+def from_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official keys -> ours: drop ``relative_position_index`` buffers and a ``module.`` prefix."""
+    return {
+        key.removeprefix("module."): value
+        for key, value in state_dict.items()
+        if not key.endswith("relative_position_index")
+    }
+
+
+def to_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our keys -> official keys: add each table's ``relative_position_index`` buffer.
+
+    The window (patch grid) of a table is recovered from its length ``(2g - 1)^2 + 3``.
+    """
+    out = dict(state_dict)
+    for key, table in state_dict.items():
+        if key.endswith("relative_position_bias_table"):
+            grid = grid_from_table(table.shape[0], key)
+            out[key.removesuffix("relative_position_bias_table") + "relative_position_index"] = (
+                gen_relative_position_index((grid, grid))
+            )
+    return out
+
+
+def grid_from_table(rows: int, key: str) -> int:
+    """The side ``g`` of a square patch grid whose relative position table has ``rows`` rows."""
+    side = (math.isqrt(max(rows - 3, 0)) + 1) // 2
+    if (2 * side - 1) ** 2 + 3 != rows:
+        raise CheckpointError(
+            f"'{key}' has {rows} rows, not (2g-1)^2 + 3 for any square patch grid g"
+        )
+    return side
+
+
+def plain_args(args: Any) -> dict[str, Any]:
+    """An official ``args`` (``argparse.Namespace`` or mapping) as a dict."""
+    return vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+
+
+def infer_architecture(
+    state: Mapping[str, torch.Tensor], args: Mapping[str, Any], required: tuple[str, ...]
+) -> dict[str, Any]:
+    """The BEiT architecture of an official state dict (see the module docstring).
+
+    Raises:
+        CheckpointError: a tensor the inference needs is missing.
+    """
+    for key in ("cls_token", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight", *required):
+        if key not in state:
+            raise CheckpointError(
+                f"official BEiT state dict has no '{key}'; found keys {some_keys(state)}"
+            )
+    embed_dim = int(state["cls_token"].shape[-1])
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    proj = state["patch_embed.proj.weight"]  # [D, C, p, p]
+    shared = "rel_pos_bias.relative_position_bias_table" in state
+    per_layer = "blocks.0.attn.relative_position_bias_table" in state
+    if shared or per_layer:
+        key = (
+            "blocks.0.attn.relative_position_bias_table"
+            if per_layer
+            else "rel_pos_bias.relative_position_bias_table"
+        )
+        num_heads = int(state[key].shape[1])
+        grid = grid_from_table(state[key].shape[0], key)
+    else:
+        name = str(args.get("model", ""))
+        size = next((s for tag, s in OFFICIAL_SIZES.items() if f"_{tag}_" in name), None)
+        num_heads = size[2] if size and size[0] == embed_dim else max(1, embed_dim // 64)
+        if "pos_embed" not in state:
+            raise CheckpointError(
+                "official BEiT state dict has neither a relative position table nor pos_embed"
+            )
+        grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+    img_size = grid * int(proj.shape[-1])
+    if args.get("input_size") not in (None, img_size):
+        log.warning(
+            "official args.input_size=%s but the weights say %s", args["input_size"], img_size
+        )
+    layer_scale = args.get("layer_scale_init_value")
+    return {
+        "img_size": img_size,
+        "patch_size": int(proj.shape[-1]),
+        "in_chans": int(proj.shape[1]),
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "num_heads": num_heads,
+        "mlp_ratio": state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+        "qkv_bias": "blocks.0.attn.q_bias" in state,
+        "use_abs_pos_emb": "pos_embed" in state,
+        "use_rel_pos_bias": per_layer,
+        "use_shared_rel_pos_bias": shared,
+        # LayerScale: the init value is only in args (gamma_1 has trained values)
+        "layer_scale": (float(layer_scale) if layer_scale else 0.1)
+        if "blocks.0.gamma_1" in state
+        else None,
+    }
+
+
+def mim_kwargs(state: Mapping[str, torch.Tensor], args: Any = None) -> dict[str, Any]:
+    """``BeitMIM`` arguments of an official pretraining state dict."""
+    args = plain_args(args)
+    if isinstance(args.get("bitrain_model_kwargs"), Mapping):
+        return dict(args["bitrain_model_kwargs"])  # written by our export: exact
+    arch = infer_architecture(state, args, ("lm_head.weight",))
+    return {
+        **{k: v for k, v in arch.items() if k != "layer_scale"},
+        "vocab_size": int(state["lm_head.weight"].shape[0]),
+        "drop_path_rate": float(args.get("drop_path", 0.1)),
+        "init_values": arch["layer_scale"],
+        "layer_norm_eps": 1e-6,  # partial(nn.LayerNorm, eps=1e-6) in modeling_pretrain.py
+        "init_std": 0.02,
+    }
+
+
+def classifier_spec(state: Mapping[str, torch.Tensor], args: Any = None) -> dict[str, Any]:
+    """``create_classifier`` arguments of an official fine-tuned state dict."""
+    args = plain_args(args)
+    if isinstance(args.get("bitrain_spec"), Mapping):
+        return dict(args["bitrain_spec"])  # written by our export: exact
+    arch = infer_architecture(state, args, ("head.weight",))
+    num_classes = int(state["head.weight"].shape[0])
+    mean_pooling = "fc_norm.weight" in state
+    for arg, found in (("nb_classes", num_classes), ("use_mean_pooling", mean_pooling)):
+        if args.get(arg) is not None and args[arg] != found:
+            log.warning("official args.%s=%s but the weights say %s", arg, args[arg], found)
+    import timm
+
+    name = str(args.get("model", ""))
+    spec: dict[str, Any] = {
+        "model_name": name if name.startswith("beit_") and timm.is_model(name) else TIMM_BEIT,
+        "num_classes": num_classes,
+        **{k: v for k, v in arch.items() if k != "layer_scale"},
+        "init_values": arch["layer_scale"] or 0.0,
+        "global_pool": "avg" if mean_pooling else "token",
+    }
+    if args.get("drop_path") is not None:
+        spec["drop_path_rate"] = float(args["drop_path"])
+    return spec
+
+
+def _model_name(dim: int, depth: int, heads: int, patch: int, img: int, suffix: str) -> str:
+    size = next((tag for tag, s in OFFICIAL_SIZES.items() if s == (dim, depth, heads)), None)
+    return f"beit_{size}_patch{patch}_{img}{suffix}" if size else ""
+
+
+def mim_args(kwargs: Mapping[str, Any]) -> argparse.Namespace:
+    """The model fields of ``run_beit_pretraining.py``'s args, plus the exact bitrain record."""
+    name = _model_name(
+        kwargs["embed_dim"], kwargs["depth"], kwargs["num_heads"], kwargs["patch_size"],
+        kwargs["img_size"], "_8k_vocab",
+    )  # fmt: skip
+    return argparse.Namespace(
+        model=name or "bitrain_beit_mim",
+        input_size=kwargs["img_size"],
+        drop_path=kwargs["drop_path_rate"],
+        layer_scale_init_value=kwargs["init_values"] or 0.0,
+        rel_pos_bias=kwargs["use_shared_rel_pos_bias"],
+        abs_pos_emb=kwargs["use_abs_pos_emb"],
+        bitrain_model_kwargs=dict(kwargs),
+    )
+
+
+def classifier_args(
+    model: nn.Module,
+    spec: Mapping[str, Any],
+    preprocessing: EvalPreprocessing | None,
+) -> argparse.Namespace:
+    """The fields of ``run_class_finetuning.py``'s args, plus the exact bitrain records.
+
+    The evaluation preprocessing is also written in unilm's own fields (``crop_pct``,
+    ``imagenet_default_mean_and_std``) when they can say it: a bicubic shortest-edge resize and a
+    square centre crop of ``input_size``, normalised with ImageNet's or the 0.5 mean/std.
+    """
+    blocks = model.blocks
+    patch, img = int(model.patch_embed.patch_size[0]), int(model.patch_embed.img_size[0])
+    table = getattr(blocks[0].attn, "relative_position_bias_table", None)
+    gamma = getattr(blocks[0], "gamma_1", None)
+    name = _model_name(
+        int(model.embed_dim), len(blocks), int(blocks[0].attn.num_heads), patch, img, ""
+    )
+    return argparse.Namespace(
+        model=name or "bitrain_beit",
+        nb_classes=int(spec["num_classes"]),
+        input_size=img,
+        drop_path=float(spec.get("drop_path_rate", 0.0)),
+        rel_pos_bias=table is not None,
+        disable_rel_pos_bias=table is None,
+        abs_pos_emb=model.pos_embed is not None,
+        layer_scale_init_value=float(spec.get("init_values") or 0.0) if gamma is not None else 0.0,
+        use_mean_pooling=isinstance(getattr(model, "fc_norm", None), nn.LayerNorm),
+        qkv_bias=getattr(blocks[0].attn, "q_bias", None) is not None,
+        bitrain_spec=dict(spec),
+        bitrain_eval_transform=None if preprocessing is None else preprocessing.to_record(),
+        **_unilm_preprocessing(preprocessing, img),
+    )
+
+
+def _unilm_preprocessing(spec: EvalPreprocessing | None, size: int) -> dict[str, Any]:
+    """``crop_pct`` / ``imagenet_default_mean_and_std`` that make unilm build ``spec``, or {}."""
+    if spec is None or spec.resize is None or spec.resize[0] != "shortest_edge" or size <= 32:
+        return {}  # unilm does not resize at 32 px and below
+    normalizations = {(IMAGENET_MEAN, IMAGENET_STD): True, (INCEPTION_MEAN, INCEPTION_STD): False}
+    imagenet = normalizations.get((tuple(spec.mean), tuple(spec.std)))
+    if spec.crop != (size, size) or spec.interpolation != "bicubic" or imagenet is None:
+        return {}
+    # int(input_size / crop_pct) == resize (beit/datasets.py build_transform)
+    return {"crop_pct": size / (spec.resize[1] + 0.5), "imagenet_default_mean_and_std": imagenet}
