@@ -24,6 +24,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,7 @@ def load_torch_file(
     allow_namespace: bool = False,
     what: str = "checkpoint",
     hint: str | None = None,
+    mmap: bool = False,
 ) -> Any:
     """``torch.load(path, weights_only=True)`` with clear errors.
 
@@ -170,6 +172,9 @@ def load_torch_file(
             command line under ``args``). Its attributes are plain values, so this runs no code.
         what: what the file is, for error messages.
         hint: appended to the "not found" message (e.g. where to get the file).
+        mmap: map the tensors' storage instead of reading it (``torch.load(mmap=True)``): reading
+            only the records of a multi-GB checkpoint costs next to nothing. Files in torch's old
+            (non-zip) format cannot be mapped and are read.
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -178,6 +183,8 @@ def load_torch_file(
     path = _require_file(path, what, hint)
     allowed = [argparse.Namespace] if allow_namespace else []
     with torch.serialization.safe_globals(allowed):
+        if mmap and zipfile.is_zipfile(path):
+            return _guarded_load(path, what, "tensors and plain containers", map_location, True)
         return _guarded_load(path, what, "tensors and plain containers", map_location)
 
 
@@ -285,7 +292,11 @@ def flatten_module_state(root: PickledModule, prefix: str = "") -> dict[str, tor
 
 
 def _guarded_load(
-    path: Path, what: str, allowed: str, map_location: str | torch.device = "cpu"
+    path: Path,
+    what: str,
+    allowed: str,
+    map_location: str | torch.device = "cpu",
+    mmap: bool = False,
 ) -> Any:
     """``torch.load(weights_only=True)`` under the caller's allow-list.
 
@@ -293,7 +304,7 @@ def _guarded_load(
     names a global outside the allow-list) or unreadable (truncated, corrupt, not a torch file).
     """
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         reason = _reason(err)
         if _REFUSED.search(reason):

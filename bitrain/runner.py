@@ -18,6 +18,7 @@ An entry point composes its Hydra config and calls :func:`train`; everything els
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import re
@@ -32,8 +33,9 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from bitrain.checkpoints.normalization import recorded_normalization
 from bitrain.cluster import (
     PreemptionCheckpoint,
     apply_global_batch,
@@ -309,6 +311,46 @@ def _raise_problems(problems: list[tuple[str, Exception]]) -> None:
         ) from problems[0][1]
 
 
+def use_pretrained_normalization(cfg: DictConfig) -> tuple | None:
+    """Fine-tuning: normalise pixels as the checkpoint in ``model.pretrained`` was trained to.
+
+    When the checkpoint records its normalisation (:mod:`bitrain.checkpoints.normalization`), it
+    replaces ``data.transform`` / ``data.val_transform``'s ``mean`` and ``std``, with a warning
+    naming both values where the config said otherwise; a checkpoint that records none (a released
+    official ``.pth``) leaves the experiment's values. ``normalize_as_pretrained: false`` keeps the
+    config's. Returns the ``(mean, std)`` used from the checkpoint, or None.
+    """
+    pretrained = OmegaConf.select(cfg, "model.pretrained")
+    if not pretrained or not cfg.get("normalize_as_pretrained", True):
+        return None
+    path = Path(str(pretrained)).expanduser()
+    if not path.exists():
+        return None  # the model's own loading says what is missing
+    recorded = recorded_normalization(path)
+    if recorded is None:
+        log.info("%s records no normalisation: the config's mean/std are used", path)
+        return None
+    mean, std = (list(v) for v in recorded)
+    for key in ("data.transform", "data.val_transform"):
+        node = OmegaConf.select(cfg, key)
+        if not isinstance(node, DictConfig) or "mean" not in node or "std" not in node:
+            continue
+        have = [float(v) for v in node.mean], [float(v) for v in node.std]
+        same = len(have[0]) == len(mean) and len(have[1]) == len(std)
+        same = same and all(
+            math.isclose(a, b, rel_tol=1e-6) for a, b in zip([*have[0], *have[1]], [*mean, *std])
+        )
+        if not same:
+            log.warning(
+                "%s.mean/std = %s / %s, but %s was trained with mean %s / std %s: fine-tuning "
+                "normalises as pretraining did (normalize_as_pretrained=false keeps the config's)",
+                key, have[0], have[1], path, mean, std,
+            )  # fmt: skip
+        with open_dict(node):
+            node.mean, node.std = mean, std
+    return mean, std
+
+
 def build(
     cfg: DictConfig, callbacks: Sequence[L.Callback] = ()
 ) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
@@ -330,6 +372,7 @@ def build(
     attempt("trainer", lambda: check_devices(cfg.trainer))  # GPUs there; CPU processes (warning)
     apply_hyperrule(cfg)  # hyperrule: true -> BiT-HyperRule schedule, resolution, Mixup
     apply_global_batch(cfg)  # data.global_batch_size -> per-device batch + accumulation
+    attempt("data", lambda: use_pretrained_normalization(cfg))
     datamodule = None
     if "masking" in cfg and cfg.masking is not None:
         mask_generator = attempt("masking", lambda: _mask_generator(cfg.masking))

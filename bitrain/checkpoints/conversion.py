@@ -32,6 +32,7 @@ from bitrain.checkpoints.mim import (
     load_mim_state,
     save_mim_model,
 )
+from bitrain.checkpoints.normalization import normalization_of
 from bitrain.checkpoints.sniff import sniff
 from bitrain.io import CheckpointError
 
@@ -126,6 +127,7 @@ def convert(
         state, kwargs, fmt = load_mim_state(found)
         _check_format(src, fmt, src_format)
         model = build_mim_model(state, kwargs, where=f"{fmt} checkpoint '{src}'")
+        model.bitrain_normalization = normalization_of(found)
         save: Callable[[Path], Path] = lambda out: save_mim_model(model, out, dst_format)  # noqa: E731
         check: Callable[[Path], str] = lambda out: _same_tensors(model, load_mim_model(out))  # noqa: E731
         kind = "mim"

@@ -258,7 +258,28 @@ def to_hf_mim(model: BeitMIM, spelling: str = "4.x") -> tuple[dict[str, torch.Te
     return {k: v.clone().contiguous() for k, v in state.items()}, config
 
 
-def save_hf_mim(model: BeitMIM, folder: str | os.PathLike) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` that ``BeitForMaskedImageModeling`` loads."""
+def save_hf_mim(
+    model: BeitMIM, folder: str | os.PathLike, normalization: Mapping[str, Any] | None = None
+) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that ``BeitForMaskedImageModeling`` loads.
+
+    With ``normalization`` (``{"mean", "std"}``), also a ``preprocessor_config.json`` as the Hub's
+    BEiT pretraining folders have: a ``BeitImageProcessor`` resizing to the model's size.
+    """
     state, config = to_hf_mim(model)
-    return write_folder(folder, state, config)
+    extra = {}
+    if normalization is not None:
+        size = int(model.model_kwargs["img_size"])
+        extra["preprocessor_config"] = {
+            "image_processor_type": "BeitImageProcessor",
+            "do_resize": True,
+            "size": {"height": size, "width": size},
+            "resample": 3,
+            "do_center_crop": False,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": list(normalization["mean"]),
+            "image_std": list(normalization["std"]),
+        }
+    return write_folder(folder, state, config, **extra)

@@ -19,6 +19,11 @@ from typing import Any
 import torch
 
 from bitrain.checkpoints.huggingface import read_hf_mim, save_hf_mim
+from bitrain.checkpoints.normalization import (
+    Normalization,
+    normalization_of,
+    normalization_record,
+)
 from bitrain.checkpoints.official import from_official, mim_args, mim_kwargs, some_keys, to_official
 from bitrain.checkpoints.sniff import (
     BEIT_MIM_TARGET,
@@ -102,34 +107,53 @@ def load_mim_model(
 ) -> BeitMIM:
     """A :class:`BeitMIM` from a bitrain ``.ckpt``, an official ``.pth`` or a HF folder (strict).
 
+    The model carries ``bitrain_normalization``: the ``(mean, std)`` its pretraining normalised
+    pixels with, when the file records it (:mod:`.normalization`), else None.
+
     Raises:
         FileNotFoundError: nothing at ``path_or_dir``.
         CheckpointError: unknown format, unsafe file, wrong model, or mismatched weights.
     """
-    state, kwargs, fmt = load_mim_state(path_or_dir, map_location)
-    path = path_or_dir.path if isinstance(path_or_dir, Sniffed) else path_or_dir
-    model = build_mim_model(state, kwargs, where=f"{fmt} checkpoint '{path}'")
+    found = path_or_dir if isinstance(path_or_dir, Sniffed) else sniff(path_or_dir, map_location)
+    state, kwargs, fmt = load_mim_state(found, map_location)
+    model = build_mim_model(state, kwargs, where=f"{fmt} checkpoint '{found.path}'")
+    model.bitrain_normalization = normalization_of(found)  # None when the file records none
     return model.to(map_location)
 
 
-def save_mim_model(model: BeitMIM, path: str | os.PathLike, format: str = "bitrain") -> Path:
+def save_mim_model(
+    model: BeitMIM,
+    path: str | os.PathLike,
+    format: str = "bitrain",
+    normalization: Normalization | None = None,
+) -> Path:
     """Save ``model`` as ``format`` (one of :data:`FORMATS`); returns the path written.
+
+    ``normalization`` (default: ``model.bitrain_normalization``) is recorded in every format:
+    ``hyper_parameters["normalization"]``, the official ``args`` (unilm's
+    ``imagenet_default_mean_and_std`` when it can say it), a HF ``preprocessor_config.json``.
 
     * ``bitrain``: ``{"state_dict": {"model.<key>": ...}, "hyper_parameters": {"model":
       {"_target_": ..., **model_kwargs}}}``, the Lightning ``.ckpt`` layout, model only.
     * ``official``: ``{"model": official state dict, "args": Namespace(...)}``.
     * ``hf``: a ``BeitForMaskedImageModeling`` folder.
     """
+    if normalization is None:
+        normalization = getattr(model, "bitrain_normalization", None)
+    record = None if normalization is None else normalization_record(*normalization)
     if format == "hf":
-        return save_hf_mim(model, path)
+        return save_hf_mim(model, path, record)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if format == "bitrain":
+        hparams: dict[str, Any] = {"model": {"_target_": BEIT_MIM_TARGET, **model.model_kwargs}}
+        if record is not None:
+            hparams["normalization"] = record
         obj: dict[str, Any] = {
             "state_dict": {f"model.{k}": v for k, v in state.items()},
-            "hyper_parameters": {"model": {"_target_": BEIT_MIM_TARGET, **model.model_kwargs}},
+            "hyper_parameters": hparams,
         }
     elif format == "official":
-        obj = {"model": to_official(state), "args": mim_args(model.model_kwargs)}
+        obj = {"model": to_official(state), "args": mim_args(model.model_kwargs, record)}
     else:
         raise ValueError(f"unknown checkpoint format {format!r}; choose one of {FORMATS}")
     return atomic_save(obj, path)

@@ -206,8 +206,21 @@ def _model_name(dim: int, depth: int, heads: int, patch: int, img: int, suffix: 
     return f"beit_{size}_patch{patch}_{img}{suffix}" if size else ""
 
 
-def mim_args(kwargs: Mapping[str, Any]) -> argparse.Namespace:
-    """The model fields of ``run_beit_pretraining.py``'s args, plus the exact bitrain record."""
+def mim_args(
+    kwargs: Mapping[str, Any], normalization: Mapping[str, Any] | None = None
+) -> argparse.Namespace:
+    """The model fields of ``run_beit_pretraining.py``'s args, plus the exact bitrain records.
+
+    ``normalization`` (``{"mean", "std"}``) is also written as unilm's
+    ``imagenet_default_mean_and_std`` when it is ImageNet's or the 0.5 one.
+    """
+    extra: dict[str, Any] = {}
+    if normalization is not None:
+        pair = (tuple(normalization["mean"]), tuple(normalization["std"]))
+        known = {(IMAGENET_MEAN, IMAGENET_STD): True, (INCEPTION_MEAN, INCEPTION_STD): False}
+        if pair in known:
+            extra["imagenet_default_mean_and_std"] = known[pair]
+        extra["bitrain_normalization"] = dict(normalization)
     name = _model_name(
         kwargs["embed_dim"], kwargs["depth"], kwargs["num_heads"], kwargs["patch_size"],
         kwargs["img_size"], "_8k_vocab",
@@ -220,6 +233,7 @@ def mim_args(kwargs: Mapping[str, Any]) -> argparse.Namespace:
         rel_pos_bias=kwargs["use_shared_rel_pos_bias"],
         abs_pos_emb=kwargs["use_abs_pos_emb"],
         bitrain_model_kwargs=dict(kwargs),
+        **extra,
     )
 
 

@@ -208,6 +208,7 @@ def load_pretrained(
     """
     path = Path(path).expanduser()
     state, fmt = load_encoder_state(path)
+    where = f"{fmt} checkpoint '{path}'"
     adapted, notes = adapt_state_dict(state, model)
     target = model.state_dict()
     heads = _head_keys(model)
@@ -219,15 +220,6 @@ def load_pretrained(
     reshaped = {item.split(" ", 1)[0] for item in wrong_shape}
     for key in reshaped:
         adapted.pop(key)
-    loaded = sorted(k for k in adapted if k in target)
-    where = f"{fmt} checkpoint '{path}'"
-    if not loaded:
-        raise CheckpointError(
-            f"{where}: none of its {len(state)} tensors fits "
-            f"{getattr(model, 'bitrain_spec', {}).get('model_name', type(model).__name__)} "
-            f"(checkpoint keys {_short(sorted(state))}; model keys {_short(sorted(target))}): "
-            "it is not this model's encoder. Check model.pretrained and model.model_name"
-        )
     result = model.load_state_dict(adapted, strict=False)
     missing = sorted(
         k
@@ -253,6 +245,14 @@ def load_pretrained(
                 "position bias), or pass model.pretrained_strict=false to load what fits"
             )
         log.warning("%s (loaded what fits)", message)
+    loaded = sorted(k for k in adapted if k in target)
+    if not loaded:
+        raise CheckpointError(
+            f"{where}: none of its {len(state)} tensors fits "
+            f"{getattr(model, 'bitrain_spec', {}).get('model_name', type(model).__name__)} "
+            f"(checkpoint keys {_short(sorted(state))}; model keys {_short(sorted(target))}): "
+            "it is not this model's encoder. Check model.pretrained and model.model_name"
+        )
     for note in notes:
         log.info("%s: %s", where, note)
     log.info("initialised %d of the model's %d tensors from %s", len(loaded), len(target), where)

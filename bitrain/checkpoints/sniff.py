@@ -72,8 +72,12 @@ def _weights_kind(state: Mapping[str, Any]) -> str:
     return "weights"
 
 
-def sniff(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Sniffed:
+def sniff(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> Sniffed:
     """The format and kind of the checkpoint at ``path`` (read once, weights-only).
+
+    ``mmap=True`` maps the tensors instead of reading them (for callers that only need records).
 
     Raises:
         FileNotFoundError: nothing at ``path``, or a folder without ``config.json``.
@@ -100,7 +104,7 @@ def sniff(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> 
     if path.suffix == ".safetensors":
         state = read_weights(path)
         return Sniffed(path, "timm", _weights_kind(state), state)
-    obj = load_torch_file(path, map_location=map_location, allow_namespace=True)
+    obj = load_torch_file(path, map_location=map_location, allow_namespace=True, mmap=mmap)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"'{path}' holds a {type(obj).__name__}, not a checkpoint dict")
     if "state_dict" in obj and "hyper_parameters" in obj:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from bitrain import optim as optim_lib
+from bitrain.checkpoints.normalization import normalization_record
 from bitrain.tasks.common import NonFiniteGuard, check_nonfinite_mode, plain
 from bitrain.tokenizers.base import Tokenizer
 
@@ -49,6 +50,8 @@ class MaskedImageModeling(NonFiniteGuard, L.LightningModule):
             warning) before the run stops with :class:`FloatingPointError`; 0 stops at the first.
         nonfinite_check: ``auto`` | ``sync`` | ``device``: how a NaN/inf step is skipped
             (:class:`bitrain.tasks.common.NonFiniteGuard`).
+        normalization: ``{"mean", "std"}`` of the patch view (``${data.transform.mean}`` ...),
+            kept in the checkpoint so that fine-tuning normalises as pretraining did.
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class MaskedImageModeling(NonFiniteGuard, L.LightningModule):
         compile: bool = False,
         max_nonfinite_steps: int = 10,
         nonfinite_check: str = "auto",
+        normalization: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(max_nonfinite_steps, bool) or not isinstance(max_nonfinite_steps, int):
@@ -70,6 +74,11 @@ class MaskedImageModeling(NonFiniteGuard, L.LightningModule):
             )
         check_nonfinite_mode(nonfinite_check)
         model, tokenizer, optim = plain(model), plain(tokenizer), plain(optim)
+        normalization = plain(normalization)
+        if normalization and normalization.get("mean") is not None:
+            normalization = normalization_record(normalization["mean"], normalization["std"])
+        else:
+            normalization = None
         self.save_hyperparameters(
             {
                 "model": model,
@@ -78,6 +87,7 @@ class MaskedImageModeling(NonFiniteGuard, L.LightningModule):
                 "compile": compile,
                 "max_nonfinite_steps": max_nonfinite_steps,
                 "nonfinite_check": nonfinite_check,
+                "normalization": normalization,
             }
         )
         self.model = hydra.utils.instantiate(model)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from bitrain.io import CheckpointError
 from bitrain.tasks.mim import MaskedImageModeling
 from bitrain.tokenizers.dvae import DiscreteVAE, save_dvae
 
@@ -111,6 +112,17 @@ def test_bf16_clipping_keeps_the_fused_optimizer(tok_cfg):
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in task.model.parameters()]))
     assert norm == pytest.approx(1.0, rel=1e-3)
     task._trainer = None
+
+
+def test_the_patch_view_normalization_is_kept_in_the_hyperparameters(tok_cfg):
+    norm = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    assert (
+        MaskedImageModeling(MODEL, tok_cfg, OPTIM, normalization=norm).hparams["normalization"]
+        == norm
+    )
+    bad = {"mean": [0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    with pytest.raises(CheckpointError, match="mean"):
+        MaskedImageModeling(MODEL, tok_cfg, OPTIM, normalization=bad)
 
 
 def test_unknown_nonfinite_check_is_refused_naming_the_key(tok_cfg):
