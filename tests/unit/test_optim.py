@@ -98,3 +98,19 @@ def test_bad_arguments():
         optim.build(TinyViT(), 0, lr=1e-3)
     with pytest.raises(ValueError, match="min_lr"):
         optim.build(TinyViT(), 10, lr=1e-3, min_lr=1.0)
+
+
+def test_no_weight_decay_list_replaces_the_models_own():
+    """An explicit list (official: pos_embed, cls_token) replaces model.no_weight_decay(); an
+    entry also matches as a dotted suffix, as --disable_weight_decay_on_rel_pos_bias needs."""
+    model = TinyViT()
+    model.mask_token = nn.Parameter(torch.zeros(1, 1, 8))
+    groups = optim.param_groups(model, 0.05, no_weight_decay=["pos_embed"])
+    assert _group_of(groups, model.cls_token)["weight_decay"] == 0.05  # model's list not used
+    assert _group_of(groups, model.mask_token)["weight_decay"] == 0.05
+    groups = optim.param_groups(model, 0.05, no_weight_decay=["cls_token", "fc.weight"])
+    assert _group_of(groups, model.cls_token)["weight_decay"] == 0.0
+    assert all(_group_of(groups, b["fc"].weight)["weight_decay"] == 0.0 for b in model.blocks)
+    assert _group_of(groups, model.head.weight)["weight_decay"] == 0.05
+    with pytest.raises(TypeError, match=r"optim.no_weight_decay must be a list"):
+        optim.param_groups(model, 0.05, no_weight_decay="cls_token")
