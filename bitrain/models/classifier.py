@@ -51,6 +51,7 @@ def create_classifier(
     num_classes: int,
     pretrained: str | os.PathLike | None = None,
     pretrained_strict: bool = True,
+    zero_head: bool = False,
     **timm_kwargs: Any,
 ) -> nn.Module:
     """``timm.create_model(model_name, num_classes=..., **timm_kwargs)``, optionally initialised.
@@ -63,6 +64,10 @@ def create_classifier(
             :func:`bitrain.models.checkpoints.load_encoder_state`: bitrain ``.ckpt``, official
             unilm ``.pth``, timm state dict / safetensors, Hugging Face folder); None: random init.
         pretrained_strict: ``False`` loads what fits and warns about the rest.
+        zero_head: start the classification head (weight and bias) at zero, as BiT
+            (big_transfer ``train.py``: ``zero_head=True``) and ViT fine-tuning (``vit_jax``
+            ``models_vit.py``: ``kernel_init=zeros``) do. A head taken from the checkpoint (same
+            classes) still overwrites it. An initialisation, so not part of ``bitrain_spec``.
         **timm_kwargs: further model arguments (``img_size``, ``drop_path_rate``,
             ``global_pool``, ``head_init_scale``, ...). ``img_size`` is kept as a record for
             models that take none (ResNets).
@@ -78,6 +83,8 @@ def create_classifier(
     except RuntimeError as err:  # timm: unknown model name
         raise ValueError(f"model.model_name={model_name!r}: {err}") from err
     model.bitrain_spec = {"model_name": model_name, "num_classes": int(num_classes), **timm_kwargs}
+    if zero_head:
+        _zero_head(model)
     if pretrained not in (None, ""):
         load_pretrained(model, pretrained, strict=pretrained_strict)
     return model
@@ -94,6 +101,20 @@ def _create(model_name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Mod
         model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **rest)
         model.img_size = kwargs["img_size"]  # the training resolution, for data and predict
         return model
+
+
+def _zero_head(model: nn.Module) -> None:
+    """Set every parameter of the classification head (timm's ``get_classifier``) to zero."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    params = list(head.parameters()) if isinstance(head, nn.Module) else []
+    if not params:
+        raise ValueError(
+            f"model.zero_head=true, but {type(model).__name__} has no classification head with "
+            "parameters (num_classes > 0 and a timm model with get_classifier() are needed)"
+        )
+    with torch.no_grad():
+        for param in params:
+            param.zero_()
 
 
 def _head_keys(model: nn.Module) -> set[str]:

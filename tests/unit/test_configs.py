@@ -27,7 +27,7 @@ FINETUNE_EXPERIMENTS = [e for e in EXPERIMENTS if _entry(e) == "finetune"]
 
 def test_every_experiment_belongs_to_an_entry_point():
     assert set(PRETRAIN_EXPERIMENTS) | set(FINETUNE_EXPERIMENTS) == set(EXPERIMENTS)
-    assert len(FINETUNE_EXPERIMENTS) == 5
+    assert len(FINETUNE_EXPERIMENTS) == 6
 
 
 def _compose(name, overrides, tmp_path):
