@@ -8,7 +8,8 @@ makes its ``lambda_1 = lambda_2 = 1.0``, no scaling), with random weights. The t
 weights as an official ``{"model": state_dict}`` ``.pth`` with its own key table (official names
 <- transformers' in-memory names, the fused ``qkv`` of ``modeling_pretrain.py`` built from
 q/k/v), so no bitrain converter is involved in making the file.
-``+experiment=beit_base_vanilla_ft1k`` (shrunk to a tiny width) must load it and give the reference encoder's outputs, then train a step.
+``+experiment=beit_base_vanilla_ft1k`` (shrunk to a tiny width) must load it and give the
+reference encoder's outputs, then train a step.
 """
 
 from pathlib import Path
