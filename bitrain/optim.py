@@ -14,8 +14,9 @@
   ``lr_scale`` key is ignored by torch schedulers).
 * Schedule: linear warmup then cosine from the peak lr to ``min_lr``, evaluated **per step**
   (``cosine_scheduler`` in the official ``utils.py`` builds the same curve per iteration); or
-  ``schedule="step"``: warmup, then the lr times ``decay_rate`` at each of ``milestones``
-  (fractions of the run; BiT-HyperRule: x0.1 at 30%, 60% and 90%).
+  ``schedule="step"``: warmup, then the lr times ``decay_rate`` after each of ``milestones``
+  (fractions of the run; BiT-HyperRule: x0.1 at 30%, 60% and 90%), step for step as
+  big_transfer's ``bit_hyperrule.get_lr``.
 * Optimizers: AdamW (BEiT) or SGD with momentum (BiT, ViT fine-tuning), ``name="adamw"|"sgd"``.
 """
 
@@ -130,13 +131,16 @@ def cosine_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio:
 def step_multiplier(
     step: int, total_steps: int, warmup_steps: int, milestones: Sequence[float], decay_rate: float
 ) -> float:
-    """Lr / peak lr at ``step``: linear warmup, then ``decay_rate ** (milestones passed)``.
+    """Lr / peak lr at ``step`` (0-based): BiT-HyperRule's staircase (``bit_hyperrule.get_lr``).
 
-    ``milestones`` are fractions of ``total_steps`` (e.g. BiT's 0.3, 0.6, 0.9).
+    Linear warmup ``step / warmup_steps`` (0 at the first step), then ``decay_rate`` to the power
+    of the milestones the step is past: a decay applies from the step *after* its anchor, as
+    big_transfer's ``if s < step``. ``milestones`` are fractions of ``total_steps`` (BiT: 0.3,
+    0.6, 0.9 of 500 / 10k / 20k steps).
     """
     if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    passed = sum(step >= round(m * total_steps) for m in milestones)
+        return step / warmup_steps
+    passed = sum(step > round(m * total_steps) for m in milestones)
     return decay_rate**passed
 
 
