@@ -355,10 +355,10 @@ def render_card(card: Card) -> list[str]:
         out += ["", "Set by bitrain only (no official flag):", ""]
         out += [f"- `{item['key']}`: {_cell(item['note'])}" for item in card.bitrain_only]
     if card.paper_vs_code:
-        out += ["", "Where the paper and the official code disagree:", ""]
+        out += ["", "Where the paper (or the command) and the official code disagree:", ""]
         for item in card.paper_vs_code:
             out.append(
-                f"- **{_cell(item['item'])}**: paper {_cell(item['paper'])}; code "
+                f"- **{_cell(item['item'])}**: paper / command: {_cell(item['paper'])}; code: "
                 f"{_cell(item['code'])}. bitrain follows {_cell(item['follows'])}: "
                 f"{_cell(item['why'])}"
             )
