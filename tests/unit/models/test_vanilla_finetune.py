@@ -144,3 +144,37 @@ def test_vanilla_pretraining_checkpoint_finetunes_with_the_reference_encoder(tmp
     datamodule, task, trainer = runner.build(cfg, callbacks=[_StopAfterOne()])
     trainer.fit(task, datamodule=datamodule)
     assert trainer.global_step == 1
+
+
+def test_vanilla_pretraining_experiment_has_the_official_layout_and_logits(tmp_path):
+    """``+experiment=beit_base_vanilla`` (shrunk) builds the official vanilla MIM model: the same
+    tensors as the official file, and with its weights the reference's masked-token logits."""
+    hf = _vanilla_reference()
+    official = _official_state_dict(hf)
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(
+            "pretrain",
+            overrides=[
+                "+experiment=beit_base_vanilla",
+                "model.img_size=32",
+                "model.patch_size=8",
+                f"model.embed_dim={WIDTH}",
+                f"model.depth={DEPTH}",
+                f"model.num_heads={HEADS}",
+                "model.vocab_size=40",
+                "model.drop_path_rate=0.0",
+                f"paths.output_dir={tmp_path}",
+            ],
+        )
+    model = hydra.utils.instantiate(cfg.model).eval()
+    ours = {k: v for k, v in model.state_dict().items() if "relative_position_index" not in k}
+    assert ours.keys() == official.keys()
+    assert all(ours[k].shape == official[k].shape for k in ours)
+    model.load_state_dict(official)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, [1, 4, 5, 9, 14]] = True
+    with torch.no_grad():
+        logits = model(images, mask)  # [B, 5, V]
+        reference = hf(pixel_values=images, bool_masked_pos=mask).logits[mask].view(2, 5, -1)
+    torch.testing.assert_close(logits, reference, atol=2e-5, rtol=1e-4)
