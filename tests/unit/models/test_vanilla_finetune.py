@@ -1,4 +1,4 @@
-"""Fine-tuning from a vanilla-ViT BEiT pretraining checkpoint (the paper's 83.2 model).
+"""The vanilla-ViT BEiT (the paper's 83.2 model): its pretraining layout, and fine-tuning from it.
 
 The released ``beit_base_patch16_224_pt1k_800ep.pth`` was pretrained with
 ``--disable_rel_pos_bias --abs_pos_emb --layer_scale_init_value 0`` (unilm ``beit/README.md``):
