@@ -30,6 +30,7 @@ __all__ = ["HyperRule", "apply_hyperrule", "hyperrule"]
 
 log = logging.getLogger(__name__)
 
+_BIT_TRANSFORM = "bitrain.data.cls_transforms.squash_random_crop"
 _ANCHORS = {
     "small": (100, 200, 300, 400, 500),
     "medium": (500, 3000, 6000, 9000, 10_000),
@@ -95,6 +96,15 @@ def apply_hyperrule(cfg: DictConfig) -> HyperRule | None:
     first = source[0]
     image = first[0] if isinstance(first, tuple) else first
     rule = hyperrule(len(source), image.size)
+    target = (cfg.data.get("transform") or {}).get("_target_")
+    if target != _BIT_TRANSFORM:
+        log.warning(
+            "hyperrule: the training transform is %s, not BiT's squash + random crop (%s); "
+            "use data=cls/imagenet1k_bit (data.root=... data.num_classes=... for other folders) "
+            "for the official BiT-HyperRule pipeline",
+            target,
+            _BIT_TRANSFORM,
+        )
     with open_dict(cfg):
         cfg.trainer.max_steps = rule.steps
         cfg.trainer.max_epochs = None

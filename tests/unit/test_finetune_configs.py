@@ -1,6 +1,7 @@
 """Fine-tuning configs: normalisation, Mixup, the BiT / ViT transforms and heads as the official
 code; one real training step of every model family. (The recipes' numbers: test_recipes.py.)"""
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -186,7 +187,7 @@ class _StopAfterOne(L.Callback):
 
 
 @pytest.mark.parametrize("experiment", sorted(TINY))
-def test_every_model_family_trains_one_step(experiment, tmp_path):
+def test_every_model_family_trains_one_step(experiment, tmp_path, caplog):
     cfg = _compose(
         [
             f"+experiment={experiment}",
@@ -204,8 +205,10 @@ def test_every_model_family_trains_one_step(experiment, tmp_path):
         ],
         tmp_path,
     )
-    datamodule, task, trainer = runner.build(cfg, callbacks=[_StopAfterOne()])
+    with caplog.at_level(logging.WARNING, logger="bitrain.hyperrule"):
+        datamodule, task, trainer = runner.build(cfg, callbacks=[_StopAfterOne()])
     if experiment == "bit_r50x1_hyperrule":  # 130 demo images of 32 px: 500 steps, crop 128
+        assert "not BiT's squash + random crop" in caplog.text  # data=cls/demo's transform
         assert cfg.trainer.max_steps == 500 and cfg.model.img_size == 128
         assert list(cfg.optim.milestones) == [0.4, 0.6, 0.8]
     trainer.fit(task, datamodule=datamodule)
