@@ -6,12 +6,16 @@ Transfer settings chosen from the downstream training set alone:
   steps warm up linearly; the lr is multiplied by 0.1 at the next three anchors
   (200, 300, 400 of 500; 3k, 6k, 9k of 10k; 6k, 12k, 18k of 20k);
 * resolution: images smaller than 96 x 96 pixels are resized to 160 and cropped to 128, larger
-  ones resized to 512 and cropped to 480;
+  ones resized to 512 and cropped to 480 (``bit_hyperrule.get_resolution``). The resize is a
+  squash to a square (``Resize((512, 512))``), the training crop a random window of it, and
+  evaluation squashes the whole image to the crop size with no centre crop (``Resize((480, 480))``,
+  big_transfer ``bit_pytorch/train.py`` ``mktrainval``);
 * Mixup with alpha 0.1 from 20k images on, none below.
 
 :func:`apply_hyperrule` writes these into a composed fine-tuning config (``trainer.max_steps``,
-``optim.warmup_steps`` / ``milestones`` / ``schedule``, ``model.img_size``, the eval crop and
-``mixup.mixup_alpha``) when the config says ``hyperrule: true``, and logs the derivation.
+``optim.warmup_steps`` / ``milestones`` / ``schedule``, ``model.img_size``, the transforms'
+``input_size`` and the training transform's ``resize_size``, ``mixup.mixup_alpha``) when the
+config says ``hyperrule: true``, and logs the derivation.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ __all__ = ["HyperRule", "apply_hyperrule", "hyperrule"]
 
 log = logging.getLogger(__name__)
 
+_BIT_TRANSFORM = "bitrain.data.cls_transforms.squash_random_crop"
 _ANCHORS = {
     "small": (100, 200, 300, 400, 500),
     "medium": (500, 3000, 6000, 9000, 10_000),
@@ -91,6 +96,15 @@ def apply_hyperrule(cfg: DictConfig) -> HyperRule | None:
     first = source[0]
     image = first[0] if isinstance(first, tuple) else first
     rule = hyperrule(len(source), image.size)
+    target = (cfg.data.get("transform") or {}).get("_target_")
+    if target != _BIT_TRANSFORM:
+        log.warning(
+            "hyperrule: the training transform is %s, not BiT's squash + random crop (%s); "
+            "use data=cls/imagenet1k_bit (data.root=... data.num_classes=... for other folders) "
+            "for the official BiT-HyperRule pipeline",
+            target,
+            _BIT_TRANSFORM,
+        )
     with open_dict(cfg):
         cfg.trainer.max_steps = rule.steps
         cfg.trainer.max_epochs = None
@@ -102,8 +116,8 @@ def apply_hyperrule(cfg: DictConfig) -> HyperRule | None:
         for key in ("transform", "val_transform"):
             if cfg.data.get(key) is not None:
                 cfg.data[key].input_size = rule.crop
-        if cfg.data.get("val_transform") is not None:
-            cfg.data.val_transform.crop_pct = rule.crop / rule.resize
+        if cfg.data.get("transform") is not None and "resize_size" in cfg.data.transform:
+            cfg.data.transform.resize_size = rule.resize
         if cfg.get("mixup") is not None:
             cfg.mixup.mixup_alpha = rule.mixup_alpha
     log.info("%s", rule)

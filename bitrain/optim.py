@@ -1,16 +1,22 @@
 """Optimizer and lr schedule, as in the official BEiT code (``optim_factory.py``, ``utils.py``).
 
-* Parameter groups: no weight decay on 1-D tensors (norms, biases, layer-scale gammas) and on the
-  names a model lists in ``no_weight_decay()`` (cls/mask tokens, position embeddings, relative
-  position bias tables), as ``get_parameter_groups`` does.
+* Parameter groups: no weight decay on 1-D tensors (norms, biases, layer-scale gammas), on
+  ``*.bias`` and on a list of names, as ``get_parameter_groups`` (``beit/optim_factory.py``) does.
+  The official list is the model's ``no_weight_decay()`` = ``{pos_embed, cls_token}``
+  (``modeling_pretrain.py`` / ``modeling_finetune.py``): the mask token and the relative position
+  bias tables **are** decayed, in pretraining and fine-tuning (``run_class_finetuning.py`` adds the
+  tables only with ``--disable_weight_decay_on_rel_pos_bias``). The BEiT configs give that list as
+  ``optim.no_weight_decay``; without it the model's own ``no_weight_decay()`` is used (timm's
+  ``Beit`` also lists the tables, a difference from the official runs).
 * Optional layer-wise lr decay (BEiT fine-tuning): group ``i`` of ``L + 2`` gets
   ``layer_decay ** (L + 1 - i)``, embeddings are layer 0 and the head layer ``L + 1``. The scale is
   folded into each group's initial lr, so a plain ``LambdaLR`` applies it for real (timm's
   ``lr_scale`` key is ignored by torch schedulers).
 * Schedule: linear warmup then cosine from the peak lr to ``min_lr``, evaluated **per step**
   (``cosine_scheduler`` in the official ``utils.py`` builds the same curve per iteration); or
-  ``schedule="step"``: warmup, then the lr times ``decay_rate`` at each of ``milestones``
-  (fractions of the run; BiT-HyperRule: x0.1 at 30%, 60% and 90%).
+  ``schedule="step"``: warmup, then the lr times ``decay_rate`` after each of ``milestones``
+  (fractions of the run; BiT-HyperRule: x0.1 at 30%, 60% and 90%), step for step as
+  big_transfer's ``bit_hyperrule.get_lr``.
 * Optimizers: AdamW (BEiT) or SGD with momentum (BiT, ViT fine-tuning), ``name="adamw"|"sgd"``.
 """
 
@@ -48,20 +54,34 @@ def param_groups(
     weight_decay: float,
     layer_decay: float | None = None,
     skip_list: Sequence[str] = (),
+    no_weight_decay: Sequence[str] | None = None,
 ) -> list[dict]:
     """Split trainable parameters into decay / no-decay groups (and per layer with ``layer_decay``).
 
     Args:
-        model: the model; its ``no_weight_decay()`` (timm convention) names are excluded from decay.
+        model: the model.
         weight_decay: decay for weight matrices.
         layer_decay: if set, multiply each group's lr by ``layer_decay ** (L + 1 - layer_id)``.
         skip_list: extra names without weight decay.
+        no_weight_decay: the names without weight decay besides 1-D tensors and biases (official
+            BEiT: ``["pos_embed", "cls_token"]``); an entry matches a parameter of that name or
+            ending in ``.<entry>`` (``relative_position_bias_table`` = every block's table).
+            ``None``: the model's ``no_weight_decay()`` (timm convention), if it has one.
 
     Returns:
         Groups with ``params``, ``weight_decay``, ``lr_scale`` and a readable ``name``.
     """
     skip = set(skip_list)
-    if hasattr(model, "no_weight_decay"):
+    if no_weight_decay is not None:
+        if isinstance(no_weight_decay, str):
+            raise TypeError(
+                f"optim.no_weight_decay must be a list of parameter names, got the string "
+                f"{no_weight_decay!r}; write [{no_weight_decay}]"
+            )
+        # Names the model lacks are ignored, as the official ``name in skip_list`` does (a model
+        # with relative position bias has no pos_embed).
+        skip |= {str(n) for n in no_weight_decay}
+    elif hasattr(model, "no_weight_decay"):
         skip |= set(model.no_weight_decay())
     num_layers = len(getattr(model, "blocks", []))
     groups: dict[str, dict] = {}
@@ -84,8 +104,8 @@ def param_groups(
 
 
 def _matches(name: str, skip: set[str]) -> bool:
-    # timm lists e.g. "relative_position_bias_table"; match it as a name suffix.
-    return any(name.endswith("." + s) or name.endswith(s) for s in skip if s)
+    # timm lists e.g. "relative_position_bias_table"; match it as a dotted name suffix.
+    return any(name == s or name.endswith("." + s) for s in skip if s)
 
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -111,13 +131,16 @@ def cosine_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio:
 def step_multiplier(
     step: int, total_steps: int, warmup_steps: int, milestones: Sequence[float], decay_rate: float
 ) -> float:
-    """Lr / peak lr at ``step``: linear warmup, then ``decay_rate ** (milestones passed)``.
+    """Lr / peak lr at ``step`` (0-based): BiT-HyperRule's staircase (``bit_hyperrule.get_lr``).
 
-    ``milestones`` are fractions of ``total_steps`` (e.g. BiT's 0.3, 0.6, 0.9).
+    Linear warmup ``step / warmup_steps`` (0 at the first step), then ``decay_rate`` to the power
+    of the milestones the step is past: a decay applies from the step *after* its anchor, as
+    big_transfer's ``if s < step``. ``milestones`` are fractions of ``total_steps`` (BiT: 0.3,
+    0.6, 0.9 of 500 / 10k / 20k steps).
     """
     if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    passed = sum(step >= round(m * total_steps) for m in milestones)
+        return step / warmup_steps
+    passed = sum(step > round(m * total_steps) for m in milestones)
     return decay_rate**passed
 
 
@@ -140,6 +163,7 @@ def build(
     warmup_epochs: float | None = None,
     steps_per_epoch: int | None = None,
     layer_decay: float | None = None,
+    no_weight_decay: Sequence[str] | None = None,
     fused: bool | None = None,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW (or SGD) over :func:`param_groups` plus a per-step warmup + cosine/step ``LambdaLR``.
@@ -163,6 +187,8 @@ def build(
         warmup_epochs: warmup in epochs (overrides ``warmup_steps``, as ``--warmup_epochs`` does).
         steps_per_epoch: optimizer steps per epoch, needed with ``warmup_epochs``.
         layer_decay: layer-wise lr decay factor (fine-tuning), None for pretraining.
+        no_weight_decay: names without weight decay (see :func:`param_groups`); None: the
+            model's ``no_weight_decay()``.
         fused: use the fused AdamW kernel (default: when every parameter is on CUDA or the CPU,
             where torch has one; on the 2-core CPU it is ~2.7x faster than the default loop).
 
@@ -185,7 +211,7 @@ def build(
         raise ValueError(f"optim.name must be 'adamw' or 'sgd', got {name!r}")
     if schedule not in ("cosine", "step"):
         raise ValueError(f"optim.schedule must be 'cosine' or 'step', got {schedule!r}")
-    groups = param_groups(model, weight_decay, layer_decay)
+    groups = param_groups(model, weight_decay, layer_decay, no_weight_decay=no_weight_decay)
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
     if fused is None:

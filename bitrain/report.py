@@ -8,9 +8,15 @@ per logging call; a cell is empty when that metric was not logged at that row) a
 * ``report.md``: per run, the number of steps and a table of first / last / min / max of each
   metric, then links to the plots.
 
+With several runs (e.g. the runs of an lr sweep: ``python -m bitrain.finetune --multirun
+optim.lr=2e-3,3e-3,4e-3,5e-3``) ``report.md`` starts with a comparison: per run the overrides that
+differ between the runs (read from Hydra's ``.hydra/overrides.yaml``, plain YAML), the best and
+last value of one metric (``--metric``, default ``val/top1``, else ``val/loss``) and the winner;
+``sweep.png`` draws that metric of every run in one plot.
+
 With one run the files go into that run's directory, with several into the first one's, unless
 ``--out DIR`` is given. Plots use matplotlib's Agg backend (no display needed). See
-docs/monitoring.md.
+docs/monitoring.md and docs/finetuning.md (the lr sweep).
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class RunMetrics:
     series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
     name: str = ""
+    overrides: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.run_dir.resolve().name
@@ -112,7 +119,152 @@ def read_metrics(run_dir: str | os.PathLike) -> RunMetrics:
                     run.series.setdefault(key, []).append((int(step), value))
     if not run.series:
         raise ReportError(f"'{path}' holds no metric values (did the run log any step?)")
+    run.overrides = read_overrides(run_dir)
     return run
+
+
+def read_overrides(run_dir: Path) -> list[str]:
+    """The command-line overrides Hydra recorded for a run (``.hydra/overrides.yaml``), or [].
+
+    The file is read as plain YAML (a list of strings); anything else is ignored with a warning.
+    """
+    import yaml
+
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        log.warning("report: ignoring unreadable '%s': %s", path, err)
+        return []
+    if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+        log.warning("report: ignoring '%s': not a list of overrides", path)
+        return []
+    return data
+
+
+@dataclass
+class Comparison:
+    """One metric across runs: per run ``(best, step of best, last)`` or None, and the winner."""
+
+    metric: str
+    higher_is_better: bool
+    rows: list[tuple[RunMetrics, tuple[float, int, float] | None]]
+    varying: dict[str, list[str]]
+
+    def result_of(self, run: RunMetrics) -> tuple[float, int, float] | None:
+        """``(best, step of best, last)`` of ``run``, or None when it did not log the metric."""
+        return next(result for r, result in self.rows if r is run)
+
+    @property
+    def winner(self) -> RunMetrics | None:
+        """The run with the best value of the metric (None when no run logged it)."""
+        scored = [(row[0], row[1][0]) for row in self.rows if row[1] is not None]
+        if not scored:
+            return None
+        pick = max if self.higher_is_better else min
+        return pick(scored, key=lambda item: item[1])[0]
+
+
+def _varying_overrides(runs: list[RunMetrics]) -> dict[str, list[str]]:
+    """Per run name, the overrides not shared by every run (what the sweep changed)."""
+    common = set.intersection(*(set(r.overrides) for r in runs)) if runs else set()
+    return {r.name: [o for o in r.overrides if o not in common] for r in runs}
+
+
+def compare(
+    runs: list[RunMetrics], metric: str | None = None, higher_is_better: bool | None = None
+) -> Comparison | None:
+    """Compare ``runs`` on ``metric`` (default ``val/top1``, else ``val/loss``).
+
+    ``higher_is_better`` defaults to False for metrics whose name ends in ``loss``. Returns None
+    when no run logged the metric (and none was asked for).
+
+    Raises:
+        ReportError: ``metric`` was given and no run logged it.
+    """
+    if metric is None:
+        metric = next(
+            (m for m in ("val/top1", "val/loss") if any(m in r.series for r in runs)), None
+        )
+        if metric is None:
+            return None
+    elif not any(metric in r.series for r in runs):
+        logged = sorted({k for r in runs for k in r.series})
+        raise ReportError(f"no run logged --metric {metric!r}; the runs logged {logged}")
+    if higher_is_better is None:
+        higher_is_better = not metric.endswith("loss")
+    pick = max if higher_is_better else min
+    rows = []
+    for run in runs:
+        values = run.series.get(metric)
+        if not values:
+            rows.append((run, None))
+            continue
+        step, best = pick(values, key=lambda sv: sv[1])
+        rows.append((run, (best, step, values[-1][1])))
+    return Comparison(metric, higher_is_better, rows, _varying_overrides(runs))
+
+
+def plot_comparison(comparison: Comparison, out_dir: Path) -> Path:
+    """``sweep.png``: the compared metric of every run, one line each, labelled by its overrides."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    winner = comparison.winner
+    for run, _ in comparison.rows:
+        values = run.series.get(comparison.metric)
+        if not values:
+            continue
+        label = " ".join(comparison.varying.get(run.name) or []) or run.name
+        if run is winner:
+            label += " (best)"
+        ax.plot([s for s, _ in values], [v for _, v in values], marker="o", label=label)
+    better = "higher" if comparison.higher_is_better else "lower"
+    ax.set(
+        title=f"{comparison.metric} per run ({better} is better)",
+        xlabel="step",
+        ylabel=comparison.metric,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = out_dir / "sweep.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def render_comparison(comparison: Comparison) -> list[str]:
+    """The comparison section of ``report.md``."""
+    better = "higher" if comparison.higher_is_better else "lower"
+    lines = [
+        f"## Comparison: {comparison.metric} ({better} is better)",
+        "",
+        f"| run | overrides that differ | best {comparison.metric} | at step | last |",
+        "|---|---|---|---|---|",
+    ]
+    for run, result in comparison.rows:
+        changed = " ".join(f"`{o}`" for o in comparison.varying.get(run.name, [])) or "—"
+        if result is None:
+            lines.append(f"| {run.name} | {changed} | not logged | | |")
+            continue
+        best, step, last = result
+        lines.append(f"| {run.name} | {changed} | {_fmt(best)} | {step} | {_fmt(last)} |")
+    winner = comparison.winner
+    if winner is not None:
+        best, step, _ = comparison.result_of(winner)  # type: ignore[misc]
+        changed = " ".join(comparison.varying.get(winner.name, [])) or winner.name
+        lines += [
+            "",
+            f"**Best: {changed}** ({comparison.metric} {_fmt(best)} at step {step}, "
+            f"run `{winner.name}`).",
+        ]
+    return lines + [""]
 
 
 def family_of(key: str) -> tuple[str, str, str]:
@@ -165,9 +317,13 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
-def render_markdown(runs: list[RunMetrics], plots: list[Path]) -> str:
-    """The text of ``report.md``: per-run summary tables, then links to the plots."""
+def render_markdown(
+    runs: list[RunMetrics], plots: list[Path], comparison: Comparison | None = None
+) -> str:
+    """The text of ``report.md``: the comparison (several runs), per-run tables, the plots."""
     lines = ["# Run report", ""]
+    if comparison is not None:
+        lines += render_comparison(comparison)
     for run in runs:
         lines += [
             f"## {run.name}",
@@ -192,16 +348,23 @@ def render_markdown(runs: list[RunMetrics], plots: list[Path]) -> str:
 
 
 def write_report(
-    run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike | None = None
+    run_dirs: list[str | os.PathLike],
+    out_dir: str | os.PathLike | None = None,
+    metric: str | None = None,
+    higher_is_better: bool | None = None,
 ) -> Path:
     """Read every run's metrics, write plots and ``report.md``; return the report's path.
 
     Args:
         run_dirs: one or more run directories, each holding a ``metrics.csv``.
         out_dir: where to write; default the first run directory.
+        metric: the metric several runs are compared on (default ``val/top1``, else
+            ``val/loss``).
+        higher_is_better: direction of ``metric`` (default: lower for ``*loss``).
 
     Raises:
-        ReportError: a run directory or its ``metrics.csv`` is missing or empty.
+        ReportError: a run directory or its ``metrics.csv`` is missing or empty, or no run
+            logged ``metric``.
     """
     if not run_dirs:
         raise ReportError("give at least one run directory")
@@ -209,11 +372,24 @@ def write_report(
     if len({r.name for r in runs}) < len(runs):  # same dir names (e.g. times): add the parents
         for run in runs:
             run.name = "/".join(run.run_dir.resolve().parts[-2:])
+    comparison = compare(runs, metric, higher_is_better) if len(runs) > 1 else None
     out = Path(out_dir) if out_dir is not None else runs[0].run_dir
     out.mkdir(parents=True, exist_ok=True)
     plots = plot_families(runs, out)
+    if comparison is not None:
+        plots.insert(0, plot_comparison(comparison, out))
     report = out / "report.md"
-    report.write_text(render_markdown(runs, plots))
+    report.write_text(render_markdown(runs, plots, comparison))
+    if comparison is not None and comparison.winner is not None:
+        best = comparison.result_of(comparison.winner)
+        changed = " ".join(comparison.varying.get(comparison.winner.name, []))
+        log.info(
+            "best %s: %s (%s, %s)",
+            comparison.metric,
+            _fmt(best[0]),
+            changed or comparison.winner.name,
+            comparison.winner.run_dir,
+        )
     return report
 
 
@@ -225,11 +401,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories (overlaid)")
     parser.add_argument("--out", type=Path, default=None, help="output dir (default: first run)")
+    parser.add_argument(
+        "--metric", default=None, help="compare several runs on it (default: val/top1 or val/loss)"
+    )
+    direction = parser.add_mutually_exclusive_group()
+    direction.add_argument("--higher-is-better", dest="higher", action="store_true", default=None)
+    direction.add_argument("--lower-is-better", dest="higher", action="store_false")
     args = parser.parse_args(argv)
     if not log.handlers and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
-        report = write_report(args.run_dirs, args.out)
+        report = write_report(args.run_dirs, args.out, args.metric, args.higher)
     except ReportError as err:
         log.error("report: %s", err)
         return EXIT_BAD_INPUT

@@ -199,8 +199,12 @@ class BeitMIM(Beit):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """No-decay names: timm's (pos_embed, cls_token, rel-pos tables) plus mask_token."""
-        return set(super().no_weight_decay()) | {"mask_token"}
+        """The official model's no-decay names (``modeling_pretrain.py``): pos_embed, cls_token.
+
+        Unlike timm's ``Beit.no_weight_decay`` the relative position bias tables are not listed,
+        and neither is the mask token: the official pretraining decays both.
+        """
+        return {"pos_embed", "cls_token"}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:

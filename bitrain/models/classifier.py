@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import timm
+import torch
 from torch import nn
 
 __all__ = ["apply_norm_settings", "create_classifier", "CLASSIFIER_TARGET"]
@@ -28,6 +29,7 @@ def create_classifier(
     num_classes: int,
     layer_norm_eps: float | None = None,
     group_norm_groups: int | None = None,
+    zero_head: bool = False,
     **timm_kwargs: Any,
 ) -> nn.Module:
     """``timm.create_model(model_name, num_classes=..., **timm_kwargs)``, randomly initialised.
@@ -40,6 +42,11 @@ def create_classifier(
             ViT use 1e-12; timm's 1e-6).
         group_norm_groups: ``num_groups`` of every ``GroupNorm`` when not timm's (Hugging Face's
             BiT configs may say 8; timm builds 32).
+        zero_head: start the classification head (weight and bias) at zero, as BiT
+            (big_transfer ``train.py``: ``zero_head=True``) and ViT fine-tuning (``vit_jax``
+            ``models_vit.py``: ``kernel_init=zeros``) do. A head taken from a pretrained
+            checkpoint (same classes) still overwrites it. An initialisation, so not part of
+            ``bitrain_spec``.
         **timm_kwargs: further model arguments (``img_size``, ``drop_path_rate``,
             ``global_pool``, ``head_init_scale``, ...). ``img_size`` is kept as a record for
             models that take none (ResNets).
@@ -68,6 +75,8 @@ def create_classifier(
         **timm_kwargs,
         **norms,
     }
+    if zero_head:
+        _zero_head(model)
     return model
 
 
@@ -106,3 +115,17 @@ def _create(model_name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Mod
         model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **rest)
         model.img_size = kwargs["img_size"]  # the training resolution, for data and predict
         return model
+
+
+def _zero_head(model: nn.Module) -> None:
+    """Set every parameter of the classification head (timm's ``get_classifier``) to zero."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    params = list(head.parameters()) if isinstance(head, nn.Module) else []
+    if not params:
+        raise ValueError(
+            f"model.zero_head=true, but {type(model).__name__} has no classification head with "
+            "parameters (num_classes > 0 and a timm model with get_classifier() are needed)"
+        )
+    with torch.no_grad():
+        for param in params:
+            param.zero_()

@@ -27,7 +27,7 @@ FINETUNE_EXPERIMENTS = [e for e in EXPERIMENTS if _entry(e) == "finetune"]
 
 def test_every_experiment_belongs_to_an_entry_point():
     assert set(PRETRAIN_EXPERIMENTS) | set(FINETUNE_EXPERIMENTS) == set(EXPERIMENTS)
-    assert len(FINETUNE_EXPERIMENTS) == 5
+    assert len(FINETUNE_EXPERIMENTS) == 6
 
 
 def _compose(name, overrides, tmp_path):
@@ -55,26 +55,6 @@ def test_pretrain_experiments_compose(experiment, tmp_path):
     assert cfg.data.transform.input_size == 224
     assert cfg.data.transform.second_input_size == 112
     assert cfg.trainer.precision == "bf16-mixed"
-
-
-def test_beit_base_recipe_numbers(tmp_path):
-    cfg = _compose("pretrain", ["+experiment=beit_base"], tmp_path)
-    assert cfg.optim.lr == 1.5e-3 and cfg.optim.min_lr == 1e-5
-    assert cfg.optim.weight_decay == 0.05 and list(cfg.optim.betas) == [0.9, 0.999]
-    assert cfg.optim.warmup_epochs == 10
-    assert cfg.trainer.max_epochs == 800 and cfg.trainer.gradient_clip_val == 3.0
-    assert cfg.model.init_values == 0.1 and cfg.model.drop_path_rate == 0.1
-    assert cfg.model.use_shared_rel_pos_bias and not cfg.model.use_abs_pos_emb
-    assert cfg.model.embed_dim == 768 and cfg.model.depth == 12
-
-
-def test_large_and_22k_overrides(tmp_path):
-    large = _compose("pretrain", ["+experiment=beit_large"], tmp_path)
-    assert large.model.init_values == 1e-5 and large.trainer.gradient_clip_val == 1.0
-    assert large.model.embed_dim == 1024 and large.model.depth == 24
-    in22k = _compose("pretrain", ["+experiment=beit_base_in22k"], tmp_path)
-    assert in22k.trainer.max_epochs == 150 and in22k.optim.warmup_steps == 10000
-    assert in22k.optim.warmup_epochs is None
 
 
 def test_command_line_group_beats_experiment(tmp_path):

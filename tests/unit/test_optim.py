@@ -98,3 +98,42 @@ def test_bad_arguments():
         optim.build(TinyViT(), 0, lr=1e-3)
     with pytest.raises(ValueError, match="min_lr"):
         optim.build(TinyViT(), 10, lr=1e-3, min_lr=1.0)
+
+
+def test_no_weight_decay_list_replaces_the_models_own():
+    """An explicit list (official: pos_embed, cls_token) replaces model.no_weight_decay(); an
+    entry also matches as a dotted suffix, as --disable_weight_decay_on_rel_pos_bias needs."""
+    model = TinyViT()
+    model.mask_token = nn.Parameter(torch.zeros(1, 1, 8))
+    groups = optim.param_groups(model, 0.05, no_weight_decay=["pos_embed"])
+    assert _group_of(groups, model.cls_token)["weight_decay"] == 0.05  # model's list not used
+    assert _group_of(groups, model.mask_token)["weight_decay"] == 0.05
+    groups = optim.param_groups(model, 0.05, no_weight_decay=["cls_token", "fc.weight"])
+    assert _group_of(groups, model.cls_token)["weight_decay"] == 0.0
+    assert all(_group_of(groups, b["fc"].weight)["weight_decay"] == 0.0 for b in model.blocks)
+    assert _group_of(groups, model.head.weight)["weight_decay"] == 0.05
+    with pytest.raises(TypeError, match=r"optim.no_weight_decay must be a list"):
+        optim.param_groups(model, 0.05, no_weight_decay="cls_token")
+
+
+def _bit_lr(step, anchors, base_lr):
+    """BiT-HyperRule's lr at ``step`` (big_transfer bit_hyperrule.get_lr, restated): linear warmup
+    from 0 to the first anchor, then /10 for every later anchor strictly below the step."""
+    if step < anchors[0]:
+        return base_lr * step / anchors[0]
+    return base_lr * 0.1 ** sum(a < step for a in anchors[1:-1])
+
+
+@pytest.mark.parametrize("anchors", [(100, 200, 300, 400, 500), (500, 3000, 6000, 9000, 10_000)])
+def test_step_schedule_equals_bit_hyperrule(anchors):
+    total = anchors[-1]
+    marks = [a / total for a in anchors[1:-1]]
+    opt, sched = optim.build(
+        TinyViT(), total, lr=0.003, name="sgd", weight_decay=0.0, schedule="step",
+        milestones=marks, decay_rate=0.1, warmup_steps=anchors[0],
+    )  # fmt: skip
+    for step in range(total):
+        expected = _bit_lr(step, anchors, 0.003)
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-15), step
+        opt.step()
+        sched.step()

@@ -86,3 +86,38 @@ def test_missing_or_empty_metrics_is_exit_2(tmp_path, caplog, case):
     assert str(run) in caplog.text
     with pytest.raises(report.ReportError, match="run"):
         report.read_metrics(run)
+
+
+def _write_sweep_run(path, lr, top1s):
+    """A fine-tuning run of an lr sweep: val/top1 at steps 3, 7, ...; Hydra's overrides file."""
+    path.mkdir(parents=True)
+    rows = ["epoch,step,train/loss,val/top1"]
+    for i, top1 in enumerate(top1s):
+        rows.append(f"{i},{4 * i + 3},{2.0 - 0.1 * i},")
+        rows.append(f"{i},{4 * i + 3},,{top1}")
+    (path / "metrics.csv").write_text("\n".join(rows) + "\n")
+    (path / ".hydra").mkdir()
+    (path / ".hydra" / "overrides.yaml").write_text(f"- optim.lr={lr}\n- trainer.max_steps=12\n")
+    return path
+
+
+def test_sweep_comparison_names_the_best_lr(tmp_path, caplog):
+    runs = [
+        _write_sweep_run(tmp_path / "sweep" / "0", 0.002, [0.2, 0.4, 0.5]),
+        _write_sweep_run(tmp_path / "sweep" / "1", 0.003, [0.3, 0.6, 0.55]),  # best at step 7
+        _write_sweep_run(tmp_path / "sweep" / "2", 0.004, [0.1, 0.2, 0.3]),
+    ]
+    out = tmp_path / "report"
+    with caplog.at_level(logging.INFO, logger="bitrain.report"):
+        assert report.main([*map(str, runs), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "## Comparison: val/top1 (higher is better)" in text
+    assert "| 1 | `optim.lr=0.003` | 0.6 | 7 | 0.55 |" in text
+    assert "**Best: optim.lr=0.003** (val/top1 0.6 at step 7" in text
+    assert "trainer.max_steps" not in text.split("## 0")[0]  # shared overrides are not listed
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "best val/top1: 0.6 (optim.lr=0.003" in caplog.text
+    # Lower is better for a loss; the direction can be forced.
+    cmp = report.compare([report.read_metrics(r) for r in runs], "train/loss")
+    assert not cmp.higher_is_better and cmp.winner.name in {"0", "1", "2"}
+    assert report.main([*map(str, runs), "--out", str(out), "--metric", "val/top5"]) == 2
