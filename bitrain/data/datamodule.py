@@ -19,7 +19,10 @@ epoch. Iterable sources (webdataset) seed each worker from the loader's generato
 
 Bad samples: a map-style source returns ``None`` for a file it cannot decode (and counts it).
 The wrapper then takes the next index instead (up to ``MAX_SUBSTITUTES`` tries), so batches keep
-their size; anything still ``None`` is dropped by :func:`collate_drop_none`.
+their size; anything still ``None`` is dropped by :func:`collate_drop_none`. With deferred
+decoding (the source yields :class:`~bitrain.data.decode.EncodedImage` and the transform decodes
+the pixels it needs) a file that fails in the transform is counted in the source's ``num_bad``,
+warned about and replaced the same way.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from torch.utils.data import (
     get_worker_info,
 )
 from torch.utils.data._utils.collate import default_collate
+
+from bitrain.data.decode import BadImageError, warn_bad_once
 
 __all__ = [
     "ClassificationDataModule",
@@ -108,6 +113,13 @@ class _Samples:
             self.reseed(self.seed)
         return self._generator  # type: ignore[return-value]
 
+    def count_bad(self, err: BadImageError) -> None:
+        """A sample that failed in the transform (deferred decoding): count it and warn once."""
+        counter = getattr(self.source, "num_bad_counter", None)
+        if counter is not None:
+            counter.increment()
+        warn_bad_once(str(err).split(":", 1)[0], str(err))
+
     def apply(self, raw: Any, key: tuple[int, ...] | None) -> Any:
         if self.per_sample_seed is None or key is None:
             return self.process(raw, self.generator())
@@ -140,16 +152,24 @@ class _MapDataset(_Samples, Dataset):
         n = len(self.source)
         for k in range(MAX_SUBSTITUTES):
             raw = self.source[(index + k) % n]
-            if raw is not None:
+            if raw is None:
+                continue
+            try:
                 return self.apply(raw, seed_key)
+            except BadImageError as err:
+                self.count_bad(err)
         return None
 
 
 class _IterDataset(_Samples, IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         for raw in self.source:
-            if raw is not None:
+            if raw is None:
+                continue
+            try:
                 yield self.apply(raw, None)
+            except BadImageError as err:
+                self.count_bad(err)
 
 
 class EpochSampler(DistributedSampler):
@@ -405,6 +425,11 @@ class PretrainDataModule(_BaseDataModule):
                 "'masking' config group)"
             )
         self.mask_generator = mask_generator
+        if getattr(transform, "decodes_encoded_images", False):
+            # The transform decodes only the pixels its crop needs (docs/data.md, "Fast two views").
+            for src in (source, val_source):
+                if hasattr(src, "deferred_decode"):
+                    src.deferred_decode = True
 
     def _process(self) -> Callable[[Any, torch.Generator], dict[str, Any]]:
         return _TwoViewSample(self.transform, self.mask_generator)
