@@ -93,37 +93,55 @@ def make_shards(root: Path, out_dir: Path, per_shard: int) -> str:
     return str(out_dir / f"shard-{{000000..{n_shards - 1:06d}}}.tar")
 
 
+def official_views(
+    img: Any,
+    size: int = 224,
+    second_size: int = 112,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    color_jitter: float = 0.4,
+    hflip: float = 0.5,
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official BEiT views of an RGB PIL image, in the official order (module docstring).
+
+    ``ColorJitter`` on the whole image, ``RandomHorizontalFlip``, one ``RandomResizedCrop`` box
+    resized bicubic to ``size`` and Lanczos to ``second_size``, ``ToTensor`` (+ ``Normalize`` for
+    the patch view). Returns the normalized patch view and the token view in [0, 1] (before
+    DALL-E's ``map_pixels``). Draws from torch's global RNG, as torchvision does.
+    """
+    from torchvision import transforms as T
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    if color_jitter > 0:
+        img = T.ColorJitter(color_jitter, color_jitter, color_jitter)(img)
+    img = T.RandomHorizontalFlip(hflip)(img)
+    top, left, h, w = T.RandomResizedCrop.get_params(img, list(scale), list(ratio))
+    patch = F.resized_crop(img, top, left, h, w, [size, size], InterpolationMode.BICUBIC)
+    token = F.resized_crop(img, top, left, h, w, [second_size] * 2, InterpolationMode.LANCZOS)
+    return F.normalize(F.to_tensor(patch), list(mean), list(std)), F.to_tensor(token)
+
+
 class ReferenceDataset(Dataset):
     """The official BEiT pretraining pipeline, rebuilt from torchvision (module docstring)."""
 
     def __init__(self, files: Sequence[Path], mask_generator: Any) -> None:
-        from torchvision import transforms as T
-
         self.files = list(files)
         self.mask_generator = mask_generator
-        self.jitter = T.ColorJitter(0.4, 0.4, 0.4)
-        self.flip = T.RandomHorizontalFlip(0.5)
-        self.crop = T.RandomResizedCrop(224, scale=(0.08, 1.0))
-        self.normalize = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-        self.to_tensor = T.ToTensor()
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         from PIL import Image
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import functional as F
 
         with open(self.files[i], "rb") as f:
             img = Image.open(f).convert("RGB")
-        img = self.flip(self.jitter(img))
-        top, left, h, w = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
-        patch = F.resized_crop(img, top, left, h, w, [224, 224], InterpolationMode.BICUBIC)
-        token = F.resized_crop(img, top, left, h, w, [112, 112], InterpolationMode.LANCZOS)
-        token = self.to_tensor(token)
+        patch, token = official_views(img)
         return {
-            "images": self.normalize(self.to_tensor(patch)),
+            "images": patch,
             "tokenizer_images": 0.8 * token + 0.1,  # DALL-E map_pixels, eps 0.1
             "mask": self.mask_generator(),
         }
