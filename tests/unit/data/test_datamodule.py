@@ -232,3 +232,22 @@ def test_runs_under_lightning_trainer(tmp_path):
 
     first, second = fit(), fit()
     assert first.shape == (3, 8, 8, 8) and torch.equal(first, second)
+
+
+def test_pretraining_defers_decoding_and_counts_files_that_fail_late(image_folder, caplog):
+    """Truncated JPEGs pass the header read and fail in the transform: counted and replaced."""
+    src = ImageFolderSource(image_folder)
+    dm = _pretrain_dm(src, batch_size=7, drop_last=False)
+    assert src.deferred_decode  # TwoViewTransform decodes what its crop needs
+    from bitrain.data.decode import EncodedImage
+
+    assert isinstance(src[src.files.index("cat/rgb.jpg")], EncodedImage)
+    with caplog.at_level("WARNING"):
+        batches = _batches(dm)
+    assert [len(b["images"]) for b in batches] == [7, 7]
+    assert dm.num_bad_samples == 3  # truncated.jpg (late, in the transform), empty.png, text.jpg
+    assert any("truncated.jpg" in r.getMessage() for r in caplog.records)
+    # Fine-tuning sources stay eager: ImageDataModule does not defer.
+    eager = ImageFolderSource(image_folder)
+    ImageDataModule(eager, SingleViewTransform(16), batch_size=2)
+    assert not eager.deferred_decode
