@@ -28,6 +28,7 @@ warned about and replaced the same way.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -52,6 +53,7 @@ __all__ = [
     "ImageDataModule",
     "PretrainDataModule",
     "collate_drop_none",
+    "default_num_workers",
     "seed_worker",
 ]
 
@@ -76,6 +78,29 @@ def collate_drop_none(samples: list[Any]) -> Any:
             "warnings (bad files are logged by name) and its num_bad counter"
         )
     return default_collate(kept)
+
+
+def default_num_workers(devices_per_node: int | None = None) -> int:
+    """Loader workers per device when ``num_workers`` is unset.
+
+    The CPUs this process may use, shared among the node's devices, less one for the training
+    process itself (Lightning's ``suggested_max_num_workers``; at least 1). Under SLURM with
+    ``--cpus-per-task`` (one task per device, its own CPUs in its affinity mask) the CPUs are
+    already this device's and are not divided again.
+
+    Args:
+        devices_per_node: Training processes on this machine; ``None``: the visible CUDA devices
+            (1 without CUDA).
+    """
+    from lightning.fabric.utilities.data import suggested_max_num_workers
+
+    if devices_per_node is None:
+        devices_per_node = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK")
+    if hasattr(os, "sched_getaffinity") and per_task and per_task.isdigit():
+        if int(per_task) == len(os.sched_getaffinity(0)):
+            devices_per_node = 1  # this task's CPUs only
+    return suggested_max_num_workers(max(1, int(devices_per_node)))
 
 
 def seed_worker(worker_id: int) -> None:
@@ -259,14 +284,24 @@ class _BaseDataModule(L.LightningDataModule):
         drop_last: bool,
         shuffle: bool,
         seed: int,
+        prefetch_factor: int = 2,
     ) -> None:
         super().__init__()
         if int(batch_size) <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if int(num_workers) < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
+        if num_workers is not None and int(num_workers) < 0:
+            raise ValueError(
+                f"num_workers must be >= 0, or null for one per CPU of the device, got "
+                f"{num_workers!r}"
+            )
+        if int(prefetch_factor) < 1:
+            raise ValueError(
+                f"prefetch_factor (batches per worker) must be >= 1, got {prefetch_factor!r}"
+            )
         self.source, self.val_source, self.transform = source, val_source, transform
-        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.batch_size = int(batch_size)
+        self.num_workers = None if num_workers is None else int(num_workers)
+        self.prefetch_factor = int(prefetch_factor)
         self.pin_memory, self.persistent_workers = bool(pin_memory), bool(persistent_workers)
         self.drop_last, self.shuffle, self.seed = bool(drop_last), bool(shuffle), int(seed)
 
@@ -335,7 +370,7 @@ class _BaseDataModule(L.LightningDataModule):
                 self._resume_position = None
         else:
             dataset.per_sample_seed = _mix(self.seed, 0xE7A1)
-        workers = self.num_workers
+        workers = self.workers()
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -347,7 +382,20 @@ class _BaseDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers and workers > 0,
             worker_init_fn=seed_worker,
             generator=generator,
+            prefetch_factor=self.prefetch_factor if workers > 0 else None,
         )
+
+    def workers(self) -> int:
+        """``num_workers``, or when unset :func:`default_num_workers` for the trainer's devices."""
+        if self.num_workers is not None:
+            return self.num_workers
+        trainer = getattr(self, "trainer", None)
+        devices = int(trainer.num_devices) if trainer is not None else None
+        workers = default_num_workers(devices)
+        log.info(
+            "data.num_workers unset: %d loader workers per device (CPUs / devices - 1)", workers
+        )
+        return workers
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.source, train=True)
@@ -392,13 +440,15 @@ class PretrainDataModule(_BaseDataModule):
         transform: ``TwoViewTransform``: image -> ``(images, tokenizer_images)``.
         mask_generator: ``BlockwiseMaskGenerator``: ``(generator) -> BoolTensor [gh, gw]``.
         batch_size: Samples per batch per device.
-        num_workers: DataLoader worker processes (0: load in the main process).
+        num_workers: DataLoader worker processes per device (0: load in the main process;
+            ``None``: the CPUs available per device less one, :func:`default_num_workers`).
         val_source: Optional validation source (fixed crops and masks every epoch).
         pin_memory: Pin host memory (only when CUDA is available).
         persistent_workers: Keep workers alive between epochs (only when num_workers > 0).
         drop_last: Drop the last incomplete training batch (static shapes).
         shuffle: Shuffle map-style training sources (seeded).
         seed: Base seed of shuffling, crops and masks.
+        prefetch_factor: Batches each worker prepares ahead (DataLoader's ``prefetch_factor``).
     """
 
     def __init__(
@@ -407,17 +457,18 @@ class PretrainDataModule(_BaseDataModule):
         transform: Callable | None,
         mask_generator: Callable[..., torch.Tensor],
         batch_size: int = 64,
-        num_workers: int = 2,
+        num_workers: int | None = 2,
         val_source: Any | None = None,
         pin_memory: bool = True,
         persistent_workers: bool = True,
         drop_last: bool = True,
         shuffle: bool = True,
         seed: int = 0,
+        prefetch_factor: int = 2,
     ) -> None:
         super().__init__(
             source, transform, batch_size, num_workers, val_source, pin_memory,
-            persistent_workers, drop_last, shuffle, seed,
+            persistent_workers, drop_last, shuffle, seed, prefetch_factor,
         )  # fmt: skip
         if mask_generator is None:
             raise ValueError(
@@ -447,17 +498,18 @@ class ImageDataModule(_BaseDataModule):
         source: Any,
         transform: Callable | None,
         batch_size: int = 64,
-        num_workers: int = 2,
+        num_workers: int | None = 2,
         val_source: Any | None = None,
         pin_memory: bool = True,
         persistent_workers: bool = True,
         drop_last: bool = True,
         shuffle: bool = True,
         seed: int = 0,
+        prefetch_factor: int = 2,
     ) -> None:
         super().__init__(
             source, transform, batch_size, num_workers, val_source, pin_memory,
-            persistent_workers, drop_last, shuffle, seed,
+            persistent_workers, drop_last, shuffle, seed, prefetch_factor,
         )  # fmt: skip
 
     def _process(self) -> Callable[[Any, torch.Generator], dict[str, Any]]:
@@ -489,17 +541,18 @@ class ClassificationDataModule(_BaseDataModule):
         num_classes: int | None = None,
         root: str | None = None,
         batch_size: int = 64,
-        num_workers: int = 2,
+        num_workers: int | None = 2,
         val_source: Any | None = None,
         pin_memory: bool = True,
         persistent_workers: bool = True,
         drop_last: bool = True,
         shuffle: bool = True,
         seed: int = 0,
+        prefetch_factor: int = 2,
     ) -> None:
         super().__init__(
             source, transform, batch_size, num_workers, val_source, pin_memory,
-            persistent_workers, drop_last, shuffle, seed,
+            persistent_workers, drop_last, shuffle, seed, prefetch_factor,
         )  # fmt: skip
         self.root = root
         self.val_transform = val_transform if val_transform is not None else transform

@@ -1,5 +1,7 @@
 """Data modules: batch contract, reproducible masks and crops, bad samples, labels, validation."""
 
+import os
+
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -251,3 +253,33 @@ def test_pretraining_defers_decoding_and_counts_files_that_fail_late(image_folde
     eager = ImageFolderSource(image_folder)
     ImageDataModule(eager, SingleViewTransform(16), batch_size=2)
     assert not eager.deferred_decode
+
+
+def test_unset_num_workers_follow_the_cpus_per_device(monkeypatch):
+    from bitrain.data.datamodule import default_num_workers
+
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert default_num_workers(8) == 3  # 32 CPUs / 8 devices - 1 for the training process
+    assert default_num_workers(1) == 31
+    assert default_num_workers(64) == 1  # never 0: at least one worker
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "32")  # srun gave this task its own 32 CPUs
+    assert default_num_workers(8) == 31
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    dm = _pretrain_dm(num_workers=None, prefetch_factor=3, persistent_workers=True)
+    loader = dm.train_dataloader()
+    assert loader.num_workers == default_num_workers() == 31  # no CUDA here: one device
+    assert loader.persistent_workers and loader.prefetch_factor == 3
+    with pytest.raises(ValueError, match="num_workers must be >= 0, or null"):
+        _pretrain_dm(num_workers=-1)
+    with pytest.raises(ValueError, match="prefetch_factor"):
+        _pretrain_dm(prefetch_factor=0)
+
+
+def test_gpu_data_configs_leave_num_workers_to_the_cpus():
+    from omegaconf import OmegaConf
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[3] / "configs" / "data"
+    for name in ("imagenet", "image_folder", "webdataset"):
+        cfg = OmegaConf.load(root / f"{name}.yaml")
+        assert cfg.num_workers is None and cfg.persistent_workers and cfg.pin_memory, name
