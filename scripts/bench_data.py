@@ -214,16 +214,21 @@ def profile(make: Any, batches: int, top: int = 12) -> str:
     it = iter(make())
     next(it)
     prof = cProfile.Profile()
+    images = 0
     prof.enable()
-    for i, _ in enumerate(it):
+    for i, batch in enumerate(it):
+        images += int(batch["images"].shape[0])
         if i + 1 >= batches:
             break
     prof.disable()
     out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    stats = pstats.Stats(prof, stream=out)
+    total = stats.total_tt  # type: ignore[attr-defined]
+    stats.sort_stats("tottime").print_stats(top)
     lines = out.getvalue().splitlines()
     start = next(i for i, line in enumerate(lines) if line.strip().startswith("ncalls"))
-    return "\n".join(lines[start : start + top + 1])
+    head = f"{images} images in {total:.3f} s profiled = {1e3 * total / max(1, images):.2f} ms each"
+    return "\n".join([head, *lines[start : start + top + 1]])
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
