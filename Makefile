@@ -36,7 +36,8 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench_pretrain.py --model tiny --device cpu
 
-# On a lent GPU: benchmarks + CUDA-only tests in ~7 minutes, one JSON summary (docs/benchmarks.md).
+# On a lent GPU: benchmarks + CUDA-only tests (limits add up to < 8 min), one JSON summary
+# (docs/benchmarks.md).
 # Exits 2 with "no GPU" on a machine without CUDA.
 gpu-check: $(STAMP)
 	$(PY) scripts/gpu_check.py

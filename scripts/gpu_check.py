@@ -18,8 +18,8 @@ Runs, each as its own process with a time limit, and in this order (docs/benchma
 Each step's last printed line (the benchmarks' JSON) goes into one summary with its exit code,
 seconds and, if it failed, the end of its output; ``loader_feeds_step`` is the loader's images/s
 over the eager step's. The summary is written to ``--out`` and printed as the last line. The
-sizes fit in about 7 minutes on one H100/H200 (``--budget-s`` stops starting steps that would
-run past it). Without a CUDA GPU it exits at once with status 2 and says so; ``--dry-run``
+steps' time limits add up to 470 s, under the 8 minutes of a lent H100/H200 (not yet run on
+one); ``--budget-s`` (default 450) starts no step past it. Without a CUDA GPU it exits at once with status 2 and says so; ``--dry-run``
 prints the plan (the commands and their limits) without running anything.
 """
 
