@@ -283,3 +283,35 @@ def test_gpu_data_configs_leave_num_workers_to_the_cpus():
     for name in ("imagenet", "image_folder", "webdataset"):
         cfg = OmegaConf.load(root / f"{name}.yaml")
         assert cfg.num_workers is None and cfg.persistent_workers and cfg.pin_memory, name
+
+
+def test_deferred_decoding_keeps_data_a_function_of_seed_epoch_and_index(tmp_path):
+    """JPEGs decoded by the transform (crop first, reduced DCT scale): same batches with 0 or 2
+    workers, and for a data module built later (a resume) at the same epoch."""
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    for i in range(24):  # 160x120: crops of 64 px and more are decoded at 1/2 or 1/4
+        pixels = (torch.rand(3, 15, 20, generator=rng) * 255).to(torch.uint8)
+        img = Image.fromarray(pixels.permute(1, 2, 0).numpy()).resize((160, 120), Image.BICUBIC)
+        img.save(tmp_path / f"{i:02d}.jpg", quality=90)
+
+    def loader(workers):
+        dm = PretrainDataModule(
+            ImageFolderSource(tmp_path), TwoViewTransform(32, 16), BlockwiseMaskGenerator(8, 26, 4),
+            batch_size=8, num_workers=workers, persistent_workers=False, seed=3,
+        )  # fmt: skip
+        return dm.train_dataloader()
+
+    first = loader(0)
+    first.sampler.set_epoch(2)
+    torch.manual_seed(99)
+    later = loader(2)
+    later.sampler.set_epoch(2)
+    a, b = list(first), list(later)
+    assert len(a) == len(b) == 3
+    for key in ("images", "tokenizer_images", "mask"):
+        assert all(torch.equal(x[key], y[key]) for x, y in zip(a, b)), key
+    other = loader(0)
+    other.sampler.set_epoch(3)
+    assert not torch.equal(next(iter(other))["images"], a[0]["images"])
