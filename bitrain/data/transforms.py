@@ -219,6 +219,8 @@ class TwoViewTransform:
 
     # Takes EncodedImage: PretrainDataModule then lets its sources defer decoding to it.
     decodes_encoded_images = True
+    # Draws only from torch's global RNG: the data module seeds (and restores) only that one.
+    random_sources = frozenset({"torch"})
 
     def __init__(
         self,
@@ -317,6 +319,8 @@ class SingleViewTransform:
         hflip: Probability of a horizontal flip.
         interpolation: Resampling filter (Lanczos: the tokenizer's view in BEiT).
     """
+
+    random_sources = frozenset({"torch"})  # as TwoViewTransform
 
     def __init__(
         self,
