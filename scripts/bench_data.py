@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import functools
 import io
 import json
 import os
@@ -106,6 +107,15 @@ def make_shards(root: Path, out_dir: Path, per_shard: int) -> str:
     return str(out_dir / f"shard-{{000000..{n_shards - 1:06d}}}.tar")
 
 
+@functools.lru_cache(maxsize=8)
+def _official_transforms(color_jitter: float, hflip: float) -> tuple[Any, Any]:
+    """The official pipeline's ColorJitter and RandomHorizontalFlip, built once (as it does)."""
+    from torchvision import transforms as T
+
+    jitter = T.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
+    return jitter, T.RandomHorizontalFlip(hflip)
+
+
 def official_views(
     img: Any,
     size: int = 224,
@@ -128,9 +138,10 @@ def official_views(
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as F
 
-    if color_jitter > 0:
-        img = T.ColorJitter(color_jitter, color_jitter, color_jitter)(img)
-    img = T.RandomHorizontalFlip(hflip)(img)
+    jitter, flip = _official_transforms(color_jitter, hflip)
+    if jitter is not None:
+        img = jitter(img)
+    img = flip(img)
     top, left, h, w = T.RandomResizedCrop.get_params(img, list(scale), list(ratio))
     patch = F.resized_crop(img, top, left, h, w, [size, size], InterpolationMode.BICUBIC)
     token = F.resized_crop(img, top, left, h, w, [second_size] * 2, InterpolationMode.LANCZOS)
