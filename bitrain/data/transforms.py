@@ -161,15 +161,15 @@ def _jitter_(views: list[torch.Tensor], params: tuple, grey: torch.Tensor) -> No
     for fn in order.tolist():
         if fn == 0 and brightness is not None:
             for v in views:
-                v.mul_(brightness).clamp_(0.0, 255.0)
+                v.mul_(float(brightness)).clamp_(0.0, 255.0)
         elif fn == 1 and contrast is not None:
-            mean = float((views[0].mean(dim=(1, 2), keepdim=True) * grey).sum())
+            mean = float(torch.dot(views[0].mean(dim=(1, 2)), grey))
             for v in views:
-                v.mul_(contrast).add_((1.0 - contrast) * mean).clamp_(0.0, 255.0)
+                v.mul_(float(contrast)).add_((1.0 - contrast) * mean).clamp_(0.0, 255.0)
         elif fn == 2 and saturation is not None:
             for v in views:
-                luma = (v * grey).sum(0, keepdim=True).mul_(1.0 - saturation)
-                v.mul_(saturation).add_(luma).clamp_(0.0, 255.0)
+                luma = torch.tensordot(grey, v, dims=1)  # [H, W]
+                v.mul_(float(saturation)).add_(luma, alpha=1.0 - saturation).clamp_(0.0, 255.0)
 
 
 class _RandomCrop:
@@ -255,7 +255,7 @@ class TwoViewTransform:
         std, mean = torch.tensor(self.std), torch.tensor(self.mean)
         self._scale = (1.0 / (255.0 * std)).view(3, 1, 1)
         self._shift = (-mean / std).view(3, 1, 1)
-        self._grey = torch.tensor(_LUMA).view(3, 1, 1)
+        self._grey = torch.tensor(_LUMA)
 
     def __call__(self, img: Image.Image | EncodedImage) -> tuple[torch.Tensor, torch.Tensor]:
         """Two views of one crop.
