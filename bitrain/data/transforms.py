@@ -263,7 +263,7 @@ class TwoViewTransform:
         Args:
             img: An RGB ``PIL.Image`` (other modes are converted to RGB), or an
                 :class:`~bitrain.data.decode.EncodedImage`, decoded here at the smallest JPEG
-                DCT scale that keeps ``input_size`` pixels across the crop.
+                DCT scale that keeps the larger view's size in pixels across the crop.
 
         Returns:
             ``images`` [3, input_size, input_size] float32, normalized with ``mean``/``std``, and
@@ -274,7 +274,8 @@ class TwoViewTransform:
         """
         if isinstance(img, EncodedImage):
             top, left, height, width = self._crop.box(*img.size)
-            pixels, factor = img.decode(dct_reduction(width, height, self.input_size))
+            largest = max(self.input_size, self.second_input_size)
+            pixels, factor = img.decode(dct_reduction(width, height, largest))
         else:
             pixels, factor = _as_rgb(img, "TwoViewTransform"), 1
             top, left, height, width = self._crop.box(*pixels.size)

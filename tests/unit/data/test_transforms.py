@@ -161,3 +161,29 @@ def test_view_jitter_equals_torchvisions_operations(order):
     for got, want in zip(views, expected):
         torch.testing.assert_close(got / 255, want, atol=1e-4, rtol=0)
     assert grey_mean is not None
+
+
+def test_dct_reduction_keeps_the_view_size_across_the_crop(monkeypatch):
+    from bitrain.data import transforms
+    from bitrain.data.transforms import dct_reduction
+
+    assert dct_reduction(447, 900, 224) == 1  # 447 / 2 < 224
+    assert dct_reduction(448, 900, 224) == 2
+    assert dct_reduction(900, 1000, 224) == 4
+    assert dct_reduction(1792, 1800, 224) == 8
+    assert dct_reduction(5000, 5000, 224) == 8  # libjpeg's smallest scale
+    # The larger of the two views decides (a token view larger than the patch view).
+    seen = []
+    monkeypatch.setattr(
+        transforms,
+        "dct_reduction",
+        lambda w, h, size: seen.append(size) or dct_reduction(w, h, size),
+    )
+    import io
+
+    from bitrain.data.decode import EncodedImage
+
+    data = io.BytesIO()
+    _gradient_image(400, 300).save(data, format="JPEG")
+    TwoViewTransform(32, 48)(EncodedImage(data.getvalue()))
+    assert seen == [48]
