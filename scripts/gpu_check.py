@@ -58,7 +58,7 @@ def plan(python: str, workers: int) -> list[tuple[str, list[str], int]]:
         ),
         (
             "loader",
-            [python, "scripts/bench_data.py", "--workers", f"1,{workers}", "--num-images", "2048",
+            [python, "scripts/bench_data.py", "--workers", f"1,{workers}", "--num-images", "1600",
              "--batch-size", "64", "--batches", "24", "--no-shards"],
             80,
         ),
