@@ -19,8 +19,9 @@ Each step's last printed line (the benchmarks' JSON) goes into one summary with 
 seconds and, if it failed, the end of its output; ``loader_feeds_step`` is the loader's images/s
 over the eager step's. The summary is written to ``--out`` and printed as the last line. The
 steps' time limits add up to 470 s, under the 8 minutes of a lent H100/H200 (not yet run on
-one); ``--budget-s`` (default 450) starts no step past it. Without a CUDA GPU it exits at once with status 2 and says so; ``--dry-run``
-prints the plan (the commands and their limits) without running anything.
+one); ``--budget-s`` (default 450) starts no step past it. Without a CUDA GPU it exits at
+once with status 2 and says so; ``--dry-run`` prints the plan (the commands and their limits)
+without running anything.
 """
 
 from __future__ import annotations
