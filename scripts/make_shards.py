@@ -55,6 +55,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1 pixel")
     if not 1 <= args.quality <= 100:
         parser.error("--quality must be in [1, 100]")
+    if not args.prefix or any(c in args.prefix for c in "*?[]/\\"):
+        parser.error(f"--prefix {args.prefix!r}: a plain file name prefix, no path or wildcard")
     return args
 
 

@@ -82,6 +82,11 @@ def test_an_old_shard_set_is_refused_or_replaced_never_mixed(tmp_path, capsys):
     assert len(items) == 2
     # Another prefix is another set: allowed beside it.
     assert _load().main([str(small), str(out), "--prefix", "val"]) == 0
+    # --overwrite deletes PREFIX-*.tar: a prefix with a wildcard or a path is refused.
+    for prefix in ("*", "a/b", ""):
+        with pytest.raises(SystemExit):
+            _load().main([str(small), str(out), "--prefix", prefix, "--overwrite"])
+    assert (out / "shard-000000.tar").is_file() and (out / "val-000000.tar").is_file()
 
 
 def test_hints_name_the_scripts_own_options(tmp_path, capsys):
