@@ -139,7 +139,8 @@ def _finish(img: Image.Image, name: str) -> Image.Image:
     """Decode an opened image now (truncation fails here), apply EXIF orientation, make it RGB."""
     with _as_bad_image(name):
         img.load()  # decode now: a truncated file fails here, not later in the transform
-        return to_rgb(ImageOps.exif_transpose(img))
+        ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
+        return to_rgb(img)
 
 
 class _as_bad_image:
@@ -201,16 +202,13 @@ class EncodedImage:
 
     def __init__(self, data: bytes, name: str = "<bytes>") -> None:
         self.name = name
-        self._image = _open(data, name)
+        self._data = data
+        self._image: Image.Image | None = _open(data, name)
         width, height = self._image.size
         with _as_bad_image(name):
             orientation = self._image.getexif().get(0x0112, 1)
         self.size = (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
-
-    @property
-    def format(self) -> str | None:
-        """The file format PIL identified (``"JPEG"``, ``"PNG"``, ...)."""
-        return self._image.format
+        self.format: str | None = self._image.format  # "JPEG", "PNG", ... as PIL identified it
 
     def decode(self, reduce: int = 1) -> tuple[Image.Image, int]:
         """Decode to RGB at ``1 / reduce`` of the size when the format allows it (JPEG).
@@ -220,7 +218,9 @@ class EncodedImage:
         """
         if reduce not in (1, 2, 4, 8):
             raise ValueError(f"reduce is a JPEG DCT scale 1, 2, 4 or 8, got {reduce!r}")
-        img, factor = self._image, 1
+        # The opened header serves the first decode; a later one opens the bytes again.
+        img = self._image if self._image is not None else _open(self._data, self.name)
+        self._image, factor = None, 1
         if reduce > 1 and img.format == "JPEG":
             w, h = img.size  # stored (not oriented) size: draft works before the EXIF transpose
             drafted = img.draft(img.mode, (w // reduce, h // reduce))

@@ -195,6 +195,10 @@ def test_encoded_image_decodes_at_a_reduced_dct_scale_with_the_same_rules():
     assert EncodedImage(png.getvalue()).decode(4)[1] == 1
     with pytest.raises(ValueError, match="DCT scale"):
         encoded.decode(3)
+    # Decoding again (another scale) starts from the bytes, not from the decoded pixels.
+    again, factor = encoded.decode(2)
+    assert factor == 2 and again.size == (100, 60)
+    assert encoded.decode(1)[0].size == (200, 120)
 
 
 def test_encoded_image_size_is_oriented_and_bad_data_is_a_bad_sample(monkeypatch):
