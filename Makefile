@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.bitrain-installed
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test test-fast lint format bench gpu-check clean
 
 install: $(STAMP)
 
@@ -35,6 +35,12 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_pretrain.py --model tiny --device cpu
+
+# On a lent GPU: benchmarks + CUDA-only tests (limits add up to < 8 min), one JSON summary
+# (docs/benchmarks.md).
+# Exits 2 with "no GPU" on a machine without CUDA.
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -13,9 +13,14 @@ fail minutes or hours into it:
 * the run directory (``paths.run_name`` / SLURM job): a fresh start over an earlier run there
   would be refused (:mod:`bitrain.rundir`);
 * per-device and global batch (batch x devices x num_nodes x accumulate_grad_batches), derived
-  from ``data.global_batch_size`` when set (:func:`bitrain.cluster.apply_global_batch`).
+  from ``data.global_batch_size`` when set (:func:`bitrain.cluster.apply_global_batch`);
+* the data loader can feed the device: the configured transform and mask generator are timed on
+  up to 32 of the source's images on one core, and ``workers x images/s per worker`` is compared
+  with the images/s a device consumes (``+doctor.img_s_per_device=N``; default 2,500 on a GPU run,
+  BEiT-base's per-H100 goal, docs/data.md); too slow is a warning, not a failure.
 
-Exit code 0 when every check passes, 1 with the list of problems otherwise. See docs/monitoring.md.
+Exit code 0 when every check passes (warnings included), 1 with the list of problems otherwise.
+See docs/monitoring.md.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class Check:
     name: str
     ok: bool
     detail: str
+    warn: bool = False  # passes, but worth a look (printed as "warn")
 
 
 def compose_config(overrides: list[str], config_name: str = "pretrain") -> DictConfig:
@@ -303,6 +309,136 @@ def check_batch(cfg: DictConfig, world_size: int) -> list[Check]:
     ]
 
 
+# Images/s one device consumes in BEiT-base pretraining: the step goal per H100 (issue 17).
+GPU_IMG_S_PER_DEVICE = 2500.0
+SAMPLE_IMAGES = 32
+
+
+def _sample_images(cfg: DictConfig) -> list[tuple[str, bytes]]:
+    """Up to ``SAMPLE_IMAGES`` encoded images of ``data.source`` (image folder or local shards)."""
+    kind = str(_get(cfg, "data.source._target_", "")).rsplit(".", 1)[-1]
+    found: list[tuple[str, bytes]] = []
+    if kind == "ImageFolderSource":
+        from bitrain.data.sources import IMAGE_EXTENSIONS
+
+        root = Path(str(_get(cfg, "data.source.root", ""))).expanduser()
+        for dirpath, dirnames, files in os.walk(root, followlinks=True):
+            dirnames.sort()
+            for name in sorted(files):
+                if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                    path = Path(dirpath) / name
+                    found.append((str(path), path.read_bytes()))
+                    if len(found) >= SAMPLE_IMAGES:
+                        return found
+    elif kind == "WebDatasetSource":
+        import tarfile
+
+        from bitrain.data.shards import REMOTE_PREFIXES, expand_shard_urls
+
+        urls = _get(cfg, "data.source.urls")
+        urls = OmegaConf.to_object(urls) if OmegaConf.is_config(urls) else urls
+        local = [u for u in expand_shard_urls(urls) if not u.startswith(REMOTE_PREFIXES)]
+        keys = tuple(f".{k}" for k in _get(cfg, "data.source.image_keys", ["jpg", "jpeg", "png"]))
+        for url in local[:4]:
+            with tarfile.open(url.removeprefix("file:")) as tar:
+                for member in tar:
+                    if member.isfile() and member.name.lower().endswith(keys):
+                        found.append((f"{url}:{member.name}", tar.extractfile(member).read()))
+                        if len(found) >= SAMPLE_IMAGES:
+                            return found
+    return found
+
+
+def measure_worker_rate(cfg: DictConfig, images: list[tuple[str, bytes]]) -> float:
+    """Images/s of one loader worker on this CPU: decode + ``data.transform`` + the mask.
+
+    Runs in this process on one torch thread (as a DataLoader worker does), two passes over
+    ``images``, the first untimed.
+    """
+    import time
+
+    import hydra
+    import torch
+
+    import bitrain.runner  # noqa: F401  (registers the config resolvers, e.g. ${div:...})
+    from bitrain.data.decode import BadImageError, EncodedImage, decode_image
+
+    transform = hydra.utils.instantiate(cfg.data.transform)
+    masks = hydra.utils.instantiate(cfg.masking) if _get(cfg, "masking") is not None else None
+    deferred = getattr(transform, "decodes_encoded_images", False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _pass in range(2):  # the first pass warms up, the second is timed
+            start, done = time.perf_counter(), 0
+            for name, data in images:
+                try:
+                    image = EncodedImage(data, name) if deferred else decode_image(data, name)
+                    transform(image)
+                except BadImageError:
+                    continue
+                if masks is not None:
+                    masks()
+                done += 1
+        seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    return done / seconds if seconds > 0 and done else 0.0
+
+
+def check_loader(cfg: DictConfig) -> list[Check]:
+    """Whether ``workers x images/s per worker`` can feed the images/s one device consumes."""
+    kind = str(_get(cfg, "data.source._target_", "")).rsplit(".", 1)[-1]
+    if kind not in ("ImageFolderSource", "WebDatasetSource") or _get(cfg, "data.transform") is None:
+        return []
+    import torch
+
+    from bitrain.data.datamodule import default_num_workers
+
+    need = _get(cfg, "doctor.img_s_per_device")
+    accelerator = str(_get(cfg, "trainer.accelerator", "auto"))
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if need is None and not on_gpu:
+        return [
+            Check(
+                "loader",
+                True,
+                "CPU run: loader speed not checked (+doctor.img_s_per_device=N to check)",
+            )
+        ]
+    need = float(need if need is not None else GPU_IMG_S_PER_DEVICE)
+    try:
+        images = _sample_images(cfg)
+    except (OSError, ValueError) as err:
+        return [Check("loader", True, f"could not read sample images to time: {err}", warn=True)]
+    if not images:
+        return []  # check_data reports the missing data
+    try:
+        rate = measure_worker_rate(cfg, images)
+    except Exception as err:  # a transform that cannot be built is reported by the run itself
+        return [Check("loader", True, f"could not time the transform: {err}", warn=True)]
+    workers = _get(cfg, "data.num_workers")
+    devices = _devices_count(_get(cfg, "trainer.devices", "auto"), accelerator) or 1
+    workers = default_num_workers(devices) if workers is None else int(workers)
+    feed = max(1, workers) * rate
+    detail = (
+        f"{workers} worker(s) x {rate:.0f} images/s (measured here on {len(images)} images, one "
+        f"core) = {feed:.0f} images/s per device; the device needs {need:.0f}"
+    )
+    if feed >= need:
+        return [Check("loader", True, detail)]
+    return [
+        Check(
+            "loader",
+            True,
+            f"{detail}: the loader would set the pace. More CPU cores per device and "
+            "data.num_workers, or pre-resized shards (scripts/make_shards.py --max-side, "
+            "docs/data.md)",
+            warn=True,
+        )
+    ]
+
+
 def run_checks(cfg: DictConfig) -> list[Check]:
     """Every check on a composed config, in the order they are printed."""
     checks = check_torch()
@@ -313,6 +449,7 @@ def run_checks(cfg: DictConfig) -> list[Check]:
     checks += check_output(cfg)
     checks += check_run_dir(cfg)
     checks += check_batch(cfg, world)
+    checks += check_loader(cfg)
     return checks
 
 
@@ -349,14 +486,16 @@ def main(argv: list[str] | None = None) -> int:
     width = max(len(c.name) for c in checks)
     log.info("bitrain doctor: configs/pretrain.yaml %s", " ".join(overrides))
     for c in checks:
-        log.info("  [%s] %s  %s", "ok" if c.ok else "!!", c.name.ljust(width), c.detail)
+        mark = "!!" if not c.ok else "warn" if c.warn else "ok"
+        log.info("  [%s] %s  %s", mark, c.name.ljust(width), c.detail)
     problems = [c for c in checks if not c.ok]
     if problems:
         log.info("%d problem(s):", len(problems))
         for c in problems:
             log.info("  - %s: %s", c.name, c.detail)
         return 1
-    log.info("all checks passed")
+    warned = [c for c in checks if c.warn]
+    log.info("all checks passed" + (f", {len(warned)} warning(s)" if warned else ""))
     return 0
 
 

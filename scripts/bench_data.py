@@ -13,18 +13,32 @@ worker process (per core when each worker has a core):
   ``Image.open().convert("RGB")`` as torchvision's ``ImageFolder`` loader does), masks from the
   same generator. ``ratio`` = bitrain folder / reference at each worker count.
 
+* ``resized``: with ``--max-side N``, bitrain on shards re-encoded by ``scripts/make_shards.py
+  --max-side N`` (pre-resized shards, docs/data.md).
+
 Without ``--root`` it writes ``--num-images`` JPEGs (quality 90, ``--image-size``, default
 500x375 as a typical ImageNet photo) cut from the real photographs that ship with scikit-image,
-into a temporary folder. The first batch of every loader (worker start-up) is not timed.
-Prints a table, then as the last line one JSON object (``docs/benchmarks.md``).
+into a temporary folder. The first batch of every loader (worker start-up) is not timed. The
+pipelines are measured in turn, ``--repeats`` rounds (interleaved, so a busy machine slows all of
+them alike); the table gives every round, the JSON the median per pipeline and the median of the
+per-round ratios to the reference. With 0 workers the main process runs torch on one thread, as a
+DataLoader worker does. ``--profile`` adds a cProfile of one pass of each pipeline in the main
+process (the functions with the most own time). Prints a table, then as the last line one JSON
+object (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
+import functools
+import io
 import json
 import os
+import pstats
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -93,37 +107,65 @@ def make_shards(root: Path, out_dir: Path, per_shard: int) -> str:
     return str(out_dir / f"shard-{{000000..{n_shards - 1:06d}}}.tar")
 
 
+@functools.lru_cache(maxsize=8)
+def _official_transforms(color_jitter: float, hflip: float) -> tuple[Any, Any]:
+    """The official pipeline's ColorJitter and RandomHorizontalFlip, built once (as it does)."""
+    from torchvision import transforms as T
+
+    jitter = T.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
+    return jitter, T.RandomHorizontalFlip(hflip)
+
+
+def official_views(
+    img: Any,
+    size: int = 224,
+    second_size: int = 112,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    color_jitter: float = 0.4,
+    hflip: float = 0.5,
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official BEiT views of an RGB PIL image, in the official order (module docstring).
+
+    ``ColorJitter`` on the whole image, ``RandomHorizontalFlip``, one ``RandomResizedCrop`` box
+    resized bicubic to ``size`` and Lanczos to ``second_size``, ``ToTensor`` (+ ``Normalize`` for
+    the patch view). Returns the normalized patch view and the token view in [0, 1] (before
+    DALL-E's ``map_pixels``). Draws from torch's global RNG, as torchvision does.
+    """
+    from torchvision import transforms as T
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    jitter, flip = _official_transforms(color_jitter, hflip)
+    if jitter is not None:
+        img = jitter(img)
+    img = flip(img)
+    top, left, h, w = T.RandomResizedCrop.get_params(img, list(scale), list(ratio))
+    patch = F.resized_crop(img, top, left, h, w, [size, size], InterpolationMode.BICUBIC)
+    token = F.resized_crop(img, top, left, h, w, [second_size] * 2, InterpolationMode.LANCZOS)
+    return F.normalize(F.to_tensor(patch), list(mean), list(std)), F.to_tensor(token)
+
+
 class ReferenceDataset(Dataset):
     """The official BEiT pretraining pipeline, rebuilt from torchvision (module docstring)."""
 
     def __init__(self, files: Sequence[Path], mask_generator: Any) -> None:
-        from torchvision import transforms as T
-
         self.files = list(files)
         self.mask_generator = mask_generator
-        self.jitter = T.ColorJitter(0.4, 0.4, 0.4)
-        self.flip = T.RandomHorizontalFlip(0.5)
-        self.crop = T.RandomResizedCrop(224, scale=(0.08, 1.0))
-        self.normalize = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-        self.to_tensor = T.ToTensor()
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         from PIL import Image
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import functional as F
 
         with open(self.files[i], "rb") as f:
             img = Image.open(f).convert("RGB")
-        img = self.flip(self.jitter(img))
-        top, left, h, w = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
-        patch = F.resized_crop(img, top, left, h, w, [224, 224], InterpolationMode.BICUBIC)
-        token = F.resized_crop(img, top, left, h, w, [112, 112], InterpolationMode.LANCZOS)
-        token = self.to_tensor(token)
+        patch, token = official_views(img)
         return {
-            "images": self.normalize(self.to_tensor(patch)),
+            "images": patch,
             "tokenizer_images": 0.8 * token + 0.1,  # DALL-E map_pixels, eps 0.1
             "mask": self.mask_generator(),
         }
@@ -167,6 +209,39 @@ def reference_loader(files: Sequence[Path], workers: int, batch_size: int) -> Da
     return DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True)
 
 
+def resized_shards(root: Path, out_dir: Path, per_shard: int, max_side: int) -> str:
+    """Shards re-encoded by ``scripts/make_shards.py --max-side`` (its output kept quiet)."""
+    import make_shards
+
+    argv = [str(root), str(out_dir), "--shard-size", str(per_shard), "--max-side", str(max_side)]
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        if make_shards.main([*argv, "--no-labels", "--seed", "-1"]) != 0:
+            raise SystemExit(f"bench_data: make_shards failed on {root}")
+    return printed.getvalue().strip().splitlines()[-1].split("=", 1)[1].strip("'")
+
+
+def profile(make: Any, batches: int, top: int = 12) -> str:
+    """Profile (cProfile) ``batches`` batches of a 0-worker loader: top functions by own time."""
+    it = iter(make())
+    next(it)
+    prof = cProfile.Profile()
+    images = 0
+    prof.enable()
+    for i, batch in enumerate(it):
+        images += int(batch["images"].shape[0])
+        if i + 1 >= batches:
+            break
+    prof.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    total = stats.total_tt  # type: ignore[attr-defined]
+    stats.sort_stats("tottime").print_stats(top)
+    lines = out.getvalue().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("ncalls"))
+    head = f"{images} images in {total:.3f} s profiled = {1e3 * total / max(1, images):.2f} ms each"
+    return "\n".join([head, *lines[start : start + top + 1]])
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--root", type=Path, help="image folder (default: generated JPEGs)")
@@ -175,10 +250,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--batches", type=int, default=8, help="timed batches per measurement")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of every pipeline")
     p.add_argument("--shard-size", type=int, default=128, help="images per generated shard")
     p.add_argument("--no-shards", action="store_true", help="skip the webdataset measurement")
     p.add_argument("--no-reference", action="store_true", help="skip the reference pipeline")
-    return p.parse_args(argv)
+    p.add_argument("--max-side", type=int, help="also measure shards pre-resized to this side")
+    p.add_argument("--profile", action="store_true", help="cProfile each pipeline (0 workers)")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.batches < 1:
+        p.error("--repeats and --batches must be >= 1")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,62 +268,88 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bitrain.data.sources import ImageFolderSource
 
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # as in a DataLoader worker (0 workers: the main process loads)
     workers = [int(w) for w in str(args.workers).split(",") if w != ""]
     tmp = tempfile.TemporaryDirectory(prefix="bench_data_")
     root = args.root
     if root is None:
         w, h = (int(v) for v in args.image_size.lower().split("x"))
         root = make_images(Path(tmp.name) / "images", args.num_images, (w, h))
-    folder = ImageFolderSource(root)
-    files = [Path(root) / f for f in folder.files]
+    files = [Path(root) / f for f in ImageFolderSource(root).files]
     needed = (args.batches + 1) * args.batch_size
     if len(files) < needed:
         raise SystemExit(
             f"bench_data: {len(files)} images under {root}, need at least {needed} "
             "(--batches + 1) x --batch-size"
         )
-    shards = None
-    if not args.no_shards:
-        shards = make_shards(root, Path(tmp.name) / "shards", args.shard_size)
+    shards = (
+        None if args.no_shards else make_shards(root, Path(tmp.name) / "shards", args.shard_size)
+    )
+    resized = None
+    if args.max_side:
+        resized = resized_shards(root, Path(tmp.name) / "resized", args.shard_size, args.max_side)
+
+    def pipelines(n_workers: int) -> list[tuple[str, Any]]:
+        runs = [
+            ("folder", lambda: bitrain_loader(ImageFolderSource(root), n_workers, args.batch_size))
+        ]
+        if shards is not None:
+            src = lambda: WebDatasetSource(shards, shuffle=0)  # noqa: E731
+            runs.append(("shards", lambda: bitrain_loader(src(), n_workers, args.batch_size)))
+        if resized is not None:
+            res = lambda: WebDatasetSource(resized, shuffle=0)  # noqa: E731
+            runs.append(("resized", lambda: bitrain_loader(res(), n_workers, args.batch_size)))
+        if not args.no_reference:
+            runs.append(("reference", lambda: reference_loader(files, n_workers, args.batch_size)))
+        return runs
 
     info = machine_info(torch.device("cpu"))
     print(f"# bench_data: {info['cpu']}, {os.cpu_count()} CPUs, torch {info['torch']}")
     print(
-        f"# {len(files)} images from {root}, batch {args.batch_size}, {args.batches} timed batches"
+        f"# {len(files)} images from {root}, batch {args.batch_size}, {args.batches} timed "
+        f"batches, {args.repeats} interleaved round(s)"
+        + (f", resized = shards re-encoded with --max-side {args.max_side}" if resized else "")
     )
-    print("| source | workers | images/s | images/s per worker |")
-    print("|---|---|---|---|")
-    results: dict[str, dict[str, float]] = {"folder": {}, "shards": {}, "reference": {}}
+    if args.profile:
+        for name, make in pipelines(0):
+            print(f"# profile of {name} (0 workers, {args.batches} batches), by own time:")
+            print("\n".join(f"#   {line}" for line in profile(make, args.batches).splitlines()))
+    print("| round | source | workers | images/s | images/s per worker |")
+    print("|---|---|---|---|---|")
+    rounds: dict[str, dict[str, list[float]]] = {}
     for n_workers in workers:
-        runs = [("folder", lambda w=n_workers: bitrain_loader(folder, w, args.batch_size))]
-        if shards is not None:
-            src = WebDatasetSource(shards, shuffle=0)
-            runs.append(
-                ("shards", lambda w=n_workers, s=src: bitrain_loader(s, w, args.batch_size))
-            )
-        if not args.no_reference:
-            runs.append(
-                ("reference", lambda w=n_workers: reference_loader(files, w, args.batch_size))
-            )
-        for name, make in runs:
-            rate, _ = time_loader(make(), args.batches)
-            results[name][str(n_workers)] = rate
-            per = rate / max(1, n_workers)
-            print(f"| {name} | {n_workers} | {rate:.1f} | {per:.1f} |")
+        for r in range(args.repeats):
+            for name, make in pipelines(n_workers):
+                rate, _ = time_loader(make(), args.batches)
+                rounds.setdefault(name, {}).setdefault(str(n_workers), []).append(rate)
+                per = rate / max(1, n_workers)
+                print(f"| {r + 1} | {name} | {n_workers} | {rate:.1f} | {per:.1f} |")
+
+    def median(name: str) -> dict[str, float]:
+        return {w: statistics.median(v) for w, v in rounds.get(name, {}).items()}
 
     out: dict[str, Any] = {
         "machine": info,
         "images": len(files),
         "batch_size": args.batch_size,
-        "folder_img_s": results["folder"],
-        "shards_img_s": results["shards"],
-        "reference_img_s": results["reference"],
+        "repeats": args.repeats,
+        "max_side": args.max_side,
+        "folder_img_s": median("folder"),
+        "shards_img_s": median("shards"),
+        "resized_img_s": median("resized"),
+        "reference_img_s": median("reference"),
+        "rounds": rounds,
     }
-    if results["reference"]:
-        out["ratio"] = {
-            w: results["folder"][w] / results["reference"][w] for w in results["reference"]
-        }
-    best = max(results["folder"].items(), key=lambda kv: kv[1] / max(1, int(kv[0])))
+    if "reference" in rounds:
+        ref = rounds["reference"]
+        for name in ("folder", "shards", "resized"):
+            if name in rounds:
+                key = "ratio" if name == "folder" else f"ratio_{name}"
+                out[key] = {
+                    w: statistics.median(a / b for a, b in zip(rounds[name][w], ref[w]))
+                    for w in ref
+                }
+    best = max(out["folder_img_s"].items(), key=lambda kv: kv[1] / max(1, int(kv[0])))
     out["folder_img_s_per_worker_best"] = best[1] / max(1, int(best[0]))
     print(json.dumps(out))
     tmp.cleanup()

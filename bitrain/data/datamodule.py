@@ -11,20 +11,25 @@ Reproducibility. Map-style training data is drawn by :class:`EpochSampler` (a
 ``DistributedSampler``: shuffled from ``(seed, epoch)``, split across ranks, and left in place by
 Lightning under DDP). It yields ``(epoch, index)`` keys, and sample ``index`` of epoch ``e`` gets
 its crop, flip and mask from the seed ``(seed, e, index)`` (torch, Python ``random`` and NumPy are
-all seeded from it, so timm's transforms are covered too). The data a step sees is therefore a
-function of ``(seed, epoch, step)`` alone: the same with 0 or 8 workers, and the same after a
-resume as in an uninterrupted run. Validation is fixed: sample ``i`` gets seed ``(seed, i)`` every
-epoch. Iterable sources (webdataset) seed each worker from the loader's generator
-(:func:`seed_worker`).
+all seeded from it, so timm's transforms are covered too; a transform that declares
+``random_sources``, as bitrain's do (``{"torch"}``), gets only those seeded). The data a step
+sees is therefore a function of ``(seed, epoch, step)`` alone: the same with 0 or 8 workers, and
+the same after a resume as in an uninterrupted run. Validation is fixed: sample ``i`` gets seed
+``(seed, i)`` every epoch. Iterable sources (webdataset) seed each worker from the loader's
+generator (:func:`seed_worker`).
 
 Bad samples: a map-style source returns ``None`` for a file it cannot decode (and counts it).
 The wrapper then takes the next index instead (up to ``MAX_SUBSTITUTES`` tries), so batches keep
-their size; anything still ``None`` is dropped by :func:`collate_drop_none`.
+their size; anything still ``None`` is dropped by :func:`collate_drop_none`. With deferred
+decoding (the source yields :class:`~bitrain.data.decode.EncodedImage` and the transform decodes
+the pixels it needs) a file that fails in the transform is counted in the source's ``num_bad``,
+warned about and replaced the same way.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 from collections.abc import Callable, Iterator
@@ -42,18 +47,23 @@ from torch.utils.data import (
 )
 from torch.utils.data._utils.collate import default_collate
 
+from bitrain.data.decode import BadImageError, warn_bad_once
+
 __all__ = [
     "ClassificationDataModule",
     "EpochSampler",
     "ImageDataModule",
     "PretrainDataModule",
     "collate_drop_none",
+    "default_num_workers",
     "seed_worker",
 ]
 
 log = logging.getLogger(__name__)
 
 MAX_SUBSTITUTES = 16
+# Global RNGs a per-sample seed covers unless the transform declares fewer (``random_sources``).
+ALL_RANDOM_SOURCES = frozenset({"torch", "random", "numpy"})
 _SEED_MASK = (1 << 63) - 1
 
 
@@ -72,6 +82,29 @@ def collate_drop_none(samples: list[Any]) -> Any:
             "warnings (bad files are logged by name) and its num_bad counter"
         )
     return default_collate(kept)
+
+
+def default_num_workers(devices_per_node: int | None = None) -> int:
+    """Loader workers per device when ``num_workers`` is unset.
+
+    The CPUs this process may use, shared among the node's devices, less one for the training
+    process itself (Lightning's ``suggested_max_num_workers``; at least 1). Under SLURM with
+    ``--cpus-per-task`` (one task per device, its own CPUs in its affinity mask) the CPUs are
+    already this device's and are not divided again.
+
+    Args:
+        devices_per_node: Training processes on this machine; ``None``: the visible CUDA devices
+            (1 without CUDA).
+    """
+    from lightning.fabric.utilities.data import suggested_max_num_workers
+
+    if devices_per_node is None:
+        devices_per_node = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK")
+    if hasattr(os, "sched_getaffinity") and per_task and per_task.isdigit():
+        if int(per_task) == len(os.sched_getaffinity(0)):
+            devices_per_node = 1  # this task's CPUs only
+    return suggested_max_num_workers(max(1, int(devices_per_node)))
 
 
 def seed_worker(worker_id: int) -> None:
@@ -117,6 +150,13 @@ class _Samples:
             self.reseed(self.seed)
         return self._generator  # type: ignore[return-value]
 
+    def count_bad(self, err: BadImageError) -> None:
+        """A sample that failed in the transform (deferred decoding): count it and warn once."""
+        counter = getattr(self.source, "num_bad_counter", None)
+        if counter is not None:
+            counter.increment()
+        warn_bad_once(str(err).split(":", 1)[0], str(err))
+
     def apply(self, raw: Any, key: tuple[int, ...] | None) -> Any:
         if self.per_sample_seed is None or key is None:
             return self.process(raw, self.generator())
@@ -126,16 +166,24 @@ class _Samples:
         # afterwards. Only the CPU generator: torch.manual_seed would also reseed (and, on a GPU
         # run, change) the CUDA generators, which fork_rng(devices=[]) does not restore, and
         # costs ~15% of the demo's pretraining time queueing lazy CUDA/XPU/MTIA seeds (py-spy).
-        py_state, np_state = random.getstate(), np.random.get_state()
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
+        # A transform that declares ``random_sources`` (bitrain's own: {"torch"}) gets only those
+        # seeded: saving and reseeding random and NumPy cost ~0.2 ms a sample (bench_data).
+        sources = getattr(self.process, "random_sources", ALL_RANDOM_SOURCES)
+        py_state = random.getstate() if "random" in sources else None
+        np_state = np.random.get_state() if "numpy" in sources else None
+        if py_state is not None:
+            random.seed(seed)
+        if np_state is not None:
+            np.random.seed(seed % 2**32)
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(seed)
                 return self.process(raw, torch.Generator().manual_seed(seed))
         finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+            if py_state is not None:
+                random.setstate(py_state)
+            if np_state is not None:
+                np.random.set_state(np_state)
 
 
 class _MapDataset(_Samples, Dataset):
@@ -149,16 +197,24 @@ class _MapDataset(_Samples, Dataset):
         n = len(self.source)
         for k in range(MAX_SUBSTITUTES):
             raw = self.source[(index + k) % n]
-            if raw is not None:
+            if raw is None:
+                continue
+            try:
                 return self.apply(raw, seed_key)
+            except BadImageError as err:
+                self.count_bad(err)
         return None
 
 
 class _IterDataset(_Samples, IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         for raw in self.source:
-            if raw is not None:
+            if raw is None:
+                continue
+            try:
                 yield self.apply(raw, None)
+            except BadImageError as err:
+                self.count_bad(err)
 
 
 class EpochSampler(DistributedSampler):
@@ -196,11 +252,20 @@ def _split_label(raw: Any) -> tuple[Any, Any]:
     return raw, None
 
 
+def _random_sources(transform: Callable | None) -> frozenset[str]:
+    """Global RNGs a transform draws from (its ``random_sources``; unknown: all of them)."""
+    if transform is None:
+        return frozenset({"torch"})
+    return frozenset(getattr(transform, "random_sources", ALL_RANDOM_SOURCES))
+
+
 class _TwoViewSample:
     """Raw sample -> ``{"images", "tokenizer_images", "mask"}`` (picklable for workers)."""
 
     def __init__(self, transform: Callable | None, mask_generator: Callable) -> None:
         self.transform, self.mask_generator = transform, mask_generator
+        # The mask generator draws from the generator it is handed, not from a global RNG.
+        self.random_sources = _random_sources(transform)
 
     def __call__(self, raw: Any, generator: torch.Generator) -> dict[str, Any]:
         if isinstance(raw, dict):  # SyntheticSource: already transformed
@@ -220,6 +285,7 @@ class _SingleViewSample:
 
     def __init__(self, transform: Callable | None) -> None:
         self.transform = transform
+        self.random_sources = _random_sources(transform)
 
     def __call__(self, raw: Any, generator: torch.Generator) -> dict[str, Any]:
         if isinstance(raw, dict):  # SyntheticSource: already transformed
@@ -248,14 +314,24 @@ class _BaseDataModule(L.LightningDataModule):
         drop_last: bool,
         shuffle: bool,
         seed: int,
+        prefetch_factor: int = 2,
     ) -> None:
         super().__init__()
         if int(batch_size) <= 0:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if int(num_workers) < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers!r}")
+        if num_workers is not None and int(num_workers) < 0:
+            raise ValueError(
+                f"num_workers must be >= 0, or null for one per CPU of the device, got "
+                f"{num_workers!r}"
+            )
+        if int(prefetch_factor) < 1:
+            raise ValueError(
+                f"prefetch_factor (batches per worker) must be >= 1, got {prefetch_factor!r}"
+            )
         self.source, self.val_source, self.transform = source, val_source, transform
-        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.batch_size = int(batch_size)
+        self.num_workers = None if num_workers is None else int(num_workers)
+        self.prefetch_factor = int(prefetch_factor)
         self.pin_memory, self.persistent_workers = bool(pin_memory), bool(persistent_workers)
         self.drop_last, self.shuffle, self.seed = bool(drop_last), bool(shuffle), int(seed)
 
@@ -324,7 +400,7 @@ class _BaseDataModule(L.LightningDataModule):
                 self._resume_position = None
         else:
             dataset.per_sample_seed = _mix(self.seed, 0xE7A1)
-        workers = self.num_workers
+        workers = self.workers()
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -336,7 +412,20 @@ class _BaseDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers and workers > 0,
             worker_init_fn=seed_worker,
             generator=generator,
+            prefetch_factor=self.prefetch_factor if workers > 0 else None,
         )
+
+    def workers(self) -> int:
+        """``num_workers``, or when unset :func:`default_num_workers` for the trainer's devices."""
+        if self.num_workers is not None:
+            return self.num_workers
+        trainer = getattr(self, "trainer", None)
+        devices = int(trainer.num_devices) if trainer is not None else None
+        workers = default_num_workers(devices)
+        log.info(
+            "data.num_workers unset: %d loader workers per device (CPUs / devices - 1)", workers
+        )
+        return workers
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.source, train=True)
@@ -381,13 +470,15 @@ class PretrainDataModule(_BaseDataModule):
         transform: ``TwoViewTransform``: image -> ``(images, tokenizer_images)``.
         mask_generator: ``BlockwiseMaskGenerator``: ``(generator) -> BoolTensor [gh, gw]``.
         batch_size: Samples per batch per device.
-        num_workers: DataLoader worker processes (0: load in the main process).
+        num_workers: DataLoader worker processes per device (0: load in the main process;
+            ``None``: the CPUs available per device less one, :func:`default_num_workers`).
         val_source: Optional validation source (fixed crops and masks every epoch).
         pin_memory: Pin host memory (only when CUDA is available).
         persistent_workers: Keep workers alive between epochs (only when num_workers > 0).
         drop_last: Drop the last incomplete training batch (static shapes).
         shuffle: Shuffle map-style training sources (seeded).
         seed: Base seed of shuffling, crops and masks.
+        prefetch_factor: Batches each worker prepares ahead (DataLoader's ``prefetch_factor``).
     """
 
     def __init__(
@@ -396,17 +487,18 @@ class PretrainDataModule(_BaseDataModule):
         transform: Callable | None,
         mask_generator: Callable[..., torch.Tensor],
         batch_size: int = 64,
-        num_workers: int = 2,
+        num_workers: int | None = 2,
         val_source: Any | None = None,
         pin_memory: bool = True,
         persistent_workers: bool = True,
         drop_last: bool = True,
         shuffle: bool = True,
         seed: int = 0,
+        prefetch_factor: int = 2,
     ) -> None:
         super().__init__(
             source, transform, batch_size, num_workers, val_source, pin_memory,
-            persistent_workers, drop_last, shuffle, seed,
+            persistent_workers, drop_last, shuffle, seed, prefetch_factor,
         )  # fmt: skip
         if mask_generator is None:
             raise ValueError(
@@ -414,6 +506,11 @@ class PretrainDataModule(_BaseDataModule):
                 "'masking' config group)"
             )
         self.mask_generator = mask_generator
+        if getattr(transform, "decodes_encoded_images", False):
+            # The transform decodes only the pixels its crop needs (docs/data.md, "Fast two views").
+            for src in (source, val_source):
+                if hasattr(src, "deferred_decode"):
+                    src.deferred_decode = True
 
     def _process(self) -> Callable[[Any, torch.Generator], dict[str, Any]]:
         return _TwoViewSample(self.transform, self.mask_generator)
@@ -431,17 +528,18 @@ class ImageDataModule(_BaseDataModule):
         source: Any,
         transform: Callable | None,
         batch_size: int = 64,
-        num_workers: int = 2,
+        num_workers: int | None = 2,
         val_source: Any | None = None,
         pin_memory: bool = True,
         persistent_workers: bool = True,
         drop_last: bool = True,
         shuffle: bool = True,
         seed: int = 0,
+        prefetch_factor: int = 2,
     ) -> None:
         super().__init__(
             source, transform, batch_size, num_workers, val_source, pin_memory,
-            persistent_workers, drop_last, shuffle, seed,
+            persistent_workers, drop_last, shuffle, seed, prefetch_factor,
         )  # fmt: skip
 
     def _process(self) -> Callable[[Any, torch.Generator], dict[str, Any]]:
@@ -473,17 +571,18 @@ class ClassificationDataModule(_BaseDataModule):
         num_classes: int | None = None,
         root: str | None = None,
         batch_size: int = 64,
-        num_workers: int = 2,
+        num_workers: int | None = 2,
         val_source: Any | None = None,
         pin_memory: bool = True,
         persistent_workers: bool = True,
         drop_last: bool = True,
         shuffle: bool = True,
         seed: int = 0,
+        prefetch_factor: int = 2,
     ) -> None:
         super().__init__(
             source, transform, batch_size, num_workers, val_source, pin_memory,
-            persistent_workers, drop_last, shuffle, seed,
+            persistent_workers, drop_last, shuffle, seed, prefetch_factor,
         )  # fmt: skip
         self.root = root
         self.val_transform = val_transform if val_transform is not None else transform

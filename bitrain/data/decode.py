@@ -13,6 +13,11 @@ Rules (``docs/data.md``):
 A bad sample (truncated, zero bytes, not an image, a bomb) raises :class:`BadImageError`; sources
 catch it, count it in a :class:`SharedCounter` (visible from the main process even when workers
 decode) and warn once per file and process.
+
+Deferred decoding (:class:`EncodedImage`): pretraining crops a random box and resizes it to 224 px,
+so a big JPEG need not be decoded at full size. An ``EncodedImage`` reads only the header (size,
+EXIF orientation, the bomb check) and decodes on request at a JPEG DCT scale of 1/2, 1/4 or 1/8
+(libjpeg's scaled IDCT through PIL's ``draft``), under the same rules as :func:`decode_image`.
 """
 
 from __future__ import annotations
@@ -27,7 +32,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["BadImageError", "SharedCounter", "decode_image", "to_rgb", "warn_bad_once"]
+__all__ = [
+    "BadImageError",
+    "EncodedImage",
+    "SharedCounter",
+    "decode_image",
+    "to_rgb",
+    "warn_bad_once",
+]
 
 log = logging.getLogger("bitrain.data")
 
@@ -113,25 +125,108 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _open(data: bytes | Any, name: str) -> Image.Image:
+    """``Image.open`` (header only) with the bomb check; errors become :class:`BadImageError`."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        if len(data) == 0:
+            raise BadImageError(f"{name}: empty (0 bytes)")
+        data = io.BytesIO(data)
+    with _as_bad_image(name):
+        return Image.open(data)
+
+
+def _finish(img: Image.Image, name: str) -> Image.Image:
+    """Decode an opened image now (truncation fails here), apply EXIF orientation, make it RGB."""
+    with _as_bad_image(name):
+        img.load()  # decode now: a truncated file fails here, not later in the transform
+        ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
+        return to_rgb(img)
+
+
+class _as_bad_image:
+    """Context: PIL's decoding errors (and the bomb warning) -> :class:`BadImageError`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._warnings = warnings.catch_warnings()
+
+    def __enter__(self) -> None:
+        self._warnings.__enter__()
+        # A DecompressionBombWarning (between 1x and 2x the limit) is a bad sample too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+    def __exit__(self, kind, err, tb) -> bool:
+        self._warnings.__exit__(kind, err, tb)
+        if err is None or isinstance(err, BadImageError):
+            return False
+        name = self.name
+        if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+            raise BadImageError(
+                f"{name}: too many pixels (decompression bomb guard): {err}"
+            ) from None
+        if isinstance(err, (OSError, SyntaxError, ValueError, EOFError)):
+            # PIL.UnidentifiedImageError is an OSError; truncated files raise OSError on load().
+            raise BadImageError(f"{name}: {type(err).__name__}: {err}") from None
+        return False
+
+
 def decode_image(data: bytes | Any, name: str = "<bytes>") -> Image.Image:
     """Decode a file path, file object or bytes into an RGB ``PIL.Image``.
 
     Raises:
         BadImageError: the data is empty, truncated, not an image, or a decompression bomb.
     """
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        if len(data) == 0:
-            raise BadImageError(f"{name}: empty (0 bytes)")
-        data = io.BytesIO(data)
-    try:
-        with warnings.catch_warnings():
-            # A DecompressionBombWarning (between 1x and 2x the limit) is a bad sample too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(data)
-            img.load()  # decode now: a truncated file fails here, not later in the transform
-            return to_rgb(ImageOps.exif_transpose(img))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise BadImageError(f"{name}: too many pixels (decompression bomb guard): {err}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        # PIL.UnidentifiedImageError is an OSError; truncated files raise OSError on load().
-        raise BadImageError(f"{name}: {type(err).__name__}: {err}") from None
+    return _finish(_open(data, name), name)
+
+
+# EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+class EncodedImage:
+    """An encoded image whose pixels are decoded only when asked, possibly at a reduced scale.
+
+    Opening reads the header: ``size`` is the (width, height) AFTER the EXIF orientation, the size
+    :func:`decode_image` would return. :meth:`decode` then decodes under the same rules (full
+    decode, orientation, RGB, bad data -> :class:`BadImageError`), for a JPEG at DCT scale
+    ``1 / reduce`` (``reduce`` in 1, 2, 4, 8): every side becomes ``ceil(side / reduce)`` and a
+    point ``x`` of the full image lies at ``x / reduce`` in the reduced one.
+
+    Args:
+        data: The file's bytes.
+        name: The file's name for error messages.
+
+    Raises:
+        BadImageError: the data is empty, not an image, or a decompression bomb.
+    """
+
+    def __init__(self, data: bytes, name: str = "<bytes>") -> None:
+        self.name = name
+        self._data = data
+        self._image: Image.Image | None = _open(data, name)
+        width, height = self._image.size
+        with _as_bad_image(name):
+            orientation = self._image.getexif().get(0x0112, 1)
+        self.size = (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
+        self.format: str | None = self._image.format  # "JPEG", "PNG", ... as PIL identified it
+
+    def decode(self, reduce: int = 1) -> tuple[Image.Image, int]:
+        """Decode to RGB at ``1 / reduce`` of the size when the format allows it (JPEG).
+
+        Returns:
+            The RGB image and the factor actually applied (1 for formats other than JPEG).
+        """
+        if reduce not in (1, 2, 4, 8):
+            raise ValueError(f"reduce is a JPEG DCT scale 1, 2, 4 or 8, got {reduce!r}")
+        # The opened header serves the first decode; a later one opens the bytes again.
+        img = self._image if self._image is not None else _open(self._data, self.name)
+        self._image, factor = None, 1
+        if reduce > 1 and img.format == "JPEG":
+            w, h = img.size  # stored (not oriented) size: draft works before the EXIF transpose
+            drafted = img.draft(img.mode, (w // reduce, h // reduce))
+            if drafted is not None:
+                factor = round(w / drafted[1][2])
+        return _finish(img, self.name), factor
+
+    def __repr__(self) -> str:
+        return f"EncodedImage({self.name!r}, size={self.size}, format={self.format})"

@@ -13,7 +13,7 @@ https://github.com/webdataset/webdataset. The pipeline is built from webdataset'
 4. samples are decoded like every source (``bitrain.data.decode``); bad samples and unreadable
    shards are logged by name, counted in ``num_bad`` and skipped.
 
-How to make shards: docs/data.md (``scripts/make_shards.py`` is planned).
+How to make shards: ``scripts/make_shards.py`` (docs/data.md).
 """
 
 from __future__ import annotations
@@ -28,7 +28,13 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset
 
-from bitrain.data.decode import BadImageError, SharedCounter, decode_image, warn_bad_once
+from bitrain.data.decode import (
+    BadImageError,
+    EncodedImage,
+    SharedCounter,
+    decode_image,
+    warn_bad_once,
+)
 
 __all__ = ["WebDatasetSource", "expand_shard_urls"]
 
@@ -129,6 +135,8 @@ class WebDatasetSource(IterableDataset):
         self.samples_per_epoch = None if samples_per_epoch is None else int(samples_per_epoch)
         self.num_bad_counter = SharedCounter()
         self.label_names = _class_names(classes, local)
+        # Yield EncodedImage (decoded later by the transform); PretrainDataModule turns it on.
+        self.deferred_decode = False
 
     @property
     def num_bad(self) -> int:
@@ -158,7 +166,10 @@ class WebDatasetSource(IterableDataset):
         try:
             if key is None:
                 raise BadImageError(f"{name}: no image among keys {sorted(sample)}")
-            image = decode_image(sample[key], name=name)
+            if self.deferred_decode:
+                image = EncodedImage(sample[key], name=name)
+            else:
+                image = decode_image(sample[key], name=name)
             if not self.with_labels:
                 return image
             if self.label_key not in sample:

@@ -25,7 +25,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from bitrain.data.decode import BadImageError, SharedCounter, decode_image, warn_bad_once
+from bitrain.data.decode import (
+    BadImageError,
+    EncodedImage,
+    SharedCounter,
+    decode_image,
+    warn_bad_once,
+)
 from bitrain.data.demo import DemoSource
 from bitrain.data.shards import WebDatasetSource
 
@@ -66,6 +72,11 @@ class ImageFolderSource(Dataset):
     Items are ``PIL.Image`` / ``(PIL.Image, int)``, or ``None`` for a bad file (counted in
     ``num_bad``, warned once; ``collate_drop_none`` and the data modules drop it).
 
+    ``deferred_decode`` (set by ``PretrainDataModule`` when its transform takes encoded images):
+    items are :class:`~bitrain.data.decode.EncodedImage` s, header read and checked, pixels decoded
+    by the transform at the scale the crop needs; a file that fails then is counted by the data
+    module in this source's ``num_bad``.
+
     Raises:
         FileNotFoundError: ``root`` does not exist or is not a directory.
         ValueError: no file with one of ``extensions`` is found under ``root``.
@@ -96,6 +107,7 @@ class ImageFolderSource(Dataset):
         if self.with_labels:
             self._assign_labels()
         self.num_bad_counter = SharedCounter()
+        self.deferred_decode = False
 
     def _scan(self) -> list[str]:
         found = []
@@ -137,7 +149,10 @@ class ImageFolderSource(Dataset):
         try:
             with open(path, "rb") as f:
                 data = f.read()
-            image = decode_image(data, name=str(path))
+            if self.deferred_decode:
+                image = EncodedImage(data, name=str(path))
+            else:
+                image = decode_image(data, name=str(path))
         except (BadImageError, OSError) as err:
             self.num_bad_counter.increment()
             warn_bad_once(str(path), str(err))

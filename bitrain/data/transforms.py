@@ -3,29 +3,46 @@
 Follows BEiT §2.1 / Table 12 and the official ``beit/datasets.py`` (``DataAugmentationForBEiT``)
 with ``beit/transforms.py`` (``RandomResizedCropAndInterpolationWithTwoPic``): ONE crop box and ONE
 flip, then the same region resized twice, bicubic for the patch view (224 px, normalized, fed to
-the encoder) and Lanczos for the token view (112 px, pixels in [0, 1], fed to the tokenizer).
+the encoder) and Lanczos for the token view (112 px, pixels in [0, 1], fed to the tokenizer), and
+colour jitter 0.4 (brightness, contrast, saturation in a random order, as torchvision's
+``ColorJitter``) seen identically by both views.
 
-Colour jitter (paper Table 12: 0.4) is applied once to the cropped region before the two resizes,
-so both views see the same colours. The official code jitters the whole image before cropping;
-brightness and saturation are per pixel so the order does not matter for them, and contrast uses
-the mean grey level of the crop instead of the whole image (a negligible difference that avoids
-jittering pixels that are thrown away).
+How :class:`TwoViewTransform` does it fast (docs/data.md, "Fast two views"; the statistics are
+tested against the official pipeline in ``tests/unit/data/test_pipeline_statistics.py``):
 
-Randomness comes from torch's global RNG (torchvision's ``get_params`` helpers), which each
-DataLoader worker seeds from the loader's generator, so a seeded data module is reproducible.
+1. the crop box is drawn from the image's SIZE (torchvision's ``RandomResizedCrop.get_params``),
+   before any pixel is decoded; an :class:`~bitrain.data.decode.EncodedImage` is then decoded at
+   the smallest JPEG DCT scale (1, 1/2, 1/4, 1/8) at which the crop still has at least
+   ``input_size`` pixels on each side, so no view is made from fewer pixels than the full decode
+   would give it;
+2. the patch view is the crop resized with torch's antialiased bicubic on uint8 (the filter of
+   PIL's bicubic, equal to it up to rounding), the token view PIL's Lanczos on the same box;
+3. flip, colour jitter, scaling to [0, 1] and normalization run once on the two small views as
+   tensor arithmetic (the jitter's factors, order and contrast mean shared by both views), instead
+   of on the whole image (official) or the crop.
+
+Jitter after the resize instead of before it differs only where a value is clipped at 0 or 255
+(resizing and the three jitter operations are otherwise linear), and contrast uses the mean grey
+of the patch view rather than of the whole image.
+
+Randomness comes from torch's global RNG (torchvision's ``get_params`` helpers), which the data
+module seeds per sample, so a seeded data module is reproducible.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-__all__ = ["SingleViewTransform", "TwoViewTransform", "interpolation_mode"]
+from bitrain.data.decode import EncodedImage
+
+__all__ = ["SingleViewTransform", "TwoViewTransform", "dct_reduction", "interpolation_mode"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -90,11 +107,89 @@ def _as_rgb(img: Image.Image, where: str) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+# ITU-R 601-2 luma, the grey of PIL's convert("L") and torchvision's rgb_to_grayscale.
+_LUMA = (0.299, 0.587, 0.114)
+# Resamplings that torch can do with antialiasing on uint8 (the filters of PIL's resamplings).
+_TORCH_MODES = {InterpolationMode.BICUBIC: "bicubic", InterpolationMode.BILINEAR: "bilinear"}
+
+
+def dct_reduction(crop_width: int, crop_height: int, size: int) -> int:
+    """Largest JPEG DCT scale 1/r (r in 8, 4, 2, 1) leaving ``size`` pixels across the crop.
+
+    A crop reduced by ``r`` has ``crop / r`` pixels per side; keeping that >= the output ``size``
+    on both sides means every view is still made by downsampling, from at least as many pixels as
+    it has.
+    """
+    for r in (8, 4, 2):
+        if crop_width >= r * size and crop_height >= r * size:
+            return r
+    return 1
+
+
+def _resized(
+    img: Image.Image, box: tuple[float, float, float, float], size: int, mode: InterpolationMode
+) -> torch.Tensor:
+    """The ``box`` of ``img`` resized to ``size`` x ``size``: uint8 ``[3, size, size]``.
+
+    Bicubic and bilinear run through torch's antialiased uint8 kernels (PIL's filters, ~2x faster
+    than PIL here) on the box rounded to whole pixels (it is whole unless the image was decoded at
+    a reduced DCT scale); other filters through PIL's ``resize`` with the exact box.
+    """
+    torch_mode = _TORCH_MODES.get(mode)
+    if torch_mode is None:
+        out = img.resize((size, size), F.pil_modes_mapping[mode], box=box)
+        return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)
+    left, top = min(round(box[0]), img.width - 1), min(round(box[1]), img.height - 1)
+    right = min(max(round(box[2]), left + 1), img.width)
+    bottom = min(max(round(box[3]), top + 1), img.height)
+    region = np.array(img.crop((left, top, right, bottom)), dtype=np.uint8)
+    hwc = torch.from_numpy(region)[None].permute(0, 3, 1, 2)  # channels_last [1, 3, h, w]
+    out = torch.nn.functional.interpolate(
+        hwc, size=(size, size), mode=torch_mode, antialias=True, align_corners=False
+    )
+    return out[0]
+
+
+def _jitter_(views: list[torch.Tensor], params: tuple, grey: torch.Tensor) -> None:
+    """Colour jitter as torchvision's, in place, on float views in [0, 255]: the same for all views.
+
+    ``params`` is ``ColorJitter.get_params``'s ``(order, brightness, contrast, saturation, hue)``.
+    Each operation blends with black (brightness), the mean grey of the first view (contrast) or
+    the pixel's grey (saturation), then clips to [0, 255], in the drawn order.
+    """
+    order, brightness, contrast, saturation, _ = params
+    for fn in order.tolist():
+        if fn == 0 and brightness is not None:
+            for v in views:
+                v.mul_(float(brightness)).clamp_(0.0, 255.0)
+        elif fn == 1 and contrast is not None:
+            mean = float(torch.dot(views[0].mean(dim=(1, 2)), grey))
+            for v in views:
+                v.mul_(float(contrast)).add_((1.0 - contrast) * mean).clamp_(0.0, 255.0)
+        elif fn == 2 and saturation is not None:
+            for v in views:
+                luma = torch.tensordot(grey, v, dims=1)  # [H, W]
+                v.mul_(float(saturation)).add_(luma, alpha=1.0 - saturation).clamp_(0.0, 255.0)
+
+
 class _RandomCrop:
     """Shared crop-box + flip sampling for both transforms (torch global RNG)."""
 
     def __init__(self, scale, ratio, hflip):
         self.scale, self.ratio, self.hflip = _check_crop_args(scale, ratio, hflip)
+
+    def box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """``(top, left, height, width)`` of a random box in an image of that size.
+
+        torchvision's ``RandomResizedCrop.get_params`` on a zero-strided stand-in tensor of the
+        image's size: the same sampling and random draws, without pixels.
+        """
+        stand_in = torch.empty(()).expand(1, int(height), int(width))
+        return T.RandomResizedCrop.get_params(stand_in, list(self.scale), list(self.ratio))
+
+    def flip(self) -> bool:
+        """Draw the horizontal flip decision."""
+        return self.hflip > 0 and bool(torch.rand(1).item() < self.hflip)
 
     def sample(self, img: Image.Image) -> tuple[Image.Image, bool]:
         """Crop one random box (RandomResizedCrop's sampling) and draw the flip decision."""
@@ -121,6 +216,11 @@ class TwoViewTransform:
         interpolation: Resampling filter of the patch view.
         second_interpolation: Resampling filter of the token view.
     """
+
+    # Takes EncodedImage: PretrainDataModule then lets its sources defer decoding to it.
+    decodes_encoded_images = True
+    # Draws only from torch's global RNG: the data module seeds (and restores) only that one.
+    random_sources = frozenset({"torch"})
 
     def __init__(
         self,
@@ -151,27 +251,54 @@ class TwoViewTransform:
             raise ValueError(f"mean/std need 3 values each with std > 0, got {mean} / {std}")
         self.interpolation = interpolation_mode(interpolation)
         self.second_interpolation = interpolation_mode(second_interpolation)
+        # Pixels in [0, 255] -> (x / 255 - mean) / std as one multiply-add per channel.
+        std, mean = torch.tensor(self.std), torch.tensor(self.mean)
+        self._scale = (1.0 / (255.0 * std)).view(3, 1, 1)
+        self._shift = (-mean / std).view(3, 1, 1)
+        self._grey = torch.tensor(_LUMA)
 
-    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, img: Image.Image | EncodedImage) -> tuple[torch.Tensor, torch.Tensor]:
         """Two views of one crop.
 
         Args:
-            img: An RGB ``PIL.Image`` (other modes are converted to RGB).
+            img: An RGB ``PIL.Image`` (other modes are converted to RGB), or an
+                :class:`~bitrain.data.decode.EncodedImage`, decoded here at the smallest JPEG
+                DCT scale that keeps the larger view's size in pixels across the crop.
 
         Returns:
             ``images`` [3, input_size, input_size] float32, normalized with ``mean``/``std``, and
             ``tokenizer_images`` [3, second_input_size, second_input_size] float32 in [0, 1].
+
+        Raises:
+            BadImageError: an ``EncodedImage`` cannot be decoded (the data modules skip it).
         """
-        crop, flip = self._crop.sample(_as_rgb(img, "TwoViewTransform"))
-        if self._jitter is not None:
-            crop = self._jitter(crop)
+        if isinstance(img, EncodedImage):
+            top, left, height, width = self._crop.box(*img.size)
+            largest = max(self.input_size, self.second_input_size)
+            pixels, factor = img.decode(dct_reduction(width, height, largest))
+        else:
+            pixels, factor = _as_rgb(img, "TwoViewTransform"), 1
+            top, left, height, width = self._crop.box(*pixels.size)
+        flip = self._crop.flip()
+        jitter = (
+            T.ColorJitter.get_params(
+                self._jitter.brightness, self._jitter.contrast, self._jitter.saturation, None
+            )
+            if self._jitter is not None
+            else None
+        )
+        box = (left / factor, top / factor, (left + width) / factor, (top + height) / factor)
+        views = [
+            _resized(pixels, box, self.input_size, self.interpolation),
+            _resized(pixels, box, self.second_input_size, self.second_interpolation),
+        ]
         if flip:
-            crop = F.hflip(crop)
-        size, second = [self.input_size] * 2, [self.second_input_size] * 2
-        patch_view = F.resize(crop, size, interpolation=self.interpolation)
-        token_view = F.resize(crop, second, interpolation=self.second_interpolation)
-        images = F.normalize(F.to_tensor(patch_view), self.mean, self.std)
-        return images, F.to_tensor(token_view)
+            views = [v.flip(-1) for v in views]
+        views = [v.to(torch.float32, memory_format=torch.contiguous_format) for v in views]
+        if jitter is not None:
+            _jitter_(views, jitter, self._grey)
+        images = views[0].mul_(self._scale).add_(self._shift)
+        return images, views[1].mul_(1.0 / 255.0)
 
     def __repr__(self) -> str:
         return (
@@ -193,6 +320,8 @@ class SingleViewTransform:
         hflip: Probability of a horizontal flip.
         interpolation: Resampling filter (Lanczos: the tokenizer's view in BEiT).
     """
+
+    random_sources = frozenset({"torch"})  # as TwoViewTransform
 
     def __init__(
         self,

@@ -81,6 +81,23 @@ def test_bench_data_generated_images(capsys):
     assert math.isclose(out["ratio"]["0"], out["folder_img_s"]["0"] / out["reference_img_s"]["0"])
 
 
+def test_bench_data_rounds_resized_shards_and_profile(capsys):
+    bench = _load("bench_data")
+    rc = bench.main(
+        ["--num-images", "12", "--image-size", "120x90", "--batch-size", "4", "--batches", "2",
+         "--workers", "0", "--shard-size", "6", "--repeats", "2", "--max-side", "64",
+         "--no-shards", "--profile"]
+    )  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    out = json.loads(text.strip().splitlines()[-1])
+    assert "# profile of folder" in text and "# profile of reference" in text
+    assert len(out["rounds"]["resized"]["0"]) == 2 and len(out["rounds"]["reference"]["0"]) == 2
+    ratios = [a / b for a, b in zip(out["rounds"]["resized"]["0"], out["rounds"]["reference"]["0"])]
+    assert math.isclose(out["ratio_resized"]["0"], sum(ratios) / 2)  # the median of two
+    assert out["max_side"] == 64 and out["shards_img_s"] == {}
+
+
 def test_bench_data_refuses_too_few_images(tmp_path):
     from PIL import Image
 

@@ -200,3 +200,39 @@ def test_a_fresh_start_over_an_earlier_run_is_reported(tmp_path, tokenizers_dir)
     assert "ckpt_path=auto" in problems["run dir"]
     assert _problems([*base, "ckpt_path=auto"]) == {}
     assert _problems([*base[:2], "paths.run_name=exp2"]) == {}
+
+
+def test_loader_speed_is_measured_and_a_slow_loader_warned(tmp_path, tokenizers_dir, caplog):
+    """Issue 17: workers x measured images/s per worker against what a device consumes."""
+    from PIL import Image
+
+    root = tmp_path / "images" / "a"
+    root.mkdir(parents=True)
+    for i in range(6):
+        Image.new("RGB", (64, 48), (i * 40, 10, 10)).save(root / f"{i}.jpg")
+    base = [
+        f"paths.tokenizers_dir={tokenizers_dir}",
+        f"paths.log_dir={tmp_path / 'out'}",
+        "data=image_folder",
+        f"data.source.root={tmp_path / 'images'}",
+    ]
+    checks = {c.name: c for c in doctor.run_checks(doctor.compose_config(base))}
+    assert "not checked" in checks["loader"].detail  # a CPU run consumes what it gets
+    slow = doctor.run_checks(
+        doctor.compose_config([*base, "data.num_workers=2", "+doctor.img_s_per_device=1e9"])
+    )
+    loader = next(c for c in slow if c.name == "loader")
+    assert loader.ok and loader.warn  # a warning, not a failure
+    assert "2 worker(s) x" in loader.detail and "the device needs 1000000000" in loader.detail
+    assert "--max-side" in loader.detail
+    with caplog.at_level("INFO", logger="bitrain.doctor"):
+        assert doctor.main([*base, "data.num_workers=2", "+doctor.img_s_per_device=1e9"]) == 0
+    assert "[warn] loader" in caplog.text and "1 warning(s)" in caplog.text
+    fast = doctor.run_checks(
+        doctor.compose_config([*base, "data.num_workers=null", "+doctor.img_s_per_device=1"])
+    )
+    loader = next(c for c in fast if c.name == "loader")
+    assert loader.ok and not loader.warn
+    from bitrain.data.datamodule import default_num_workers
+
+    assert loader.detail.startswith(f"{default_num_workers(1)} worker(s) x")

@@ -1,5 +1,7 @@
 """Data modules: batch contract, reproducible masks and crops, bad samples, labels, validation."""
 
+import os
+
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -232,3 +234,125 @@ def test_runs_under_lightning_trainer(tmp_path):
 
     first, second = fit(), fit()
     assert first.shape == (3, 8, 8, 8) and torch.equal(first, second)
+
+
+def test_pretraining_defers_decoding_and_counts_files_that_fail_late(image_folder, caplog):
+    """Truncated JPEGs pass the header read and fail in the transform: counted and replaced."""
+    src = ImageFolderSource(image_folder)
+    dm = _pretrain_dm(src, batch_size=7, drop_last=False)
+    assert src.deferred_decode  # TwoViewTransform decodes what its crop needs
+    from bitrain.data.decode import EncodedImage
+
+    assert isinstance(src[src.files.index("cat/rgb.jpg")], EncodedImage)
+    with caplog.at_level("WARNING"):
+        batches = _batches(dm)
+    assert [len(b["images"]) for b in batches] == [7, 7]
+    assert dm.num_bad_samples == 3  # truncated.jpg (late, in the transform), empty.png, text.jpg
+    assert any("truncated.jpg" in r.getMessage() for r in caplog.records)
+    # Fine-tuning sources stay eager: ImageDataModule does not defer.
+    eager = ImageFolderSource(image_folder)
+    ImageDataModule(eager, SingleViewTransform(16), batch_size=2)
+    assert not eager.deferred_decode
+
+
+def test_unset_num_workers_follow_the_cpus_per_device(monkeypatch):
+    from bitrain.data.datamodule import default_num_workers
+
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert default_num_workers(8) == 3  # 32 CPUs / 8 devices - 1 for the training process
+    assert default_num_workers(1) == 31
+    assert default_num_workers(64) == 1  # never 0: at least one worker
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "32")  # srun gave this task its own 32 CPUs
+    assert default_num_workers(8) == 31
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    dm = _pretrain_dm(num_workers=None, prefetch_factor=3, persistent_workers=True)
+    loader = dm.train_dataloader()
+    assert loader.num_workers == default_num_workers() == 31  # no CUDA here: one device
+    assert loader.persistent_workers and loader.prefetch_factor == 3
+    with pytest.raises(ValueError, match="num_workers must be >= 0, or null"):
+        _pretrain_dm(num_workers=-1)
+    with pytest.raises(ValueError, match="prefetch_factor"):
+        _pretrain_dm(prefetch_factor=0)
+
+
+def test_gpu_data_configs_leave_num_workers_to_the_cpus():
+    from omegaconf import OmegaConf
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[3] / "configs" / "data"
+    for name in ("imagenet", "image_folder", "webdataset"):
+        cfg = OmegaConf.load(root / f"{name}.yaml")
+        assert cfg.num_workers is None and cfg.persistent_workers and cfg.pin_memory, name
+
+
+def test_deferred_decoding_keeps_data_a_function_of_seed_epoch_and_index(tmp_path):
+    """JPEGs decoded by the transform (crop first, reduced DCT scale): same batches with 0 or 2
+    workers, and for a data module built later (a resume) at the same epoch."""
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    for i in range(24):  # 160x120: crops of 64 px and more are decoded at 1/2 or 1/4
+        pixels = (torch.rand(3, 15, 20, generator=rng) * 255).to(torch.uint8)
+        img = Image.fromarray(pixels.permute(1, 2, 0).numpy()).resize((160, 120), Image.BICUBIC)
+        img.save(tmp_path / f"{i:02d}.jpg", quality=90)
+
+    def loader(workers):
+        dm = PretrainDataModule(
+            ImageFolderSource(tmp_path), TwoViewTransform(32, 16), BlockwiseMaskGenerator(8, 26, 4),
+            batch_size=8, num_workers=workers, persistent_workers=False, seed=3,
+        )  # fmt: skip
+        return dm.train_dataloader()
+
+    first = loader(0)
+    first.sampler.set_epoch(2)
+    torch.manual_seed(99)
+    later = loader(2)
+    later.sampler.set_epoch(2)
+    a, b = list(first), list(later)
+    assert len(a) == len(b) == 3
+    for key in ("images", "tokenizer_images", "mask"):
+        assert all(torch.equal(x[key], y[key]) for x, y in zip(a, b)), key
+    other = loader(0)
+    other.sampler.set_epoch(3)
+    assert not torch.equal(next(iter(other))["images"], a[0]["images"])
+
+
+class _PythonAndNumpyNoise:
+    """A transform drawing from Python's random and NumPy (as timm's do), declaring nothing."""
+
+    def __call__(self, image):
+        import random
+
+        import numpy as np
+
+        noise = random.random() + float(np.random.rand())
+        return torch.full((3, 4, 4), noise), torch.full((3, 2, 2), noise)
+
+
+def test_only_declared_random_sources_are_reseeded(monkeypatch):
+    """bitrain's transforms draw from torch only and say so: random and NumPy are left alone
+    (~0.2 ms a sample); a transform that declares nothing still gets all three seeded."""
+    import random
+
+    import numpy as np
+
+    assert TwoViewTransform.random_sources == frozenset({"torch"})
+    calls = []
+    monkeypatch.setattr(random, "seed", lambda *a, **k: calls.append("random"))
+    monkeypatch.setattr(np.random, "seed", lambda *a, **k: calls.append("numpy"))
+    _batches(_pretrain_dm(), n=1)
+    assert calls == []
+    monkeypatch.undo()
+
+    def noise(workers, global_seed):
+        random.seed(global_seed)
+        np.random.seed(global_seed)
+        dm = PretrainDataModule(
+            Subset(DemoSource(), 16), _PythonAndNumpyNoise(), BlockwiseMaskGenerator(8, 26, 4),
+            batch_size=8, num_workers=workers, persistent_workers=False,
+        )  # fmt: skip
+        return [b["images"] for b in dm.train_dataloader()]
+
+    a, b = noise(0, 1), noise(2, 2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert len({float(x[i, 0, 0, 0]) for x in a for i in range(8)}) == 16  # per-sample seeds

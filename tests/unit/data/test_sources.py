@@ -166,3 +166,59 @@ def test_webdataset_missing_label_is_bad(tmp_path, write_shard):
     path = write_shard(tmp_path / "x.tar", [("a", {"png": img.getvalue()})])
     src = WebDatasetSource(str(path), shuffle=0, with_labels=True)
     assert list(src) == [None] and src.num_bad == 1
+
+
+def _jpeg(img: Image.Image, **kwargs) -> bytes:
+    data = io.BytesIO()
+    img.save(data, format="JPEG", quality=95, **kwargs)
+    return data.getvalue()
+
+
+def test_encoded_image_decodes_at_a_reduced_dct_scale_with_the_same_rules():
+    from bitrain.data.decode import EncodedImage
+
+    x = np.linspace(0, 255, 200)[None, :].repeat(120, 0)
+    img = Image.fromarray(np.stack([x, x[:, ::-1], np.full_like(x, 60)], -1).astype(np.uint8))
+    encoded = EncodedImage(_jpeg(img), "grad.jpg")
+    assert encoded.size == (200, 120) and encoded.format == "JPEG"
+    full, factor = encoded.decode(1)
+    assert factor == 1 and full.size == (200, 120)
+    for reduce, size in ((2, (100, 60)), (4, (50, 30)), (8, (25, 15))):
+        small, factor = EncodedImage(_jpeg(img), "grad.jpg").decode(reduce)
+        assert factor == reduce and small.size == size and small.mode == "RGB"
+        # The same picture: a box average of the full decode, to JPEG precision.
+        expected = np.asarray(full.resize(size, Image.BOX), dtype=float)
+        assert np.abs(np.asarray(small, dtype=float) - expected).mean() < 3
+    # Not a JPEG: decoded whole, factor 1.
+    png = io.BytesIO()
+    img.save(png, format="PNG")
+    assert EncodedImage(png.getvalue()).decode(4)[1] == 1
+    with pytest.raises(ValueError, match="DCT scale"):
+        encoded.decode(3)
+    # Decoding again (another scale) starts from the bytes, not from the decoded pixels.
+    again, factor = encoded.decode(2)
+    assert factor == 2 and again.size == (100, 60)
+    assert encoded.decode(1)[0].size == (200, 120)
+
+
+def test_encoded_image_size_is_oriented_and_bad_data_is_a_bad_sample(monkeypatch):
+    from bitrain.data.decode import EncodedImage
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    rotated = EncodedImage(_jpeg(Image.new("RGB", (160, 80), (255, 0, 0)), exif=exif.tobytes()))
+    assert rotated.size == (80, 160)
+    image, factor = rotated.decode(2)
+    assert (factor, image.size) == (2, (40, 80))  # EXIF applied after the reduced decode
+    with pytest.raises(BadImageError, match="empty"):
+        EncodedImage(b"", "empty.jpg")
+    with pytest.raises(BadImageError, match="text.jpg"):
+        EncodedImage(b"not an image", "text.jpg")
+    noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    whole = _jpeg(Image.fromarray(noise))
+    truncated = EncodedImage(whole[: len(whole) * 2 // 3], "cut.jpg")  # the header reads fine
+    with pytest.raises(BadImageError, match="cut.jpg"):
+        truncated.decode(1)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(BadImageError, match="decompression bomb"):
+        EncodedImage(whole, "bomb.jpg")

@@ -135,3 +135,55 @@ def test_rejects_non_images_and_accepts_yaml_lists():
     with pytest.raises(TypeError, match="PIL.Image"):
         t(torch.zeros(3, 16, 16))
     assert interpolation_mode("LANCZOS") == interpolation_mode("lanczos")
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2, 3), (2, 1, 0, 3), (1, 3, 2, 0)])
+def test_view_jitter_equals_torchvisions_operations(order):
+    """The in-place jitter on [0, 255] views = torchvision's adjust_* in the drawn order."""
+    from torchvision.transforms import functional as F
+
+    from bitrain.data.transforms import _LUMA, _jitter_
+
+    g = torch.Generator().manual_seed(0)
+    patch, token = torch.rand(3, 24, 24, generator=g), torch.rand(3, 12, 12, generator=g)
+    b, c, s = 1.3, 0.7, 1.35
+    views = [patch * 255, token * 255]
+    _jitter_(views, (torch.tensor(order), b, c, s, None), torch.tensor(_LUMA))
+    ops = {0: lambda x: F.adjust_brightness(x, b), 2: lambda x: F.adjust_saturation(x, s)}
+    grey_mean = None
+    expected = [patch.clone(), token.clone()]
+    for fn in order:
+        if fn == 1:  # contrast: both views blend with the PATCH view's mean grey
+            grey_mean = F.rgb_to_grayscale(expected[0]).mean()
+            expected = [(c * x + (1 - c) * grey_mean).clamp(0, 1) for x in expected]
+        elif fn in ops:
+            expected = [ops[fn](x) for x in expected]
+    for got, want in zip(views, expected):
+        torch.testing.assert_close(got / 255, want, atol=1e-4, rtol=0)
+    assert grey_mean is not None
+
+
+def test_dct_reduction_keeps_the_view_size_across_the_crop(monkeypatch):
+    from bitrain.data import transforms
+    from bitrain.data.transforms import dct_reduction
+
+    assert dct_reduction(447, 900, 224) == 1  # 447 / 2 < 224
+    assert dct_reduction(448, 900, 224) == 2
+    assert dct_reduction(900, 1000, 224) == 4
+    assert dct_reduction(1792, 1800, 224) == 8
+    assert dct_reduction(5000, 5000, 224) == 8  # libjpeg's smallest scale
+    # The larger of the two views decides (a token view larger than the patch view).
+    seen = []
+    monkeypatch.setattr(
+        transforms,
+        "dct_reduction",
+        lambda w, h, size: seen.append(size) or dct_reduction(w, h, size),
+    )
+    import io
+
+    from bitrain.data.decode import EncodedImage
+
+    data = io.BytesIO()
+    _gradient_image(400, 300).save(data, format="JPEG")
+    TwoViewTransform(32, 48)(EncodedImage(data.getvalue()))
+    assert seen == [48]
