@@ -15,7 +15,7 @@ from bitrain import runner
 @hydra.main(version_base="1.3", config_path="../configs", config_name="pretrain")
 def main(cfg: DictConfig) -> dict:
     """Compose → build → fit."""
-    return runner.train(cfg)
+    return runner.train_cli(cfg, "pretrain")
 
 
 if __name__ == "__main__":

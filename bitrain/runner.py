@@ -32,6 +32,7 @@ import hydra
 import lightning as L
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -326,7 +327,10 @@ def use_pretrained_normalization(cfg: DictConfig) -> tuple | None:
     path = Path(str(pretrained)).expanduser()
     if not path.exists():
         return None  # the model's own loading says what is missing
-    recorded = recorded_normalization(path)
+    try:
+        recorded = recorded_normalization(path)
+    except (CheckpointError, FileNotFoundError):
+        return None  # unreadable or refused: the model's own loading reports it, once
     if recorded is None:
         log.info("%s records no normalisation: the config's mean/std are used", path)
         return None
@@ -396,6 +400,28 @@ def build(
         plugins=[SafeCheckpointIO()],
     )
     return datamodule, task, trainer
+
+
+def train_cli(cfg: DictConfig, command: str) -> dict[str, Any]:
+    """:func:`train` for the entry points: input problems end the command with their message.
+
+    A refused or unreadable file, a missing input, or several start-up problems print what is
+    wrong and exit 1, without a traceback (whose chained text could repeat torch's advice to
+    load with ``weights_only=False``); ``HYDRA_FULL_ERROR=1`` shows the traceback. Any other
+    error keeps its traceback.
+    """
+    try:
+        return train(cfg)
+    except (CheckpointError, FileNotFoundError, StartupError, InstantiationException) as err:
+        root = err
+        while root.__cause__ is not None:
+            root = root.__cause__
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(
+            root, CheckpointError | FileNotFoundError | StartupError
+        ):
+            raise
+        message = str(err) if isinstance(err, StartupError) else _root_message(err)
+        raise SystemExit(f"{command}: {message}") from None
 
 
 def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:

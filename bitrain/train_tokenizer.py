@@ -16,7 +16,7 @@ from bitrain import runner
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train_tokenizer")
 def main(cfg: DictConfig) -> dict:
     """Compose → build → fit; the task writes the tokenizer file at the end."""
-    return runner.train(cfg)
+    return runner.train_cli(cfg, "train_tokenizer")
 
 
 if __name__ == "__main__":

@@ -289,3 +289,26 @@ def test_model_arguments_from_a_file_choose_no_code_and_no_file(classifier, tmp_
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=str(folder)):
         load_classifier(folder)
+
+
+@pytest.mark.slow
+def test_training_commands_refuse_a_malicious_pretrained_file_in_one_line(tmp_path):
+    evil = tmp_path / "evil.ckpt"
+    marker = tmp_path / "pwned"
+    script = (
+        "import os, torch\n"
+        "class Evil:\n"
+        "    def __reduce__(self):\n"
+        f"        return (os.system, ('touch {marker}',))\n"
+        f"torch.save({{'state_dict': Evil()}}, {str(evil)!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bitrain.finetune", f"model.pretrained={evil}",
+         f"hydra.run.dir={tmp_path / 'run'}", "logger=csv"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert not marker.exists()
+    assert "Traceback" not in proc.stderr and "weights_only=False" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("finetune: refused to load checkpoint")
