@@ -263,6 +263,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    threads = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process keeps its threads
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from bitrain.data.shards import WebDatasetSource
     from bitrain.data.sources import ImageFolderSource
