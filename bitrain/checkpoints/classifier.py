@@ -198,6 +198,15 @@ def _build_classifier(loaded: _Loaded, path: Path) -> torch.nn.Module:
     model.label_names = names
     model.bitrain_source_format = loaded.fmt
     model.bitrain_eval_transform = loaded.eval_transform
+    # timm's own metadata says the same, so timm's resolve_data_config(model=...) preprocesses
+    # as the checkpoint records wherever timm's fields can express it
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    spec = model.bitrain_spec
+    if loaded.eval_transform is not None:
+        cfg.update(loaded.eval_transform.to_timm_cfg(int(spec.get("in_chans", 3))) or {})
+    if names is not None:
+        cfg["label_names"] = list(names)
+    model.pretrained_cfg = cfg
     return model
 
 

@@ -158,7 +158,7 @@ def _same_tensors(model: torch.nn.Module, back: torch.nn.Module) -> str:
 
 def _input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
     spec = getattr(model, "bitrain_spec", {}) or {}
-    size = spec.get("img_size") or getattr(model, "img_size", None)
+    size = spec.get("img_size")
     if size is None:
         size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[1:]
     h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]

@@ -222,6 +222,11 @@ def bit_to_hf(model: nn.Module) -> tuple[dict, dict[str, Any]]:
         "embedding_dynamic_padding": False,
         "output_stride": 32,
         "width_factor": 1,
-        "image_size": int(spec.get("img_size", getattr(model, "img_size", 224))),
+        "image_size": int(
+            spec.get(
+                "img_size",
+                (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224))[1],
+            )
+        ),
     }
     return out, config

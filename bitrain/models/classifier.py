@@ -105,7 +105,11 @@ def apply_norm_settings(
 
 
 def _create(model_name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
-    """``timm.create_model``; ``img_size`` is only a record for models without one (CNNs)."""
+    """``timm.create_model``, with the training resolution of models that take no ``img_size``.
+
+    For those (CNNs) ``img_size`` goes to timm's own metadata, ``pretrained_cfg["input_size"]``,
+    which timm's ``resolve_data_config(model=...)`` reads.
+    """
     try:
         return timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs)
     except TypeError as err:
@@ -113,7 +117,13 @@ def _create(model_name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Mod
             raise
         rest = {k: v for k, v in kwargs.items() if k != "img_size"}
         model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **rest)
-        model.img_size = kwargs["img_size"]  # the training resolution, for data and predict
+        size = kwargs["img_size"]
+        h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+        input_size = (int(kwargs.get("in_chans", 3)), int(h), int(w))
+        model.pretrained_cfg = {
+            **(getattr(model, "pretrained_cfg", None) or {}),
+            "input_size": input_size,
+        }
         return model
 
 

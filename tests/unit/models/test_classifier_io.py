@@ -286,6 +286,31 @@ def test_official_export_is_unilm_layout(tmp_path, beit):
     assert max_diff(source, load_classifier(tmp_path / "plain.pth"), batch(source)) <= TOL
 
 
+@pytest.mark.parametrize("fmt", CLASSIFIER_FORMATS)
+def test_timm_metadata_of_a_loaded_classifier_preprocesses_as_the_checkpoint(tmp_path, fmt, beit):
+    import timm.data
+
+    source = beit()
+    source.label_names = LABELS
+    model = load_classifier(
+        save_classifier(source, dst(tmp_path, fmt), fmt, eval_transform=EVAL_SPEC)
+    )
+    assert model.pretrained_cfg["label_names"] == LABELS
+    if fmt == "hf":  # transformers floors the crop offset, which timm's fields cannot say
+        assert model.bitrain_eval_transform.to_timm_cfg() is None
+        return
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    for i, (w, h) in enumerate([(50, 40), (33, 61)]):
+        img = noise_image(w, h, i)
+        assert torch.allclose(transform(img), EVAL_SPEC.build()(img), atol=1e-6)
+
+
+def test_a_cnn_keeps_its_resolution_in_timms_metadata():
+    model = bit()
+    assert model.pretrained_cfg["input_size"] == (3, 64, 64)
+    assert not hasattr(model, "img_size")
+
+
 def test_official_export_says_its_preprocessing_in_unilm_fields(tmp_path, beit):
     spec = from_timm_args({"input_size": 64, "crop_pct": 0.875, "interpolation": "bicubic"})
     path = save_classifier(beit(img_size=64), tmp_path / "ft.pth", "official", eval_transform=spec)
