@@ -10,7 +10,7 @@ is compared with a two-sample Kolmogorov-Smirnov test at level 0.001 over ``N`` 
 * crop area and aspect ratio, read back from the views of a coordinate image (red = x, green = y),
   a 480x360 JPEG, so crops of 112 px and more are decoded at 1/2 and 224 px and more at 1/4;
 * flip rate;
-* per-channel mean and standard deviation of both views, and the patch view's sharpness (mean
+* per-channel mean and standard deviation of both views, and each view's sharpness (mean
   absolute difference of neighbouring pixels), on JPEGs cut from real photographs, with jitter;
 * the masks of the data module's batches against the mask generator's own.
 
@@ -127,10 +127,11 @@ def _view_stats(views) -> dict[str, np.ndarray]:
             for c in range(3):
                 stats.setdefault(f"{name}_mean_{c}", []).append(float(v[c].mean()))
                 stats.setdefault(f"{name}_std_{c}", []).append(float(v[c].std()))
-        grey = patch.mean(0)
-        stats.setdefault("patch_sharpness", []).append(
-            float((grey[:, 1:] - grey[:, :-1]).abs().mean())
-        )
+        for name, v in (("patch", patch), ("token", token)):
+            grey = v.mean(0)
+            stats.setdefault(f"{name}_sharpness", []).append(
+                float((grey[:, 1:] - grey[:, :-1]).abs().mean())
+            )
     return {k: np.array(v) for k, v in stats.items()}
 
 
