@@ -125,9 +125,9 @@ def test_hf_config_json_with_targets_runs_nothing(classifier, tmp_path, photos):
     assert not stolen.exists()
 
 
-def test_refused_pickle_prints_one_line_and_never_suggests_weights_only_false(tmp_path, photos):
-    evil = tmp_path / "evil.ckpt"
-    marker = tmp_path / "pwned"
+def _evil_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
+    """A ``.ckpt`` whose unpickling would run ``touch MARKER``; ``(file, marker)``."""
+    evil, marker = tmp_path / "evil.ckpt", tmp_path / "pwned"
     script = (
         "import os, torch\n"
         "class Evil:\n"
@@ -136,6 +136,11 @@ def test_refused_pickle_prints_one_line_and_never_suggests_weights_only_false(tm
         f"torch.save({{'state_dict': Evil()}}, {str(evil)!r})\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True)
+    return evil, marker
+
+
+def test_refused_pickle_prints_one_line_and_never_suggests_weights_only_false(tmp_path, photos):
+    evil, marker = _evil_checkpoint(tmp_path)
     proc = subprocess.run(
         [sys.executable, "-m", "bitrain.predict", f"ckpt_path={evil}", f"images={photos}",
          f"hydra.run.dir={tmp_path / 'run'}"],
@@ -293,16 +298,7 @@ def test_model_arguments_from_a_file_choose_no_code_and_no_file(classifier, tmp_
 
 @pytest.mark.slow
 def test_training_commands_refuse_a_malicious_pretrained_file_in_one_line(tmp_path):
-    evil = tmp_path / "evil.ckpt"
-    marker = tmp_path / "pwned"
-    script = (
-        "import os, torch\n"
-        "class Evil:\n"
-        "    def __reduce__(self):\n"
-        f"        return (os.system, ('touch {marker}',))\n"
-        f"torch.save({{'state_dict': Evil()}}, {str(evil)!r})\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True)
+    evil, marker = _evil_checkpoint(tmp_path)
     proc = subprocess.run(
         [sys.executable, "-m", "bitrain.finetune", f"model.pretrained={evil}",
          f"hydra.run.dir={tmp_path / 'run'}", "logger=csv"],
