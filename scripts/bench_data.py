@@ -225,6 +225,35 @@ def resized_shards(root: Path, out_dir: Path, per_shard: int, max_side: int) -> 
     return printed.getvalue().strip().splitlines()[-1].split("=", 1)[1].strip("'")
 
 
+def view_rounding(root: Path, n: int = 256) -> dict[str, float]:
+    """How far bitrain's uint8 views are from its float32 views (same seeds), on ``n`` samples.
+
+    Grey levels (0-255) for both views and normalised units for the patch view: the one rounding
+    of the jittered views to 8 bits (docs/data.md, "uint8 views").
+    """
+    from bitrain.data.sources import ImageFolderSource
+    from bitrain.data.transforms import TwoViewTransform
+
+    src = ImageFolderSource(root)
+    as_u8, as_f32 = TwoViewTransform(224, 112), TwoViewTransform(224, 112, output_dtype="float32")
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (as_u8.mean, as_u8.std))
+    diffs: dict[str, list[torch.Tensor]] = {"patch": [], "token": [], "patch_normalised": []}
+    for i in range(n):
+        img = src[i % len(src)]
+        torch.manual_seed(i)
+        patch, token = as_u8(img)
+        torch.manual_seed(i)
+        f_patch, f_token = as_f32(img)
+        diffs["patch"].append((patch.float() - (f_patch * std + mean) * 255).abs().flatten())
+        diffs["token"].append((token.float() - f_token * 255).abs().flatten())
+        diffs["patch_normalised"].append(((patch.float() / 255 - mean) / std - f_patch).abs())
+    out = {}
+    for name, parts in diffs.items():
+        d = torch.cat([p.flatten() for p in parts])
+        out[f"{name}_mean"], out[f"{name}_max"] = float(d.mean()), float(d.max())
+    return out
+
+
 def profile(make: Any, batches: int, top: int = 12) -> str:
     """Profile (cProfile) ``batches`` batches of a 0-worker loader: top functions by own time."""
     it = iter(make())
@@ -270,6 +299,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-side", type=int, help="also measure shards pre-resized to this side")
     p.add_argument("--profile", action="store_true", help="cProfile each pipeline (0 workers)")
     p.add_argument(
+        "--rounding",
+        action="store_true",
+        help="measure the uint8 views' difference from float32 views (256 samples) and stop",
+    )
+    p.add_argument(
         "--float-views",
         action="store_true",
         help="also measure bitrain's folder (and resized) pipelines handing float32 views",
@@ -308,6 +342,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
             f"bench_data: {len(files)} images under {root}, need at least {needed} "
             "(--batches + 1) x --batch-size"
         )
+    if args.rounding:
+        rounding = view_rounding(Path(root))
+        print(f"# uint8 views - float32 views, 256 samples of {root}:")
+        print(json.dumps({"machine": machine_info(torch.device("cpu")), **rounding}))
+        tmp.cleanup()
+        return 0
     shards = (
         None if args.no_shards else make_shards(root, Path(tmp.name) / "shards", args.shard_size)
     )

@@ -2,9 +2,10 @@
 
 Follows BEiT §2.1 / Table 12 and the official ``beit/datasets.py`` (``DataAugmentationForBEiT``)
 with ``beit/transforms.py`` (``RandomResizedCropAndInterpolationWithTwoPic``): ONE crop box and ONE
-flip, then the same region resized twice, bicubic for the patch view (224 px, fed to the encoder after
-normalisation) and Lanczos for the token view (112 px, fed to the tokenizer), and colour jitter 0.4 (brightness, contrast, saturation in a random order, as torchvision's
-``ColorJitter``) seen identically by both views.
+flip, then the same region resized twice, bicubic for the patch view (224 px, fed to the encoder
+after normalisation) and Lanczos for the token view (112 px, fed to the tokenizer), and colour
+jitter 0.4 (brightness, contrast, saturation in a random order, as torchvision's ``ColorJitter``)
+seen identically by both views.
 
 How :class:`TwoViewTransform` does it fast (docs/data.md, "Fast two views"; the statistics are
 tested against the official pipeline in ``tests/unit/data/test_pipeline_statistics.py``):

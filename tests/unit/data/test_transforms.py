@@ -108,7 +108,7 @@ def test_uint8_views_are_the_float_views_rounded(color_jitter):
         assert images.dtype == torch.uint8 and tok.dtype == torch.uint8
         assert images.shape == (3, 32, 32) and tok.shape == (3, 16, 16)
         assert images.is_contiguous() and tok.is_contiguous()
-        pixels = (f_images * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1))
+        pixels = f_images * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
         assert (images.float() - pixels * 255).abs().max() <= 0.5 + 1e-3
         assert (tok.float() - f_tok * 255).abs().max() <= 0.5 + 1e-3
         if color_jitter == 0.0:  # no jitter: the resized pixels themselves, no rounding at all
