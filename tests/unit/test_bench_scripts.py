@@ -49,6 +49,7 @@ def test_bench_pretrain_tiny_cpu(capsys):
     assert out["bitrain"]["mfu"] is None  # no known peak on CPU
     assert math.isfinite(out["bitrain"]["loss"]) and math.isfinite(out["reference"]["loss"])
     assert out["flops_per_step"] > 0
+    assert out["bitrain_views"] == "uint8"  # as its loader hands them, normalised in the step
 
 
 def test_bench_pretrain_rejects_bad_steps():
