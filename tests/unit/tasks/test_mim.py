@@ -180,3 +180,12 @@ def test_views_of_another_dtype_are_refused(tok_cfg, key):
     batch[key] = torch.zeros(batch[key].shape, dtype=torch.int64)
     with pytest.raises(TypeError, match=f"'{key}' must be uint8"):
         task.shared_step(batch)
+
+
+def test_uint8_images_take_the_modules_float_dtype(tok_cfg):
+    """As Lightning casts a float batch for a module in another precision (e.g. bf16-true)."""
+    task = MaskedImageModeling(MODEL, tok_cfg, OPTIM, normalization=NORM).to(torch.float64)
+    as_uint8, as_float = _uint8_batch()
+    images, token_view = task.model_inputs(as_uint8["images"], as_uint8["tokenizer_images"])
+    assert images.dtype == torch.float64 and token_view.dtype == torch.float32
+    torch.testing.assert_close(images, as_float["images"].double(), atol=1e-5, rtol=0)
