@@ -147,16 +147,10 @@ class MaskedImageModeling(NonFiniteGuard, L.LightningModule):
         return self.__dict__["_num_masked"]
 
     def _pixel_affine(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scale, shift)`` [C, 1, 1] on ``device``: ``pixel * scale + shift`` normalises."""
+        """:func:`pixel_affine` of ``task.normalization`` on ``device``, made once per device."""
         cache = self.__dict__.setdefault("_affine", {})
         if device not in cache:
-            norm = self.hparams["normalization"]
-            mean = torch.tensor(norm["mean"], dtype=torch.float64)
-            std = torch.tensor(norm["std"], dtype=torch.float64)
-            scale, shift = 1.0 / (255.0 * std), -mean / std
-            cache[device] = tuple(
-                t.to(device=device, dtype=torch.float32).view(-1, 1, 1) for t in (scale, shift)
-            )
+            cache[device] = pixel_affine(self.hparams["normalization"], device)
         return cache[device]
 
     def model_inputs(
@@ -245,6 +239,26 @@ class MaskedImageModeling(NonFiniteGuard, L.LightningModule):
 
     def configure_optimizers(self):
         return optim_lib.lightning_optimizers(self.model, self.trainer, self.optim_cfg)
+
+
+def pixel_affine(
+    normalization: Mapping[str, Any], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` float32 ``[C, 1, 1]`` that normalise uint8 pixels in one multiply-add.
+
+    ``pixels * scale + shift = (pixels / 255 - mean) / std`` for ``normalization = {"mean",
+    "std"}`` (1 or 3 values each).
+    """
+    mean = torch.tensor(normalization["mean"], dtype=torch.float64)
+    std = torch.tensor(normalization["std"], dtype=torch.float64)
+    scale, shift = 1.0 / (255.0 * std), -mean / std
+    return tuple(t.to(device=device, dtype=torch.float32).view(-1, 1, 1) for t in (scale, shift))
+
+
+def normalise_pixels(images: torch.Tensor, normalization: Mapping[str, Any]) -> torch.Tensor:
+    """uint8 pixels ``[..., C, H, W]`` as the MIM task feeds them to the encoder (float32)."""
+    scale, shift = pixel_affine(normalization, images.device)
+    return torch.addcmul(shift, images.to(torch.float32), scale)
 
 
 def check_compatible(model: torch.nn.Module, tokenizer: Tokenizer) -> None:
