@@ -17,7 +17,9 @@ fail minutes or hours into it:
 * the data loader can feed the device: the configured transform and mask generator are timed on
   up to 32 of the source's images on one core, and ``workers x images/s per worker`` is compared
   with the images/s a device consumes (``+doctor.img_s_per_device=N``; default 2,500 on a GPU run,
-  BEiT-base's per-H100 goal, docs/data.md); too slow is a warning, not a failure.
+  BEiT-base's per-H100 goal, docs/data.md); too slow is a warning, not a failure;
+* uint8 pretraining views (``TwoViewTransform``'s default) have a ``task.normalization`` to be
+  normalised with on the device (its absence fails; one other than the transform's mean/std warns).
 
 Exit code 0 when every check passes (warnings included), 1 with the list of problems otherwise.
 See docs/monitoring.md.
@@ -439,6 +441,58 @@ def check_loader(cfg: DictConfig) -> list[Check]:
     ]
 
 
+def _floats(value: Any) -> list[float]:
+    """A config number or list of numbers as a list of floats (one number: three channels)."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    values = value if isinstance(value, list | tuple) else [value] * 3
+    return [float(v) for v in values] * (3 if len(values) == 1 else 1)
+
+
+def check_views(cfg: DictConfig) -> list[Check]:
+    """uint8 pretraining views need ``task.normalization`` (on the device).
+
+    A ``task.normalization`` other than the transform's mean/std normalises the patch view
+    otherwise than the data config says: a warning.
+    """
+    if not str(_get(cfg, "data.transform._target_", "")).endswith("TwoViewTransform"):
+        return []
+    dtype = str(_get(cfg, "data.transform.output_dtype", "uint8"))
+    if dtype != "uint8":
+        return [Check("views", True, f"{dtype} views, normalised in the loader's workers")]
+    norm = {k: _get(cfg, f"task.normalization.{k}") for k in ("mean", "std")}
+    if norm["mean"] is None or norm["std"] is None:
+        return [
+            Check(
+                "views",
+                False,
+                "data.transform hands uint8 views but task.normalization has no mean/std, so the "
+                "first step would stop: set data.transform.mean/std (task.normalization takes "
+                "them) or task.normalization.mean=[...] task.normalization.std=[...]",
+            )
+        ]
+    norm = {k: _floats(v) for k, v in norm.items()}
+    detail = (
+        f"uint8 views, normalised on the device with mean {norm['mean']} std {norm['std']} "
+        "(task.normalization)"
+    )
+    transform = {k: _get(cfg, f"data.transform.{k}") for k in ("mean", "std")}
+    if all(v is not None for v in transform.values()):
+        transform = {k: _floats(v) for k, v in transform.items()}
+        if transform != norm:
+            return [
+                Check(
+                    "views",
+                    True,
+                    f"{detail}, not the data.transform's mean {transform['mean']} std "
+                    f"{transform['std']}: the encoder sees the patch view normalised otherwise "
+                    "than the data config says",
+                    warn=True,
+                )
+            ]
+    return [Check("views", True, detail)]
+
+
 def run_checks(cfg: DictConfig) -> list[Check]:
     """Every check on a composed config, in the order they are printed."""
     checks = check_torch()
@@ -449,6 +503,7 @@ def run_checks(cfg: DictConfig) -> list[Check]:
     checks += check_output(cfg)
     checks += check_run_dir(cfg)
     checks += check_batch(cfg, world)
+    checks += check_views(cfg)
     checks += check_loader(cfg)
     return checks
 

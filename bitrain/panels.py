@@ -206,8 +206,11 @@ class MIMPanels(_EveryNSteps):
 
     def render(self, trainer, pl_module, batch: Mapping[str, Any]) -> list[tuple[str, Path, str]]:
         k = min(self.num_images, batch["images"].shape[0])
-        images = batch["images"][:k]
-        token_view = batch["tokenizer_images"][:k].float()
+        # uint8 views (the loader's default) as the task feeds them: normalised / in [0, 1].
+        images, token_view = pl_module.model_inputs(
+            batch["images"][:k], batch["tokenizer_images"][:k]
+        )
+        token_view = token_view.float()
         mask = batch["mask"][:k].bool()
         tokenizer = pl_module.tokenizer
         columns = {"token view": token_view}

@@ -3,7 +3,10 @@
 For each source and worker count it iterates bitrain's ``PretrainDataModule`` train loader
 (BEiT-base settings: 224 px bicubic patch view, 112 px Lanczos token view, crop scale (0.08, 1),
 flip, colour jitter 0.4, 75 of 14x14 patches masked) and reports images/s in total and per
-worker process (per core when each worker has a core):
+worker process (per core when each worker has a core). bitrain's loader hands uint8 views (its
+default: the MIM task normalises them on the device, outside this benchmark's timing, as the
+official code normalises inside it); ``--float-views`` adds, as ``*_f32``, the same pipelines
+with ``TwoViewTransform(output_dtype="float32")`` (the float32 hand-over of before):
 
 * ``folder``: :class:`bitrain.data.sources.ImageFolderSource` over JPEG files;
 * ``shards``: :class:`bitrain.data.shards.WebDatasetSource` over tar shards of the same JPEGs;
@@ -185,14 +188,16 @@ def time_loader(loader: Any, max_batches: int) -> tuple[float, int]:
     return (n / seconds if seconds > 0 else float("nan")), n
 
 
-def bitrain_loader(source: Any, workers: int, batch_size: int) -> DataLoader:
+def bitrain_loader(
+    source: Any, workers: int, batch_size: int, output_dtype: str = "uint8"
+) -> DataLoader:
     from bitrain.data.datamodule import PretrainDataModule
     from bitrain.data.masking import BlockwiseMaskGenerator
     from bitrain.data.transforms import TwoViewTransform
 
     dm = PretrainDataModule(
         source,
-        TwoViewTransform(224, 112),
+        TwoViewTransform(224, 112, output_dtype=output_dtype),
         BlockwiseMaskGenerator((14, 14), 75),
         batch_size=batch_size,
         num_workers=workers,
@@ -220,6 +225,35 @@ def resized_shards(root: Path, out_dir: Path, per_shard: int, max_side: int) -> 
     return printed.getvalue().strip().splitlines()[-1].split("=", 1)[1].strip("'")
 
 
+def view_rounding(root: Path, n: int = 256) -> dict[str, float]:
+    """How far bitrain's uint8 views are from its float32 views (same seeds), on ``n`` samples.
+
+    Grey levels (0-255) for both views and normalised units for the patch view: the one rounding
+    of the jittered views to 8 bits (docs/data.md, "uint8 views").
+    """
+    from bitrain.data.sources import ImageFolderSource
+    from bitrain.data.transforms import TwoViewTransform
+
+    src = ImageFolderSource(root)
+    as_u8, as_f32 = TwoViewTransform(224, 112), TwoViewTransform(224, 112, output_dtype="float32")
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (as_u8.mean, as_u8.std))
+    diffs: dict[str, list[torch.Tensor]] = {"patch": [], "token": [], "patch_normalised": []}
+    for i in range(n):
+        img = src[i % len(src)]
+        torch.manual_seed(i)
+        patch, token = as_u8(img)
+        torch.manual_seed(i)
+        f_patch, f_token = as_f32(img)
+        diffs["patch"].append((patch.float() - (f_patch * std + mean) * 255).abs().flatten())
+        diffs["token"].append((token.float() - f_token * 255).abs().flatten())
+        diffs["patch_normalised"].append(((patch.float() / 255 - mean) / std - f_patch).abs())
+    out = {}
+    for name, parts in diffs.items():
+        d = torch.cat([p.flatten() for p in parts])
+        out[f"{name}_mean"], out[f"{name}_max"] = float(d.mean()), float(d.max())
+    return out
+
+
 def profile(make: Any, batches: int, top: int = 12) -> str:
     """Profile (cProfile) ``batches`` batches of a 0-worker loader: top functions by own time."""
     it = iter(make())
@@ -242,6 +276,14 @@ def profile(make: Any, batches: int, top: int = 12) -> str:
     return "\n".join([head, *lines[start : start + top + 1]])
 
 
+def _quartiles(values: Sequence[float]) -> list[float]:
+    """[first, third] quartile of ``values`` (both the value itself for a single round)."""
+    if len(values) < 2:
+        return [float(values[0]), float(values[0])] if values else []
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return [q[0], q[2]]
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--root", type=Path, help="image folder (default: generated JPEGs)")
@@ -256,6 +298,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-reference", action="store_true", help="skip the reference pipeline")
     p.add_argument("--max-side", type=int, help="also measure shards pre-resized to this side")
     p.add_argument("--profile", action="store_true", help="cProfile each pipeline (0 workers)")
+    p.add_argument(
+        "--rounding",
+        action="store_true",
+        help="measure the uint8 views' difference from float32 views (256 samples) and stop",
+    )
+    p.add_argument(
+        "--float-views",
+        action="store_true",
+        help="also measure bitrain's folder (and resized) pipelines handing float32 views",
+    )
     args = p.parse_args(argv)
     if args.repeats < 1 or args.batches < 1:
         p.error("--repeats and --batches must be >= 1")
@@ -290,6 +342,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
             f"bench_data: {len(files)} images under {root}, need at least {needed} "
             "(--batches + 1) x --batch-size"
         )
+    if args.rounding:
+        rounding = view_rounding(Path(root))
+        print(f"# uint8 views - float32 views, 256 samples of {root}:")
+        print(json.dumps({"machine": machine_info(torch.device("cpu")), **rounding}))
+        tmp.cleanup()
+        return 0
     shards = (
         None if args.no_shards else make_shards(root, Path(tmp.name) / "shards", args.shard_size)
     )
@@ -307,6 +365,13 @@ def _main(argv: Sequence[str] | None = None) -> int:
         if resized is not None:
             res = lambda: WebDatasetSource(resized, shuffle=0)  # noqa: E731
             runs.append(("resized", lambda: bitrain_loader(res(), n_workers, args.batch_size)))
+        if args.float_views:
+            f32 = functools.partial(bitrain_loader, output_dtype="float32")
+            runs.append(
+                ("folder_f32", lambda: f32(ImageFolderSource(root), n_workers, args.batch_size))
+            )
+            if resized is not None:
+                runs.append(("resized_f32", lambda: f32(res(), n_workers, args.batch_size)))
         if not args.no_reference:
             runs.append(("reference", lambda: reference_loader(files, n_workers, args.batch_size)))
         return runs
@@ -317,6 +382,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
         f"# {len(files)} images from {root}, batch {args.batch_size}, {args.batches} timed "
         f"batches, {args.repeats} interleaved round(s)"
         + (f", resized = shards re-encoded with --max-side {args.max_side}" if resized else "")
+    )
+    print(
+        "# bitrain hands uint8 views (normalised on the device by the task, not timed here)"
+        + ("; *_f32: float32 views as before" if args.float_views else "")
+        + "; reference: float32 views, normalised in the worker, as the official code"
     )
     if args.profile:
         for name, make in pipelines(0):
@@ -342,6 +412,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "repeats": args.repeats,
         "max_side": args.max_side,
+        "bitrain_views": "uint8",
         "folder_img_s": median("folder"),
         "shards_img_s": median("shards"),
         "resized_img_s": median("resized"),
@@ -350,13 +421,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
     }
     if "reference" in rounds:
         ref = rounds["reference"]
-        for name in ("folder", "shards", "resized"):
+        for name in ("folder", "shards", "resized", "folder_f32", "resized_f32"):
             if name in rounds:
                 key = "ratio" if name == "folder" else f"ratio_{name}"
-                out[key] = {
-                    w: statistics.median(a / b for a, b in zip(rounds[name][w], ref[w]))
-                    for w in ref
-                }
+                per_round = {w: [a / b for a, b in zip(rounds[name][w], ref[w])] for w in ref}
+                out[key] = {w: statistics.median(v) for w, v in per_round.items()}
+                out[f"{key}_iqr"] = {w: _quartiles(v) for w, v in per_round.items()}
     best = max(out["folder_img_s"].items(), key=lambda kv: kv[1] / max(1, int(kv[0])))
     out["folder_img_s_per_worker_best"] = best[1] / max(1, int(best[0]))
     print(json.dumps(out))

@@ -6,10 +6,12 @@ One step = tokenizer encode (no grad) + encoder forward + backward + optimizer s
 196 patches for base/large, 26 of 64 for tiny) and with the same DALL-E encoder weights:
 
 * **bitrain**: :class:`MaskedImageModeling.shared_step` (``DallETokenizer`` + ``BeitMIM``, logits at
-  the masked positions only), optimizer and scheduler from :func:`bitrain.optim.build`;
+  the masked positions only), optimizer and scheduler from :func:`bitrain.optim.build`; its batch
+  holds uint8 views as its loader hands them, normalised inside the timed step;
 * **reference**: ``transformers.BeitForMaskedImageModeling`` (logits at every position, loss on
   ``logits[bool_masked_pos]``) with ``dall_e.Encoder`` (PyPI ``dall-e``) as tokenizer and plain
-  ``torch.optim.AdamW``.
+  ``torch.optim.AdamW``; its batch holds the same views already made float (the official
+  loader's work).
 
 Measurements alternate in blocks (bitrain, reference, bitrain, ...) to spread machine drift over
 both sides. Prints a table, then as the last line one JSON object (see ``docs/benchmarks.md``).
@@ -176,6 +178,7 @@ def build_sides(args: argparse.Namespace, tmp: Path) -> tuple[list[Side], dict[s
     from transformers import BeitConfig, BeitForMaskedImageModeling
 
     from bitrain.data.masking import BlockwiseMaskGenerator
+    from bitrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from bitrain.optim import build as build_optim
     from bitrain.tasks.mim import MaskedImageModeling
 
@@ -207,7 +210,10 @@ def build_sides(args: argparse.Namespace, tmp: Path) -> tuple[list[Side], dict[s
         "precision": "bfloat16" if bf16 else "float32",
         **dall_e_kwargs,
     }
-    task = MaskedImageModeling(model_cfg, tok_cfg, optim={}, compile=args.compile).to(device)
+    norm = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    task = MaskedImageModeling(
+        model_cfg, tok_cfg, optim={}, compile=args.compile, normalization=norm
+    ).to(device)
     task.tokenizer.to(device)
     task.train()
     total = args.warmup + args.steps
@@ -235,16 +241,20 @@ def build_sides(args: argparse.Namespace, tmp: Path) -> tuple[list[Side], dict[s
     hf_fwd = torch.compile(hf) if args.compile else hf
     ref_opt = torch.optim.AdamW(hf.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
 
-    # The same batch for both sides: images, token views in [0, 1], block-wise masks.
+    # The same batch for both sides, as each side's loader hands it: bitrain's as uint8 views (its
+    # step normalises them on the device, timed), the reference's as the same views in float
+    # (normalised patch view, token view in [0, 1]: the official loader's work, not timed).
     gen = torch.Generator().manual_seed(args.seed)
     b, px, tok_px = args.batch_size, arch["img_size"], size["token_size"]
     masker = BlockwiseMaskGenerator(
         px // arch["patch_size"], num_masking_patches=size["num_masking_patches"]
     )
     masks = torch.stack([masker(gen) for _ in range(b)]).flatten(1).bool().to(device)
-    images = torch.randn(b, 3, px, px, generator=gen).to(device)
-    tok_images = torch.rand(b, 3, tok_px, tok_px, generator=gen).to(device)
-    batch = {"images": images, "tokenizer_images": tok_images, "mask": masks}
+    pixels = torch.randint(0, 256, (b, 3, px, px), generator=gen, dtype=torch.uint8).to(device)
+    tok_pixels = torch.randint(0, 256, (b, 3, tok_px, tok_px), generator=gen).to(torch.uint8)
+    tok_pixels = tok_pixels.to(device)
+    batch = {"images": pixels, "tokenizer_images": tok_pixels, "mask": masks}
+    images, tok_images = task.model_inputs(pixels, tok_pixels)  # the reference's float views
     amp = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": bf16}
 
     def ours() -> float:
@@ -294,6 +304,7 @@ def build_sides(args: argparse.Namespace, tmp: Path) -> tuple[list[Side], dict[s
             tokenizer_flops(task.tokenizer.encoder, example),
         ),
         "hf_attn_implementation": getattr(hf.config, "_attn_implementation", None),
+        "bitrain_views": str(batch["images"].dtype).removeprefix("torch."),
         "n_masked": int(masks[0].sum()),
         "n_patches": int(masks.shape[1]),
     }
@@ -427,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "flops_per_step": info["flops_per_step"],
         "hf_attn_implementation": info["hf_attn_implementation"],
         "target_agreement": info["target_agreement"],
+        "bitrain_views": info["bitrain_views"],
         **machine_info(device),
     }
     print(json.dumps(result))

@@ -13,7 +13,9 @@ Runs, each as its own process with a time limit, and in this order (docs/benchma
 4. ``bench_tokenizer.py``: the DALL-E tokenizer at 112 px (fp32, bf16, reference), and its share
    of the step;
 5. ``bench_data.py``: the loader on this machine's CPUs with as many workers as a device gets
-   (``default_num_workers``), on 500x375 JPEGs, next to the step's images/s from 2.
+   (``default_num_workers``), on 500x375 JPEGs, next to the step's images/s from 2. The loader
+   hands uint8 views, and the step of 2 normalises uint8 views on the device, so the two rates
+   are of the same batch contract.
 
 Each step's last printed line (the benchmarks' JSON) goes into one summary with its exit code,
 seconds and, if it failed, the end of its output; ``loader_feeds_step`` is the loader's images/s

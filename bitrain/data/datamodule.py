@@ -3,7 +3,9 @@
 Batches (``docs/architecture.md``):
 
 * :class:`PretrainDataModule` -> ``{"images": [B,3,S,S], "tokenizer_images": [B,3,s,s],
-  "mask": [B,gh,gw] bool}`` (BEiT's ``DataAugmentationForBEiT`` + ``MaskingGenerator`` output);
+  "mask": [B,gh,gw] bool}`` (BEiT's ``DataAugmentationForBEiT`` + ``MaskingGenerator`` output;
+  the views uint8 from ``TwoViewTransform``, normalised on the device by the MIM task, or float
+  from ``SyntheticSource``);
 * :class:`ImageDataModule` -> ``{"images": [B,3,s,s]}`` plus ``"labels": [B]`` when the source
   gives labels.
 

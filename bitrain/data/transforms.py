@@ -2,10 +2,10 @@
 
 Follows BEiT §2.1 / Table 12 and the official ``beit/datasets.py`` (``DataAugmentationForBEiT``)
 with ``beit/transforms.py`` (``RandomResizedCropAndInterpolationWithTwoPic``): ONE crop box and ONE
-flip, then the same region resized twice, bicubic for the patch view (224 px, normalized, fed to
-the encoder) and Lanczos for the token view (112 px, pixels in [0, 1], fed to the tokenizer), and
-colour jitter 0.4 (brightness, contrast, saturation in a random order, as torchvision's
-``ColorJitter``) seen identically by both views.
+flip, then the same region resized twice, bicubic for the patch view (224 px, fed to the encoder
+after normalisation) and Lanczos for the token view (112 px, fed to the tokenizer), and colour
+jitter 0.4 (brightness, contrast, saturation in a random order, as torchvision's ``ColorJitter``)
+seen identically by both views.
 
 How :class:`TwoViewTransform` does it fast (docs/data.md, "Fast two views"; the statistics are
 tested against the official pipeline in ``tests/unit/data/test_pipeline_statistics.py``):
@@ -18,9 +18,17 @@ tested against the official pipeline in ``tests/unit/data/test_pipeline_statisti
 2. the patch view is the crop resized with torch's antialiased bicubic on uint8 (the filter of
    PIL's bicubic, equal to it up to rounding), the token view PIL's Lanczos on the same box
    (a box 3x the view's size or more box-reduced first, PIL's ``reducing_gap`` 1.5);
-3. flip, colour jitter, scaling to [0, 1] and normalization run once on the two small views as
-   tensor arithmetic (the jitter's factors, order and contrast mean shared by both views), instead
-   of on the whole image (official) or the crop.
+3. flip and colour jitter run once on the two small views as tensor arithmetic (the jitter's
+   factors, order and contrast mean shared by both views), instead of on the whole image
+   (official) or the crop;
+4. both views leave as uint8 ``[3, H, W]`` (``output_dtype="uint8"``, the default): a quarter of
+   the bytes of float32 through the DataLoader's shared memory and the host-to-device copy. The
+   jittered views are rounded to 8 bits once (torchvision's ``ColorJitter`` on a PIL image, as
+   the official pipeline runs it, rounds after every operation); scaling to [0, 1] and the patch
+   view's normalisation with ``mean``/``std`` run on the device, in
+   :class:`bitrain.tasks.mim.MaskedImageModeling` (``task.normalization``).
+   ``output_dtype="float32"`` returns the float views of before (patch view normalised, token
+   view in [0, 1]) for callers that feed them to a model directly.
 
 Jitter after the resize instead of before it differs only where a value is clipped at 0 or 255
 (resizing and the three jitter operations are otherwise linear), and contrast uses the mean grey
@@ -43,10 +51,18 @@ from torchvision.transforms import functional as F
 
 from bitrain.data.decode import EncodedImage
 
-__all__ = ["SingleViewTransform", "TwoViewTransform", "dct_reduction", "interpolation_mode"]
+__all__ = [
+    "OUTPUT_DTYPES",
+    "SingleViewTransform",
+    "TwoViewTransform",
+    "dct_reduction",
+    "interpolation_mode",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# What TwoViewTransform hands the DataLoader: uint8 pixels (normalised on the device) or floats.
+OUTPUT_DTYPES = ("uint8", "float32")
 
 _INTERPOLATIONS = {
     "nearest": InterpolationMode.NEAREST,
@@ -226,6 +242,8 @@ class TwoViewTransform:
         std: Per-channel std of the patch view's normalization.
         interpolation: Resampling filter of the patch view.
         second_interpolation: Resampling filter of the token view.
+        output_dtype: ``"uint8"`` (default): both views as uint8 pixels, normalised on the device
+            by the task; ``"float32"``: the patch view normalised, the token view in [0, 1].
     """
 
     # Takes EncodedImage: PretrainDataModule then lets its sources defer decoding to it.
@@ -245,7 +263,14 @@ class TwoViewTransform:
         std: Sequence[float] = IMAGENET_STD,
         interpolation: str = "bicubic",
         second_interpolation: str = "lanczos",
+        output_dtype: str = "uint8",
     ) -> None:
+        if output_dtype not in OUTPUT_DTYPES:
+            raise ValueError(
+                f"TwoViewTransform output_dtype must be one of {OUTPUT_DTYPES}, got "
+                f"{output_dtype!r} (uint8: normalised on the device by the task)"
+            )
+        self.output_dtype = output_dtype
         self.input_size = _check_size(input_size, "input_size")
         self.second_input_size = _check_size(second_input_size, "second_input_size")
         self._crop = _RandomCrop(scale, ratio, hflip)
@@ -277,8 +302,10 @@ class TwoViewTransform:
                 DCT scale that keeps the larger view's size in pixels across the crop.
 
         Returns:
-            ``images`` [3, input_size, input_size] float32, normalized with ``mean``/``std``, and
-            ``tokenizer_images`` [3, second_input_size, second_input_size] float32 in [0, 1].
+            ``images`` [3, input_size, input_size] and ``tokenizer_images``
+            [3, second_input_size, second_input_size]: uint8 pixels (``output_dtype="uint8"``),
+            or float32, ``images`` normalised with ``mean``/``std`` and ``tokenizer_images`` in
+            [0, 1] (``output_dtype="float32"``).
 
         Raises:
             BadImageError: an ``EncodedImage`` cannot be decoded (the data modules skip it).
@@ -305,9 +332,14 @@ class TwoViewTransform:
         ]
         if flip:
             views = [v.flip(-1) for v in views]
+        if jitter is None and self.output_dtype == "uint8":
+            return tuple(v.contiguous() for v in views)  # type: ignore[return-value]
         views = [v.to(torch.float32, memory_format=torch.contiguous_format) for v in views]
         if jitter is not None:
             _jitter_(views, jitter, self._grey)
+        if self.output_dtype == "uint8":
+            # One rounding to 8 bits of the jittered views (values already clipped to [0, 255]).
+            return tuple(v.round_().to(torch.uint8) for v in views)  # type: ignore[return-value]
         images = views[0].mul_(self._scale).add_(self._shift)
         return images, views[1].mul_(1.0 / 255.0)
 
@@ -317,7 +349,8 @@ class TwoViewTransform:
             f"second_input_size={self.second_input_size}, scale={self._crop.scale}, "
             f"ratio={self._crop.ratio}, hflip={self._crop.hflip}, "
             f"color_jitter={self.color_jitter}, interpolation={self.interpolation.value}, "
-            f"second_interpolation={self.second_interpolation.value})"
+            f"second_interpolation={self.second_interpolation.value}, "
+            f"output_dtype={self.output_dtype!r})"
         )
 
 

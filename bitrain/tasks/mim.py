@@ -7,6 +7,14 @@ tokenizer's ids, averaged over all masked tokens of the batch (the official
 ``nn.CrossEntropyLoss()`` on the flattened masked logits). Masked accuracy is the fraction of
 masked tokens whose argmax is right.
 
+Batches: ``images`` and ``tokenizer_images`` come from the loader either as uint8 pixels (the
+default of :class:`bitrain.data.transforms.TwoViewTransform`: a quarter of float32's bytes through
+the workers' shared memory and the host-to-device copy) or as float (synthetic data, callers that
+normalise themselves). uint8 views are made float here, on the batch's device: the patch view
+normalised with ``normalization`` (the transform's mean/std), the token view scaled to [0, 1]
+before the tokenizer's own ``preprocess`` (:meth:`MaskedImageModeling.model_inputs`). Float views
+are used as they are.
+
 Hyper-parameters are saved as plain containers, so every ``.ckpt`` loads with
 ``torch.load(weights_only=True)``. The tokenizer is *not* part of the checkpoint: it is frozen, its
 weights live in their own file, and keeping it out saves DALL-E's 54M parameters per checkpoint.
@@ -51,7 +59,8 @@ class MaskedImageModeling(NonFiniteGuard, L.LightningModule):
         nonfinite_check: ``auto`` | ``sync`` | ``device``: how a NaN/inf step is skipped
             (:class:`bitrain.tasks.common.NonFiniteGuard`).
         normalization: ``{"mean", "std"}`` of the patch view (``${data.transform.mean}`` ...),
-            kept in the checkpoint so that fine-tuning normalises as pretraining did.
+            kept in the checkpoint so that fine-tuning normalises as pretraining did, and applied
+            here to uint8 patch views (needed for them).
     """
 
     def __init__(
@@ -137,11 +146,55 @@ class MaskedImageModeling(NonFiniteGuard, L.LightningModule):
             self.__dict__["_num_masked"] = int(mask[0].sum())
         return self.__dict__["_num_masked"]
 
+    def _pixel_affine(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`pixel_affine` of ``task.normalization`` on ``device``, made once per device."""
+        cache = self.__dict__.setdefault("_affine", {})
+        if device not in cache:
+            cache[device] = pixel_affine(self.hparams["normalization"], device)
+        return cache[device]
+
+    def model_inputs(
+        self, images: torch.Tensor, tokenizer_images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The patch view as the encoder takes it and the token view as pixels in [0, 1].
+
+        uint8 views (the loader's default) become float on their device: ``images`` normalised
+        with ``task.normalization`` (then in the module's float dtype, as Lightning casts a float
+        batch), ``tokenizer_images`` divided by 255 (float32). Float views are returned as they
+        are. Raises ``ValueError`` for uint8 images without ``task.normalization`` and
+        ``TypeError`` for views of another dtype.
+        """
+        if images.dtype == torch.uint8:
+            if self.hparams.get("normalization") is None:
+                raise ValueError(
+                    "MIM batch: 'images' are uint8 pixels but task.normalization is not set, so "
+                    "they cannot be normalised: set task.normalization.mean/std to the data "
+                    "transform's (configs/pretrain.yaml takes ${data.transform.mean}/std), or "
+                    "hand normalised float images (TwoViewTransform(output_dtype='float32'))"
+                )
+            scale, shift = self._pixel_affine(images.device)
+            images = torch.addcmul(shift, images.to(torch.float32), scale)
+            if self.dtype.is_floating_point and self.dtype != torch.float32:
+                images = images.to(self.dtype)
+        elif not images.is_floating_point():
+            raise TypeError(
+                f"MIM batch: 'images' must be uint8 pixels or float, got {images.dtype}"
+            )
+        if tokenizer_images.dtype == torch.uint8:
+            tokenizer_images = tokenizer_images.to(torch.float32).mul_(1.0 / 255.0)
+        elif not tokenizer_images.is_floating_point():
+            raise TypeError(
+                "MIM batch: 'tokenizer_images' must be uint8 pixels or float in [0, 1], got "
+                f"{tokenizer_images.dtype}"
+            )
+        return images, tokenizer_images
+
     def shared_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Loss and masked accuracy of one batch ``{"images", "tokenizer_images", "mask"}``."""
-        images, mask = batch["images"], batch["mask"].flatten(1).bool()
+        images, token_view = self.model_inputs(batch["images"], batch["tokenizer_images"])
+        mask = batch["mask"].flatten(1).bool()
         with torch.no_grad():
-            tok_in = self.tokenizer.preprocess(batch["tokenizer_images"])
+            tok_in = self.tokenizer.preprocess(token_view)
             ids = self.tokenizer.encode(tok_in).flatten(1)  # [B, N]
         k = self._static_masked_count(mask)
         if k is None:
@@ -186,6 +239,26 @@ class MaskedImageModeling(NonFiniteGuard, L.LightningModule):
 
     def configure_optimizers(self):
         return optim_lib.lightning_optimizers(self.model, self.trainer, self.optim_cfg)
+
+
+def pixel_affine(
+    normalization: Mapping[str, Any], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` float32 ``[C, 1, 1]`` that normalise uint8 pixels in one multiply-add.
+
+    ``pixels * scale + shift = (pixels / 255 - mean) / std`` for ``normalization = {"mean",
+    "std"}`` (1 or 3 values each).
+    """
+    mean = torch.tensor(normalization["mean"], dtype=torch.float64)
+    std = torch.tensor(normalization["std"], dtype=torch.float64)
+    scale, shift = 1.0 / (255.0 * std), -mean / std
+    return tuple(t.to(device=device, dtype=torch.float32).view(-1, 1, 1) for t in (scale, shift))
+
+
+def normalise_pixels(images: torch.Tensor, normalization: Mapping[str, Any]) -> torch.Tensor:
+    """uint8 pixels ``[..., C, H, W]`` as the MIM task feeds them to the encoder (float32)."""
+    scale, shift = pixel_affine(normalization, images.device)
+    return torch.addcmul(shift, images.to(torch.float32), scale)
 
 
 def check_compatible(model: torch.nn.Module, tokenizer: Tokenizer) -> None:

@@ -23,7 +23,7 @@ FAST = [
 
 
 class PoisonBatches(L.Callback):
-    """Fills the encoder's images of the given training batches (counted from 0) with NaN."""
+    """Replaces the encoder's images of the given training batches (counted from 0) by NaN."""
 
     def __init__(self, batches: set[int]) -> None:
         self.batches = batches
@@ -34,7 +34,10 @@ class PoisonBatches(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._before = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
         if self.seen in self.batches:
-            batch["images"].fill_(float("nan"))
+            # Float NaN images (the loader's uint8 views cannot hold NaN; float views are used as
+            # they are by the task).
+            images = batch["images"]
+            batch["images"] = torch.full(images.shape, float("nan"), device=images.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         after = {k: v.clone() for k, v in pl_module.model.state_dict().items()}

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
@@ -48,6 +49,7 @@ def test_bench_pretrain_tiny_cpu(capsys):
     assert out["bitrain"]["mfu"] is None  # no known peak on CPU
     assert math.isfinite(out["bitrain"]["loss"]) and math.isfinite(out["reference"]["loss"])
     assert out["flops_per_step"] > 0
+    assert out["bitrain_views"] == "uint8"  # as its loader hands them, normalised in the step
 
 
 def test_bench_pretrain_rejects_bad_steps():
@@ -106,3 +108,35 @@ def test_bench_data_refuses_too_few_images(tmp_path):
     Image.new("RGB", (64, 48)).save(tmp_path / "a" / "x.jpg")
     with pytest.raises(SystemExit, match="need at least"):
         bench.main(["--root", str(tmp_path), "--batch-size", "4", "--no-shards"])
+
+
+def test_bench_data_float_views_iqr_and_uint8_batches(capsys, tmp_path):
+    """bitrain's loader hands uint8 views; --float-views adds the float32 ones; IQRs per ratio."""
+    bench = _load("bench_data")
+    rc = bench.main(
+        ["--num-images", "12", "--image-size", "120x90", "--batch-size", "4", "--batches", "2",
+         "--workers", "0", "--repeats", "2", "--no-shards", "--float-views"]
+    )  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    out = json.loads(text.strip().splitlines()[-1])
+    assert "bitrain hands uint8 views" in text and out["bitrain_views"] == "uint8"
+    assert len(out["rounds"]["folder_f32"]["0"]) == 2
+    low, high = out["ratio_iqr"]["0"]
+    assert low <= out["ratio"]["0"] <= high and "ratio_folder_f32_iqr" in out
+    bench.make_images(tmp_path, 4, (120, 90))
+    from bitrain.data.sources import ImageFolderSource
+
+    batch = next(iter(bench.bitrain_loader(ImageFolderSource(tmp_path), 0, 2)))
+    assert batch["images"].dtype == torch.uint8 and batch["tokenizer_images"].dtype == torch.uint8
+    f32 = next(iter(bench.bitrain_loader(ImageFolderSource(tmp_path), 0, 2, "float32")))
+    assert f32["images"].dtype == torch.float32
+
+
+def test_bench_data_rounding_is_at_most_half_a_grey_level(tmp_path):
+    bench = _load("bench_data")
+    bench.make_images(tmp_path, 4, (120, 90))
+    out = bench.view_rounding(tmp_path, n=6)
+    for view in ("patch", "token"):
+        assert 0.0 < out[f"{view}_mean"] < 0.5 and out[f"{view}_max"] <= 0.5 + 1e-3
+    assert 0.0 < out["patch_normalised_max"] < 0.5 / 255 / 0.224 + 1e-4

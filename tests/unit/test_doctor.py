@@ -236,3 +236,20 @@ def test_loader_speed_is_measured_and_a_slow_loader_warned(tmp_path, tokenizers_
     from bitrain.data.datamodule import default_num_workers
 
     assert loader.detail.startswith(f"{default_num_workers(1)} worker(s) x")
+
+
+def test_uint8_views_without_task_normalization_are_a_problem(tmp_path, tokenizers_dir):
+    """uint8 views (TwoViewTransform's default) need task.normalization; float ones do not."""
+    base = [f"paths.tokenizers_dir={tokenizers_dir}", f"paths.log_dir={tmp_path / 'out'}"]
+    checks = {c.name: c for c in doctor.run_checks(doctor.compose_config(base))}
+    assert checks["views"].ok and "uint8 views, normalised on the device" in checks["views"].detail
+    assert "0.309" in checks["views"].detail  # the demo's mean, taken from data.transform
+    no_norm = ["task.normalization.mean=null", "task.normalization.std=null"]
+    problems = _problems([*base, *no_norm])
+    assert "task.normalization has no mean/std" in problems["views"]
+    assert "views" not in _problems([*base, *no_norm, "+data.transform.output_dtype=float32"])
+    other = doctor.run_checks(
+        doctor.compose_config([*base, "task.normalization.mean=[0.5,0.5,0.5]"])
+    )
+    (views,) = [c for c in other if c.name == "views"]
+    assert views.ok and views.warn and "not the data.transform's mean" in views.detail

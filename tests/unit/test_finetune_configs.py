@@ -17,6 +17,7 @@ from torchvision import transforms as T
 from bitrain import runner
 from bitrain.hyperrule import apply_hyperrule, hyperrule
 from bitrain.tasks.classification import _build_mixup
+from bitrain.tasks.mim import normalise_pixels
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CKPT = "/nonexistent/pretrained.ckpt"
@@ -61,6 +62,11 @@ def test_pretraining_normalisation(experiment, expected, tmp_path):
     white = Image.new("RGB", (300, 260), (255, 255, 255))
     cfg.data.transform.color_jitter = 0.0
     pixels = _pixels(hydra.utils.instantiate(cfg.data.transform), white)
+    # uint8 views: the MIM task normalises them with task.normalization (the transform's mean/std).
+    assert pixels.dtype == torch.uint8
+    norm = OmegaConf.to_container(cfg.task.normalization, resolve=True)
+    assert norm == {"mean": list(cfg.data.transform.mean), "std": list(cfg.data.transform.std)}
+    pixels = normalise_pixels(pixels, norm)
     assert pixels[0].mean().item() == pytest.approx(expected, abs=1e-3)
 
 

@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -80,6 +81,31 @@ def test_mim_panel_has_reconstructions_and_restores_train_mode(tmp_path, tok_cfg
     assert image.width > image.height
     assert task.training and task.model.training
     assert not any(p.requires_grad is False for p in task.model.parameters())
+
+
+def test_mim_panel_of_uint8_views_equals_the_panel_of_the_same_views_as_floats(tmp_path, tok_cfg):
+    """The loader hands uint8 views: the panel normalises them as the task does."""
+    norm = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+    task = MaskedImageModeling(MODEL, tok_cfg, {"lr": 1e-3}, normalization=norm)
+    g = torch.Generator().manual_seed(0)
+    as_uint8 = {
+        **_batch(2),
+        "images": torch.randint(0, 256, (2, 3, 32, 32), generator=g).to(torch.uint8),
+        "tokenizer_images": torch.randint(0, 256, (2, 3, 32, 32), generator=g).to(torch.uint8),
+    }
+    mean, std = torch.tensor(norm["mean"]).view(3, 1, 1), torch.tensor(norm["std"]).view(3, 1, 1)
+    as_float = {
+        **as_uint8,
+        "images": (as_uint8["images"].float() / 255 - mean) / std,
+        "tokenizer_images": as_uint8["tokenizer_images"].float() / 255,
+    }
+    written = []
+    for name, batch in (("u8", as_uint8), ("f32", as_float)):
+        cb = MIMPanels(dirpath=str(tmp_path / name), every_n_steps=1, num_images=2)
+        cb.on_train_batch_end(_trainer(1), task, None, batch, 0)
+        assert len(cb.written) == 1, name
+        written.append(np.asarray(Image.open(cb.written[0])))
+    np.testing.assert_array_equal(written[0], written[1])
 
 
 def test_tokenizer_panels_write_pairs_and_histogram(tmp_path):

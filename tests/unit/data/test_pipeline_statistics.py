@@ -87,10 +87,16 @@ def _ours(folder: Path, n: int, **kwargs) -> list[tuple[torch.Tensor, torch.Tens
     transform = TwoViewTransform(SIZE, SECOND, **kwargs)
     PretrainDataModule(source, transform, BlockwiseMaskGenerator(4, 6, min_num_patches=2))
     assert source.deferred_decode  # the data module turned deferred decoding on
+    # The default uint8 views, made float as the MIM task does on its device (patch view
+    # normalised with the transform's mean/std, token view / 255): the 8-bit rounding is tested too.
+    assert transform.output_dtype == "uint8"
+    mean = torch.tensor(transform.mean).view(3, 1, 1)
+    std = torch.tensor(transform.std).view(3, 1, 1)
     out = []
     for i in range(n):
         torch.manual_seed(i)
-        out.append(transform(source[i % len(source)]))
+        patch, token = transform(source[i % len(source)])
+        out.append(((patch.float() / 255 - mean) / std, token.float() / 255))
     return out
 
 

@@ -23,7 +23,10 @@ def _gradient_image(w=80, h=60) -> Image.Image:
 
 
 def test_two_view_shapes_ranges_and_normalization():
-    t = TwoViewTransform(input_size=32, second_input_size=16, mean=(0.5,) * 3, std=(0.25,) * 3)
+    t = TwoViewTransform(
+        input_size=32, second_input_size=16, mean=(0.5,) * 3, std=(0.25,) * 3,
+        output_dtype="float32",
+    )  # fmt: skip
     torch.manual_seed(0)
     images, tok = t(_gradient_image())
     assert images.shape == (3, 32, 32) and tok.shape == (3, 16, 16)
@@ -39,7 +42,7 @@ def test_two_view_shapes_ranges_and_normalization():
 def test_both_views_come_from_the_same_box_and_flip():
     t = TwoViewTransform(
         input_size=32, second_input_size=16, scale=(0.1, 0.5), color_jitter=0.0,
-        mean=(0, 0, 0), std=(1, 1, 1), hflip=0.5,
+        mean=(0, 0, 0), std=(1, 1, 1), hflip=0.5, output_dtype="float32",
     )  # fmt: skip
     img = _half_image()
     for seed in range(40):
@@ -58,7 +61,7 @@ def test_flip_is_shared_and_happens():
     flips = 0
     for seed in range(30):
         torch.manual_seed(seed)
-        images, tok = t(img)
+        images, tok = (v.float() for v in t(img))  # uint8 views
         left_dark_patch = images.mean(0)[:, :8].mean() < images.mean(0)[:, -8:].mean()
         left_dark_tok = tok.mean(0)[:, :8].mean() < tok.mean(0)[:, -8:].mean()
         assert bool(left_dark_patch) == bool(left_dark_tok)
@@ -76,8 +79,9 @@ def test_no_flip_when_hflip_zero():
 
 def test_color_jitter_changes_pixels_identically_for_both_views():
     img = _gradient_image()
-    plain = TwoViewTransform(24, 24, color_jitter=0.0, mean=(0, 0, 0), std=(1, 1, 1))
-    jitter = TwoViewTransform(24, 24, color_jitter=0.4, mean=(0, 0, 0), std=(1, 1, 1))
+    kw = {"mean": (0, 0, 0), "std": (1, 1, 1), "output_dtype": "float32"}
+    plain = TwoViewTransform(24, 24, color_jitter=0.0, **kw)
+    jitter = TwoViewTransform(24, 24, color_jitter=0.4, **kw)
     torch.manual_seed(3)
     a, _ = plain(img)
     torch.manual_seed(3)
@@ -85,6 +89,36 @@ def test_color_jitter_changes_pixels_identically_for_both_views():
     assert not torch.allclose(a, b, atol=1e-3)
     # Same size, bicubic vs lanczos: the jittered views still agree closely.
     assert (b - b_tok).abs().mean() < 0.03
+
+
+@pytest.mark.parametrize("color_jitter", [0.0, 0.4])
+def test_uint8_views_are_the_float_views_rounded(color_jitter):
+    """The default uint8 views are the float path's pixels rounded once to 8 bits: the token
+    view x 255 and the patch view un-normalised, to within half a grey level (+ float error)."""
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    kw = {"color_jitter": color_jitter, "mean": mean, "std": std}
+    as_uint8 = TwoViewTransform(32, 16, **kw)
+    as_float = TwoViewTransform(32, 16, output_dtype="float32", **kw)
+    img = _gradient_image()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        images, tok = as_uint8(img)
+        torch.manual_seed(seed)
+        f_images, f_tok = as_float(img)
+        assert images.dtype == torch.uint8 and tok.dtype == torch.uint8
+        assert images.shape == (3, 32, 32) and tok.shape == (3, 16, 16)
+        assert images.is_contiguous() and tok.is_contiguous()
+        pixels = f_images * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+        assert (images.float() - pixels * 255).abs().max() <= 0.5 + 1e-3
+        assert (tok.float() - f_tok * 255).abs().max() <= 0.5 + 1e-3
+        if color_jitter == 0.0:  # no jitter: the resized pixels themselves, no rounding at all
+            torch.testing.assert_close(images.float(), pixels * 255, atol=1e-3, rtol=0)
+
+
+def test_output_dtype_is_checked():
+    with pytest.raises(ValueError, match="output_dtype must be one of"):
+        TwoViewTransform(output_dtype="float16")
+    assert "output_dtype='uint8'" in repr(TwoViewTransform())
 
 
 def test_determinism_with_manual_seed():

@@ -128,3 +128,64 @@ def test_the_patch_view_normalization_is_kept_in_the_hyperparameters(tok_cfg):
 def test_unknown_nonfinite_check_is_refused_naming_the_key(tok_cfg):
     with pytest.raises(ValueError, match=r"task.nonfinite_check must be one of .*'never'"):
         MaskedImageModeling(MODEL, tok_cfg, OPTIM, nonfinite_check="never")
+
+
+NORM = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def _uint8_batch(b=2):
+    """A batch as the loader hands it (uint8 views) and the same batch as floats made by hand."""
+    g = torch.Generator().manual_seed(0)
+    batch = _batch(b)
+    batch["images"] = torch.randint(0, 256, (b, 3, 32, 32), generator=g, dtype=torch.uint8)
+    batch["tokenizer_images"] = torch.randint(0, 256, (b, 3, 32, 32), generator=g).to(torch.uint8)
+    mean, std = torch.tensor(NORM["mean"]).view(3, 1, 1), torch.tensor(NORM["std"]).view(3, 1, 1)
+    floats = {
+        **batch,
+        "images": (batch["images"].float() / 255 - mean) / std,
+        "tokenizer_images": batch["tokenizer_images"].float() / 255,
+    }
+    return batch, floats
+
+
+def test_uint8_views_are_normalised_on_the_device_as_the_float_path(tok_cfg):
+    """uint8 views (TwoViewTransform's default) give the loss of the same views as floats."""
+    torch.manual_seed(0)
+    task = MaskedImageModeling(MODEL, tok_cfg, OPTIM, normalization=NORM)
+    as_uint8, as_float = _uint8_batch()
+    images, token_view = task.model_inputs(as_uint8["images"], as_uint8["tokenizer_images"])
+    assert images.dtype == torch.float32 and token_view.dtype == torch.float32
+    torch.testing.assert_close(images, as_float["images"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(token_view, as_float["tokenizer_images"], atol=1e-6, rtol=0)
+    out_u8, out_f = task.shared_step(as_uint8), task.shared_step(as_float)
+    assert torch.equal(out_u8["targets"], out_f["targets"])
+    torch.testing.assert_close(out_u8["loss"], out_f["loss"], atol=1e-5, rtol=0)
+    # Float views are used as they are (synthetic data, callers that normalise themselves).
+    same = task.model_inputs(as_float["images"], as_float["tokenizer_images"])
+    assert same[0] is as_float["images"] and same[1] is as_float["tokenizer_images"]
+
+
+def test_uint8_images_without_normalization_are_refused(tok_cfg):
+    task = MaskedImageModeling(MODEL, tok_cfg, OPTIM)  # normalization: None
+    as_uint8, as_float = _uint8_batch()
+    with pytest.raises(ValueError, match="task.normalization is not set"):
+        task.shared_step(as_uint8)
+    assert task.shared_step(as_float)["loss"].isfinite()  # float views need none
+
+
+@pytest.mark.parametrize("key", ["images", "tokenizer_images"])
+def test_views_of_another_dtype_are_refused(tok_cfg, key):
+    task = MaskedImageModeling(MODEL, tok_cfg, OPTIM, normalization=NORM)
+    batch = _batch()
+    batch[key] = torch.zeros(batch[key].shape, dtype=torch.int64)
+    with pytest.raises(TypeError, match=f"'{key}' must be uint8"):
+        task.shared_step(batch)
+
+
+def test_uint8_images_take_the_modules_float_dtype(tok_cfg):
+    """As Lightning casts a float batch for a module in another precision (e.g. bf16-true)."""
+    task = MaskedImageModeling(MODEL, tok_cfg, OPTIM, normalization=NORM).to(torch.float64)
+    as_uint8, as_float = _uint8_batch()
+    images, token_view = task.model_inputs(as_uint8["images"], as_uint8["tokenizer_images"])
+    assert images.dtype == torch.float64 and token_view.dtype == torch.float32
+    torch.testing.assert_close(images, as_float["images"].double(), atol=1e-5, rtol=0)
