@@ -24,6 +24,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import timm
 import torch
 from timm.models.beit import gen_relative_position_index
 from torch import nn
@@ -186,8 +187,6 @@ def classifier_spec(state: Mapping[str, torch.Tensor], args: Any = None) -> dict
     for arg, found in (("nb_classes", num_classes), ("use_mean_pooling", mean_pooling)):
         if args.get(arg) is not None and args[arg] != found:
             log.warning("official args.%s=%s but the weights say %s", arg, args[arg], found)
-    import timm
-
     name = str(args.get("model", ""))
     spec: dict[str, Any] = {
         "model_name": name if name.startswith("beit_") and timm.is_model(name) else TIMM_BEIT,

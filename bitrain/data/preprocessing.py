@@ -159,13 +159,14 @@ class EvalPreprocessing:
         its crop sits one pixel away from ours.
         """
         names = {v: k for k, v in RESAMPLE_NAMES.items()}
-        resize = self.to_record()["resize"]
+        record = self.to_record()
+        resize = record["resize"]
         return {
             "do_resize": resize is not None,
             "size": resize or {},
             "resample": names[self.interpolation],
             "do_center_crop": self.crop is not None,
-            "crop_size": self.to_record()["crop"] or {},
+            "crop_size": record["crop"] or {},
             "do_rescale": True,
             "rescale_factor": 1 / 255,
             "do_normalize": True,
