@@ -2,7 +2,8 @@
 
 With no arguments: the newest demo fine-tuning checkpoint on the demo's 500 test digits. Writes
 ``metrics.json`` (top-1, top-5, loss, images/s) and ``per_class.csv``; see docs/evaluation.md.
-``task=linear_probe``: the BEiT linear probe of a frozen encoder (:mod:`bitrain.linear_probe`).
+``task=linear_probe``: the BEiT linear probe of a frozen encoder
+(:mod:`bitrain.evaluation.linear_probe`).
 """
 
 from __future__ import annotations
@@ -10,16 +11,15 @@ from __future__ import annotations
 import logging
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
-import bitrain.runner  # noqa: F401  (config resolvers)
-from bitrain.evaluation import evaluate
+from bitrain.evaluation.linear_probe import linear_probe
+from bitrain.evaluation.validation import evaluate
 from bitrain.io import CheckpointError
-from bitrain.linear_probe import linear_probe
+from bitrain.training.resolvers import hydra_main
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="evaluate")
+@hydra_main("evaluate")
 def main(cfg: DictConfig) -> dict:
     """Compose -> evaluate (``task=classify``) or linear probe (``task=linear_probe``)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)

@@ -7,13 +7,13 @@ composed from ``configs/finetune.yaml``; see docs/finetuning.md.
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from bitrain import runner
+from bitrain.training import runner
+from bitrain.training.resolvers import hydra_main
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="finetune")
+@hydra_main("finetune")
 def main(cfg: DictConfig) -> dict:
     """Compose -> build -> fit."""
     return runner.train_cli(cfg, "finetune")

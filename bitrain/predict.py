@@ -9,15 +9,14 @@ from __future__ import annotations
 import logging
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
-import bitrain.runner  # noqa: F401  (config resolvers)
+from bitrain.evaluation.prediction import check_output, format_results, predict, write_json
 from bitrain.io import CheckpointError
-from bitrain.prediction import check_output, format_results, predict, write_json
+from bitrain.training.resolvers import hydra_main
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="predict")
+@hydra_main("predict")
 def main(cfg: DictConfig) -> list:
     """Compose -> predict -> print (and write JSON)."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)

@@ -6,13 +6,13 @@ Everything is composed from ``configs/pretrain.yaml``; see docs/pretraining.md.
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from bitrain import runner
+from bitrain.training import runner
+from bitrain.training.resolvers import hydra_main
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="pretrain")
+@hydra_main("pretrain")
 def main(cfg: DictConfig) -> dict:
     """Compose → build → fit."""
     return runner.train_cli(cfg, "pretrain")

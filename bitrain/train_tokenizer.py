@@ -7,13 +7,13 @@ see docs/tokenizers.md, "Training your own dVAE".
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from bitrain import runner
+from bitrain.training import runner
+from bitrain.training.resolvers import hydra_main
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train_tokenizer")
+@hydra_main("train_tokenizer")
 def main(cfg: DictConfig) -> dict:
     """Compose → build → fit; the task writes the tokenizer file at the end."""
     return runner.train_cli(cfg, "train_tokenizer")

@@ -6,8 +6,8 @@ One step = tokenizer encode (no grad) + encoder forward + backward + optimizer s
 196 patches for base/large, 26 of 64 for tiny) and with the same DALL-E encoder weights:
 
 * **bitrain**: :class:`MaskedImageModeling.shared_step` (``DallETokenizer`` + ``BeitMIM``, logits at
-  the masked positions only), optimizer and scheduler from :func:`bitrain.optim.build`; its batch
-  holds uint8 views as its loader hands them, normalised inside the timed step;
+  the masked positions only), optimizer and scheduler from :func:`bitrain.tasks.optim.build`;
+  its batch holds uint8 views as its loader hands them, normalised inside the timed step;
 * **reference**: ``transformers.BeitForMaskedImageModeling`` (logits at every position, loss on
   ``logits[bool_masked_pos]``) with ``dall_e.Encoder`` (PyPI ``dall-e``) as tokenizer and plain
   ``torch.optim.AdamW``; its batch holds the same views already made float (the official
@@ -179,8 +179,8 @@ def build_sides(args: argparse.Namespace, tmp: Path) -> tuple[list[Side], dict[s
 
     from bitrain.data.masking import BlockwiseMaskGenerator
     from bitrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from bitrain.optim import build as build_optim
     from bitrain.tasks.mim import MaskedImageModeling
+    from bitrain.tasks.optim import build as build_optim
 
     device = torch.device(args.device)
     size = SIZES[args.model]

@@ -58,7 +58,7 @@ def step_share(
     """Median encode time, median full-step time and their ratio for the matching BeitMIM."""
     from bitrain.data.masking import BlockwiseMaskGenerator
     from bitrain.models.beit import BeitMIM
-    from bitrain.optim import build as build_optim
+    from bitrain.tasks.optim import build as build_optim
 
     device = torch.device(args.device)
     arch = size["model"]

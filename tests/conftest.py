@@ -7,6 +7,12 @@ import socket
 
 import pytest
 
+from bitrain.training.resolvers import register_resolvers
+
+# Tests compose configs with Hydra's compose API (no entry point ran): the resolvers the entry
+# points register (${div:...}, ${required:...}, ${run_dir:...}, ${latest_checkpoint:...}).
+register_resolvers()
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -8,7 +8,7 @@ EMA of the weights (timm ``ModelEmaV3``, updated after every optimizer step), th
 EMA model as ``val/ema_top1`` / ``val/ema_top5``.
 
 The model is built by its config (``bitrain.checkpoints.build_classifier``: a timm model,
-optionally initialised from ``model.pretrained``); the optimizer by :mod:`bitrain.optim` with
+optionally initialised from ``model.pretrained``); the optimizer by :mod:`bitrain.tasks.optim` with
 layer-wise lr decay folded into each group's lr. Label names (from the data module) are kept in
 every checkpoint (``checkpoint["label_names"]``), and hyper-parameters are plain containers, so
 ``torch.load(..., weights_only=True)`` reads the ``.ckpt``. Non-finite losses: skipped and counted
@@ -26,9 +26,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from bitrain import optim as optim_lib
 from bitrain.data.preprocessing import from_timm_args, from_transform, read_record
 from bitrain.io import CheckpointError
+from bitrain.tasks import optim as optim_lib
 from bitrain.tasks.common import NonFiniteGuard, check_nonfinite_mode, plain, topk_accuracy
 
 __all__ = ["ImageClassification"]
@@ -74,7 +74,7 @@ class ImageClassification(NonFiniteGuard, L.LightningModule):
 
     Args:
         model: config of the classifier (``_target_`` + arguments, incl. ``num_classes``).
-        optim: keyword arguments of :func:`bitrain.optim.build`.
+        optim: keyword arguments of :func:`bitrain.tasks.optim.build`.
         mixup: ``timm.data.Mixup`` arguments (``mixup_alpha``, ``cutmix_alpha``, ``prob``,
             ``switch_prob``, ``mode``), or None / both alphas 0 for no mixing.
         label_smoothing: label smoothing of the targets (in the mixed soft targets too).

@@ -38,8 +38,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from bitrain import optim as optim_lib
 from bitrain.checkpoints.normalization import normalization_record
+from bitrain.tasks import optim as optim_lib
 from bitrain.tasks.common import NonFiniteGuard, check_nonfinite_mode, plain
 from bitrain.tokenizers.base import Tokenizer
 
@@ -52,7 +52,7 @@ class MaskedImageModeling(NonFiniteGuard, L.LightningModule):
     Args:
         model: config of the MIM model (``_target_`` + constructor arguments).
         tokenizer: config of the tokenizer (``_target_`` + arguments), built and frozen here.
-        optim: keyword arguments of :func:`bitrain.optim.build` (lr, weight_decay, warmup, ...).
+        optim: keyword arguments of :func:`bitrain.tasks.optim.build` (lr, weight_decay, ...).
         compile: wrap the encoder in ``torch.compile`` (static shapes: the mask count is fixed).
         max_nonfinite_steps: how many training steps with a NaN/inf loss are skipped (with a
             warning) before the run stops with :class:`FloatingPointError`; 0 stops at the first.

@@ -35,7 +35,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from bitrain import optim as optim_lib
+from bitrain.tasks import optim as optim_lib
 from bitrain.tasks.common import plain
 from bitrain.tokenizers.dvae import DiscreteVAE, codebook_stats, save_dvae
 
@@ -72,7 +72,7 @@ class DVAETraining(L.LightningModule):
     Args:
         model: config of the dVAE (``_target_`` + constructor arguments; a plain dict or a
             DictConfig passed with ``_recursive_: false``).
-        optim: keyword arguments of :func:`bitrain.optim.build` (lr, weight_decay, warmup, ...).
+        optim: keyword arguments of :func:`bitrain.tasks.optim.build` (lr, weight_decay, ...).
         weights_path: where the trained tokenizer file is written at the end of fitting.
         temperature_start: Gumbel-softmax temperature at step 0.
         temperature_end: temperature reached at ``temperature_anneal_steps`` (and kept after).

@@ -5,8 +5,6 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-import bitrain.runner  # noqa: F401  (registers the ${div:} resolver)
-
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from bitrain import runner
+from bitrain.training import runner
 
 CASES = [
     (["masking.num_masking_patches=100"], r"num_masking_patches .*\[0, 16\].*4x4 grid"),

@@ -15,7 +15,7 @@ import lightning as L
 import pytest
 import torch
 
-from bitrain import runner
+from bitrain.training import runner
 
 pytestmark = [
     pytest.mark.slow,

@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 
-from bitrain import runner
+from bitrain.training import runner
 
 pytestmark = pytest.mark.slow
 
@@ -145,7 +145,7 @@ def test_auto_resume_falls_back_from_truncated_last_ckpt(
 
     first = FirstStep()
     cfg = compose_cfg("pretrain", [*common, "trainer.max_steps=6", "ckpt_path=auto"], tmp_path)
-    with caplog.at_level(logging.INFO, logger="bitrain.runner"):
+    with caplog.at_level(logging.INFO, logger="bitrain.training"):
         summary = runner.train(cfg, callbacks=[first])
     assert "skipping unreadable checkpoint" in caplog.text and "last.ckpt" in caplog.text
     assert first.start == 2  # resumed from step_0000002.ckpt

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitrain import runner
 from bitrain.checkpoints import load_encoder_state, save_mim_model
 from bitrain.models.beit import BeitMIM
+from bitrain.training import runner
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,8 @@
 
 For microsoft/beit-base-patch16-224, google/vit-base-patch32-224-in21k and google/bit-50 (their
 published ``preprocessor_config.json``, random tiny weights at the cards' 224 px), and for a timm
-folder, ``bitrain.prediction.predict`` and ``bitrain.evaluation.evaluate`` must give the top-5 and
+folder, ``bitrain.evaluation.prediction.predict`` and ``bitrain.evaluation.validation.evaluate``
+must give the top-5 and
 probabilities of the reference library's own processor + model on real photos of several shapes.
 """
 
@@ -17,8 +18,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from bitrain.evaluation import evaluate
-from bitrain.prediction import predict
+from bitrain.evaluation.prediction import predict
+from bitrain.evaluation.validation import evaluate
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")

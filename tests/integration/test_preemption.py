@@ -12,8 +12,8 @@ import lightning as L
 import pytest
 import torch
 
-from bitrain import runner
-from bitrain.cluster import SIGTERM_EXIT_CODE
+from bitrain.callbacks.preemption import SIGTERM_EXIT_CODE
+from bitrain.training import runner
 
 pytestmark = pytest.mark.slow
 

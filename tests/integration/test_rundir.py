@@ -1,7 +1,8 @@
 """Run directories from the command line: no fresh start over an earlier run, unusable dirs named.
 
-Both refusals happen before Hydra writes anything (``bitrain.rundir.RunDirCheck``): the earlier
-run's metrics.csv, checkpoints, ``.hydra/`` and log file stay byte for byte as they were.
+Both refusals happen before Hydra writes anything (``bitrain.training.rundir.RunDirCheck``):
+the earlier run's metrics.csv, checkpoints, ``.hydra/`` and log file stay byte for byte as they
+were.
 """
 
 import csv
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from bitrain import runner
-from bitrain.rundir import RunDirError
+from bitrain.training import runner
+from bitrain.training.rundir import RunDirError
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bitrain import runner
 from bitrain.io import load_torch_file
 from bitrain.tokenizers.dvae import DVAETokenizer
+from bitrain.training import runner
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""bitrain.cluster: run directory names (SLURM requeue) and hpc checkpoints found by auto-resume."""
+"""Clusters: run directory names (SLURM requeue), hpc checkpoints found by auto-resume, devices."""
 
 import logging
 import os
@@ -11,8 +11,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from bitrain import runner
-from bitrain.cluster import SIGTERM_EXIT_CODE, exit_code_for, run_dir_name, slurm_job_id
+from bitrain.callbacks.preemption import SIGTERM_EXIT_CODE, exit_code_for
+from bitrain.training import runner
+from bitrain.training.rundir import run_dir_name, slurm_job_id
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
 
@@ -78,7 +79,7 @@ def test_fsdp_trainer_config_builds_its_strategy():
 
 
 def test_derive_batch():
-    from bitrain.cluster import derive_batch
+    from bitrain.training.devices import derive_batch
 
     plan = derive_batch(2048, 16)
     assert (plan.per_device, plan.accumulate) == (128, 1)
@@ -94,7 +95,7 @@ def test_derive_batch():
 
 
 def test_global_batch_in_a_config_sets_batch_and_accumulation():
-    from bitrain.cluster import apply_global_batch, world_size_of
+    from bitrain.training.devices import apply_global_batch, world_size_of
 
     with initialize_config_dir(config_dir=os.path.abspath(CONFIGS), version_base="1.3"):
         cfg = compose(
@@ -125,7 +126,7 @@ def test_global_batch_in_a_config_sets_batch_and_accumulation():
     ],
 )
 def test_gpus_that_are_not_there_are_refused(trainer, visible, message, monkeypatch):
-    from bitrain.cluster import check_devices
+    from bitrain.training.devices import check_devices
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     with pytest.raises(ValueError, match=message):
@@ -134,9 +135,9 @@ def test_gpus_that_are_not_there_are_refused(trainer, visible, message, monkeypa
 
 
 def test_more_cpu_processes_than_cores_is_a_warning(caplog):
-    from bitrain.cluster import check_devices
+    from bitrain.training.devices import check_devices
 
-    with caplog.at_level(logging.WARNING, logger="bitrain.cluster"):
+    with caplog.at_level(logging.WARNING, logger="bitrain.training.devices"):
         check_devices({"accelerator": "cpu", "devices": 2}, cuda_count=0, cpu_cores=2)
         assert not caplog.records
         check_devices({"accelerator": "auto", "devices": 8}, cuda_count=0, cpu_cores=2)
@@ -155,6 +156,6 @@ def test_build_refuses_missing_gpus_and_warns_about_cpu_processes(tmp_path, monk
                                              f"paths.output_dir={tmp_path}"])  # fmt: skip
     with pytest.raises(ValueError, match=r"8 GPUs requested .* 0 visible"):
         runner.build(gpu)
-    with caplog.at_level(logging.WARNING, logger="bitrain.cluster"):
+    with caplog.at_level(logging.WARNING, logger="bitrain.training.devices"):
         runner.build(cpu)
     assert "starts 8 training processes" in caplog.text

@@ -2,8 +2,8 @@
 
 import torch
 
-from bitrain.demo import _mean_spread, _tokenizer_is_stale
 from bitrain.tokenizers.dvae import DiscreteVAE, save_dvae
+from bitrain.tools.demo import _mean_spread, _tokenizer_is_stale
 
 
 def _save(path, **kwargs):

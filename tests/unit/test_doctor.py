@@ -1,4 +1,4 @@
-"""bitrain.doctor: the pre-flight checks on a composed pretraining config."""
+"""bitrain.tools.doctor: the pre-flight checks on a composed pretraining config."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from bitrain import doctor
+from bitrain.tools import doctor
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torchvision import transforms as T
 
-from bitrain import runner
-from bitrain.hyperrule import apply_hyperrule, hyperrule
 from bitrain.tasks.classification import _build_mixup
 from bitrain.tasks.mim import normalise_pixels
+from bitrain.training import runner
+from bitrain.training.hyperrule import apply_hyperrule, hyperrule
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CKPT = "/nonexistent/pretrained.ckpt"
@@ -211,7 +211,7 @@ def test_every_model_family_trains_one_step(experiment, tmp_path, caplog):
         ],
         tmp_path,
     )
-    with caplog.at_level(logging.WARNING, logger="bitrain.hyperrule"):
+    with caplog.at_level(logging.WARNING, logger="bitrain.training.hyperrule"):
         datamodule, task, trainer = runner.build(cfg, callbacks=[_StopAfterOne()])
     if experiment == "bit_r50x1_hyperrule":  # 130 demo images of 32 px: 500 steps, crop 128
         assert "not BiT's squash + random crop" in caplog.text  # data=cls/demo's transform

@@ -88,13 +88,57 @@ def test_no_import_cycle():
     assert not cycles, f"import cycles: {cycles}"
 
 
-# layer -> the bitrain packages it may import (besides itself)
+# layer -> the bitrain packages it may import (besides itself): docs/architecture.md's picture
+_BASE = {"bitrain.io"}
+_PARTS = _BASE | {"bitrain.models", "bitrain.data", "bitrain.tokenizers"}
+_TASKS = _PARTS | {"bitrain.checkpoints", "bitrain.tasks"}
+_RUNS = _TASKS | {"bitrain.callbacks", "bitrain.training"}
 ALLOWED = {
-    "bitrain.models": {"bitrain.io"},
-    "bitrain.data": {"bitrain.io"},
-    "bitrain.tokenizers": {"bitrain.io"},
+    "bitrain.io": set(),
+    "bitrain.models": _BASE,
+    "bitrain.data": _BASE,
+    "bitrain.tokenizers": _BASE,
     "bitrain.checkpoints": {"bitrain.io", "bitrain.models", "bitrain.data"},
+    "bitrain.tasks": _TASKS,
+    "bitrain.callbacks": _TASKS,
+    "bitrain.training": _TASKS | {"bitrain.callbacks"},
+    "bitrain.evaluation": _RUNS,
+    "bitrain.tools": _RUNS | {"bitrain.evaluation"},
 }
+ENTRY_POINTS = {
+    "pretrain",
+    "finetune",
+    "train_tokenizer",
+    "evaluate",
+    "predict",
+    "demo",
+    "doctor",
+    "report",
+}
+
+
+def test_top_level_is_entry_points_and_packages():
+    """``bitrain/`` holds the commands (thin modules with ``main``) and the role packages only."""
+    top = sorted(p.stem for p in (ROOT / "bitrain").glob("*.py") if p.stem != "__init__")
+    assert set(top) == ENTRY_POINTS, f"top-level modules that are not entry points: {top}"
+    packages = {p.name for p in (ROOT / "bitrain").iterdir() if (p / "__init__.py").is_file()}
+    assert packages == {layer.split(".")[1] for layer in ALLOWED}, packages
+    for name in top:
+        source = (ROOT / "bitrain" / f"{name}.py").read_text()
+        tree = ast.parse(source)
+        defs = [n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)]
+        assert defs in ([], ["main"]), (
+            f"bitrain/{name}.py defines {defs}: logic belongs in a package"
+        )
+        assert len(source.splitlines()) <= 50, f"bitrain/{name}.py is not thin"
+
+
+def test_nothing_imports_an_entry_point():
+    importers = {
+        module: sorted(t for t in targets if t.removeprefix("bitrain.") in ENTRY_POINTS)
+        for module, targets in GRAPH.items()
+    }
+    assert not any(importers.values()), {m: ts for m, ts in importers.items() if ts}
 
 
 @pytest.mark.parametrize("layer", sorted(ALLOWED))

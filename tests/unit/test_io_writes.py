@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bitrain.io import atomic_save, atomic_write_bytes
-from bitrain.runner import SafeCheckpointIO
+from bitrain.training.resume import SafeCheckpointIO
 
 
 class _FullDisk(io.FileIO):

@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-import bitrain.runner  # noqa: F401  (resolvers)
-
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = [
     ROOT / "scripts" / "slurm" / "pretrain.sbatch",

@@ -7,10 +7,14 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import bitrain.runner  # noqa: F401  (config resolvers)
 from bitrain.checkpoints import save_mim_model
+from bitrain.evaluation.linear_probe import (
+    linear_probe,
+    load_frozen_encoder,
+    pooled_features,
+    resolve_layers,
+)
 from bitrain.io import CheckpointError
-from bitrain.linear_probe import linear_probe, load_frozen_encoder, pooled_features, resolve_layers
 from bitrain.models.beit import BeitMIM
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -1,8 +1,8 @@
-"""bitrain.loggers.CSVLogger: a resumed run continues metrics.csv instead of deleting it."""
+"""bitrain.training.loggers.CSVLogger: a resumed run continues metrics.csv, not deletes it."""
 
 import csv
 
-from bitrain.loggers import CSVLogger
+from bitrain.training.loggers import CSVLogger
 
 
 def _steps(path):
@@ -39,7 +39,7 @@ def test_fresh_directory_behaves_like_lightning(tmp_path):
 
 
 def test_wandb_run_id_is_kept_in_the_run_dir(tmp_path, monkeypatch):
-    from bitrain.loggers import wandb_logger
+    from bitrain.training.loggers import wandb_logger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     first = wandb_logger(save_dir=str(tmp_path), project="p", offline=True)

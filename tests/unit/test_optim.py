@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from bitrain import optim
+from bitrain.tasks import optim
 
 
 class TinyViT(nn.Module):

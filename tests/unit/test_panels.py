@@ -1,4 +1,4 @@
-"""bitrain.panels: masked-patch blanking, MIM and tokenizer panels written as PNG files."""
+"""bitrain.callbacks.panels: masked-patch blanking, MIM and tokenizer panels as PNG files."""
 
 from types import SimpleNamespace
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bitrain.panels import MIMPanels, TokenizerPanels, blank_masked, save_histogram
+from bitrain.callbacks.panels import MIMPanels, TokenizerPanels, blank_masked, save_histogram
 from bitrain.tasks.mim import MaskedImageModeling
 from bitrain.tasks.tokenizer import DVAETraining
 from bitrain.tokenizers.dvae import DiscreteVAE, save_dvae

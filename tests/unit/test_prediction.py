@@ -1,10 +1,10 @@
-"""bitrain.prediction: image listing and class names."""
+"""bitrain.evaluation.prediction: image listing and class names."""
 
 import pytest
 import torch
 from PIL import Image
 
-from bitrain.prediction import class_names, format_results, list_images
+from bitrain.evaluation.prediction import class_names, format_results, list_images
 
 
 def test_list_images(tmp_path):

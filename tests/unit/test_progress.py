@@ -1,4 +1,4 @@
-"""bitrain.progress: which display is chosen, and the lines LineProgress prints."""
+"""bitrain.callbacks.progress: which display is chosen, and the lines LineProgress prints."""
 
 import lightning as L
 import pytest
@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from torch.utils.data import DataLoader
 
-from bitrain.progress import LineProgress, format_duration, progress_bar
+from bitrain.callbacks.progress import LineProgress, format_duration, progress_bar
 
 
 class _Tiny(L.LightningModule):

@@ -12,8 +12,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-import bitrain.runner  # noqa: F401  (registers the ${div:} / ${required:} resolvers)
-from bitrain import recipes
+from bitrain.tools import recipes
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"

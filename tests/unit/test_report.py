@@ -1,4 +1,4 @@
-"""bitrain.report: plots and report.md from Lightning CSVLogger metrics.csv files."""
+"""bitrain.tools.report: plots and report.md from Lightning CSVLogger metrics.csv files."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from bitrain import report
+from bitrain.tools import report
 
 HEADER = (
     "epoch,lr,step,train/images_per_sec,train/loss,train/mim_acc,val/const_acc,val/loss,val/mim_acc"

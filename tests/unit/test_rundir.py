@@ -1,11 +1,11 @@
-"""bitrain.rundir: a fresh start never overwrites an earlier run; unusable run dirs are named."""
+"""bitrain.training.rundir: a fresh start never overwrites an earlier run; bad run dirs named."""
 
 import errno
 from pathlib import Path
 
 import pytest
 
-from bitrain.rundir import (
+from bitrain.training.rundir import (
     RunDirError,
     check_fresh_start,
     check_writable,

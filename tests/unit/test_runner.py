@@ -1,4 +1,4 @@
-"""bitrain.runner.resolve_ckpt_path: explicit paths, ckpt_path=auto, corrupt checkpoints."""
+"""bitrain.training.resume.resolve_ckpt_path: explicit paths, ckpt_path=auto, corrupt files."""
 
 import logging
 from pathlib import Path
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from bitrain.io import CheckpointError
-from bitrain.runner import checkpoint_dir_of, resolve_ckpt_path
+from bitrain.training.resume import resolve_ckpt_path
+from bitrain.training.rundir import checkpoint_dir_of
 
 
 def _ckpt(path: Path, step: int) -> Path:
@@ -31,7 +32,7 @@ def test_none_and_empty_mean_fresh_start(tmp_path):
 
 
 def test_auto_without_checkpoints_is_a_logged_fresh_start(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="bitrain.runner"):
+    with caplog.at_level(logging.INFO, logger="bitrain.training"):
         assert resolve_ckpt_path("auto", tmp_path / "checkpoints") is None  # dir missing
         (tmp_path / "checkpoints").mkdir()
         assert resolve_ckpt_path("auto", tmp_path / "checkpoints") is None  # dir empty
@@ -60,7 +61,7 @@ def test_auto_skips_corrupt_last_for_newest_step_file(tmp_path, caplog):
     _ckpt(d / "step_0000100.ckpt", 100)
     _ckpt(d / "step_0000200.ckpt", 200)
     _truncate(_ckpt(d / "last.ckpt", 250))
-    with caplog.at_level(logging.WARNING, logger="bitrain.runner"):
+    with caplog.at_level(logging.WARNING, logger="bitrain.training"):
         assert resolve_ckpt_path("auto", d) == str(d / "step_0000200.ckpt")
     assert "last.ckpt" in caplog.text and "skipping" in caplog.text
 
@@ -78,7 +79,7 @@ def test_auto_all_corrupt_is_a_fresh_start_with_warning(tmp_path, caplog):
     d = tmp_path / "checkpoints"
     _truncate(_ckpt(d / "last.ckpt", 2))
     _truncate(_ckpt(d / "step_0000002.ckpt", 2))
-    with caplog.at_level(logging.WARNING, logger="bitrain.runner"):
+    with caplog.at_level(logging.WARNING, logger="bitrain.training"):
         assert resolve_ckpt_path("auto", d) is None
     assert "none of the 2 checkpoints" in caplog.text
 

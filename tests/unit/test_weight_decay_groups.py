@@ -13,7 +13,7 @@ import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
 
-from bitrain import runner
+from bitrain.training import runner
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY_MIM = ["model.img_size=32", "model.patch_size=8", "model.embed_dim=48", "model.depth=2"]

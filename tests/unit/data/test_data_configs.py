@@ -7,7 +7,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import bitrain.runner  # noqa: F401  (registers the ${div:} resolver)
 from bitrain.data import BlockwiseMaskGenerator, PretrainDataModule
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"

@@ -482,7 +482,7 @@ def assert_same_top5(a: list[dict], b: list[dict]) -> float:
 
 @pytest.mark.parametrize("fmt", ["hf", "timm"])
 def test_predict_parity_after_export(tmp_path, cli, fmt, beit):
-    from bitrain.prediction import predict
+    from bitrain.evaluation.prediction import predict
 
     ckpt = finetune_ckpt(beit(), tmp_path / "last.ckpt")
     out = dst(tmp_path, fmt)

@@ -15,12 +15,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import bitrain.runner  # noqa: F401  (config resolvers)
 from bitrain.checkpoints import load_mim_model, save_classifier, save_mim_model
 from bitrain.checkpoints.normalization import recorded_normalization
 from bitrain.data.preprocessing import from_timm_args
 from bitrain.models.classifier import create_classifier
-from bitrain.runner import use_pretrained_normalization
+from bitrain.training.runner import use_pretrained_normalization
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

@@ -22,10 +22,10 @@ from safetensors.torch import load_file, save_file
 
 from bitrain.checkpoints import load_classifier, load_pretrained, save_classifier
 from bitrain.data.preprocessing import from_timm_args
-from bitrain.evaluation import evaluate
+from bitrain.evaluation.prediction import check_output, predict
+from bitrain.evaluation.validation import evaluate
 from bitrain.io import CheckpointError
 from bitrain.models.classifier import create_classifier
-from bitrain.prediction import check_output, predict
 
 ROOT = Path(__file__).resolve().parents[3]
 SPEC = from_timm_args({"input_size": 32, "crop_pct": 0.875, "interpolation": "bicubic"})

@@ -20,7 +20,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from bitrain import runner
+from bitrain.training import runner
 
 transformers = pytest.importorskip("transformers")
 

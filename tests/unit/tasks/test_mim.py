@@ -97,7 +97,7 @@ def test_bf16_clipping_keeps_the_fused_optimizer(tok_cfg):
 
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    from bitrain.optim import _amp_clipping
+    from bitrain.tasks.optim import _amp_clipping
 
     task = MaskedImageModeling(MODEL, tok_cfg, OPTIM)
     bf16 = MixedPrecision("bf16-mixed", "cpu")

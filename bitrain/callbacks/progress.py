@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 __all__ = ["LineProgress", "format_duration", "progress_bar"]
 
-log = logging.getLogger("bitrain.progress")
+log = logging.getLogger("bitrain.callbacks.progress")
 
 STYLES = ("auto", "rich", "tqdm", "lines")
 

@@ -46,7 +46,7 @@ __all__ = [
     "render_markdown",
 ]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CARDS_DIR = ROOT / "configs" / "recipes"
 EXPERIMENTS_DIR = ROOT / "configs" / "experiment"
 _FLAG_FIELDS = {"flag", "value", "source", "key", "bitrain", "differs", "note", "unmapped"}

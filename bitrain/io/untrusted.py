@@ -1,4 +1,4 @@
-"""Safe file I/O: atomic writes, weights-only loading, and a restricted loader for pickled modules.
+"""Reading files that may come from anyone: weights-only loading and a restricted unpickler.
 
 Every file bitrain reads may come from somewhere else (a downloaded checkpoint, a colleague's run,
 OpenAI's ``encoder.pkl``), so nothing is unpickled with ``weights_only=False``:
@@ -9,23 +9,16 @@ OpenAI's ``encoder.pkl``), so nothing is unpickled with ``weights_only=False``:
   same weights-only unpickler, with the module classes the file names mapped to an inert record
   type. Nothing from the file is imported or executed: the result is a tree of plain dicts and
   tensors that the caller copies into its own native module.
-* :func:`atomic_save` writes through a temporary file in the same directory and ``os.replace``,
-  so a crash or a full disk never leaves a half-written file under the final name; a full disk
-  is reported as such (directory, free space), and the file gets the umask's mode, as ``open``.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
-import io
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,110 +27,14 @@ import torch
 __all__ = [
     "CheckpointError",
     "PickledModule",
-    "atomic_save",
-    "atomic_write_bytes",
     "load_pickled_module",
     "load_torch_file",
     "flatten_module_state",
-    "plain_tree",
 ]
 
 
 class CheckpointError(RuntimeError):
     """A weights file is missing, corrupt, unsafe, or not the format that was expected."""
-
-
-def plain_tree(value: Any) -> Any:
-    """Plain dicts / lists of a (possibly OmegaConf) tree, for ``weights_only`` files and JSON.
-
-    Unlike :func:`bitrain.tasks.common.plain` (an OmegaConf node -> containers, for
-    hyper-parameters), it also walks plain mappings holding config nodes, turns tuples into lists
-    and keys into strings.
-    """
-    if isinstance(value, Mapping):
-        return {str(k): plain_tree(v) for k, v in value.items()}
-    if isinstance(value, list | tuple) or type(value).__name__ == "ListConfig":
-        return [plain_tree(v) for v in value]
-    return value
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same directory + ``os.replace``)."""
-    return _atomic(path, lambda f: f.write(data))
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` ``obj`` to ``path`` atomically; the old file stays until the new is whole."""
-    return _atomic(path, lambda f: torch.save(obj, f))
-
-
-def _umask() -> int:
-    """The process's umask (Linux: read from /proc, else set and restored at once)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _disk_full(err: BaseException) -> OSError | None:
-    """The ENOSPC/EDQUOT ``OSError`` behind ``err``, if any.
-
-    torch's zip writer turns a failed ``write`` into ``RuntimeError: ... unexpected pos``; the
-    ``OSError`` is kept only as its context.
-    """
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
-
-
-def _atomic(path: str | os.PathLike, write: Callable[[io.BufferedWriter], Any]) -> Path:
-    """Write through a temp file in the same directory, fsync, ``os.replace``.
-
-    The file gets the mode ``open()`` would give it (0o666 less the umask), not ``mkstemp``'s
-    0o600, so colleagues who share the run directory can read checkpoints and exports.
-
-    Raises:
-        OSError: ENOSPC/EDQUOT with a message naming the directory and its free space; the
-            previous file under ``path`` (if any) is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        full = _disk_full(err)
-        if full is None:
-            raise
-        free = shutil.disk_usage(path.parent).free
-        kept = (
-            f"the previous {path.name} is kept as it was"
-            if path.exists()
-            else f"nothing was written as {path.name}"
-        )
-        raise OSError(
-            full.errno,
-            f"no space left on {path.parent} while writing {path.name} ({free / 2**20:.1f} MiB "
-            f"free there): {kept}. Free some space, or point paths.log_dir (or the output path) "
-            "to a larger disk",
-        ) from err
-    return path
 
 
 def _require_file(path: str | os.PathLike, what: str, hint: str | None) -> Path:

@@ -1,8 +1,13 @@
-"""Run directories are checked before anything is written into them.
+"""Run directories: their names, and the checks made before anything is written into them.
+
+**Name.** ``hydra.run.dir`` is ``outputs/<task>/<run name>`` where the run name is, in order
+(:func:`run_dir_name`, the ``${run_dir:...}`` resolver): ``paths.run_name`` when given;
+``slurm-<job id>`` (``<array job>_<task>`` for array jobs) inside a SLURM job, so a requeued job
+finds its own directory and ``ckpt_path=auto`` resumes it; else ``<date>/<time>`` of the start.
 
 Two checks, made by :class:`RunDirCheck` (a Hydra callback, ``configs/hydra/default.yaml``) before
 Hydra creates the run directory, its ``.hydra/`` and its log file, and again by
-:func:`bitrain.runner.train` (for configs composed without ``@hydra.main``: tests, sweeps):
+:func:`bitrain.training.runner.train` (for configs composed without ``@hydra.main``: tests, sweeps):
 
 * **Writable** (:func:`check_writable`): the directory is created and a probe file written. A path
   under a file, in ``/proc`` or ``/sys``, on a read-only mount or without permission is refused
@@ -25,6 +30,7 @@ import copy
 import errno
 import os
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +47,43 @@ __all__ = [
     "checkpoint_dir_of",
     "earlier_run_files",
     "is_first_process",
+    "run_dir_name",
+    "slurm_job_id",
 ]
 
 _MOVE_IT = "Set paths.root_dir / paths.log_dir, paths.run_name or hydra.run.dir to a writable place"
 _PROBE = ".write_test"
+
+
+_START = datetime.now()  # one timestamp per process, however often the run dir is resolved
+
+
+def slurm_job_id(environ: dict[str, str] | None = None) -> str | None:
+    """The SLURM job id (``<array job id>_<task id>`` for array jobs), ``None`` outside SLURM.
+
+    Interactive allocations (``SLURM_JOB_NAME`` ``bash``/``interactive``) count as no job, as
+    Lightning does, so a shell on a compute node does not pin every run to one directory.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    array_job, array_task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    if array_job and array_task:
+        return f"{array_job}_{array_task}"
+    return env.get("SLURM_JOB_ID") or None
+
+
+def run_dir_name(run_name: Any = None, environ: dict[str, str] | None = None) -> str:
+    """The run directory's name under ``outputs/<task>/`` (see the module docstring)."""
+    if run_name not in (None, "", "null"):
+        name = str(run_name)
+        if name.startswith("/") or ".." in Path(name).parts:
+            raise ValueError(f"paths.run_name={name!r} must be a relative name without '..'")
+        return name
+    job = slurm_job_id(environ)
+    if job:
+        return f"slurm-{job}"
+    return _START.strftime("%Y-%m-%d/%H-%M-%S")
 
 
 class RunDirError(CompactHydraException):

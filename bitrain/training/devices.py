@@ -1,26 +1,13 @@
-"""Running on clusters: run directories that survive a requeue, and a checkpoint on SIGTERM.
+"""Devices and the global batch: what a run asks of the machine, checked before it starts.
 
-* **Run directory.** ``hydra.run.dir`` is ``outputs/<task>/<run name>`` where the run name is, in
-  order: ``paths.run_name`` when given; ``slurm-<job id>`` (``<array job>_<task>`` for array jobs)
-  inside a SLURM job, so a requeued job finds its own directory and ``ckpt_path=auto`` resumes it;
-  else ``<date>/<time>`` of the start (``${run_dir:...}`` resolver, below).
-* **SIGTERM** (SLURM's preemption/time limit, ``kill``, Kubernetes, torchrun's agent): Lightning's
-  signal connector notes the signal and stops at the end of the current training batch with
-  ``SIGTERMException``; :class:`PreemptionCheckpoint` then writes ``checkpoints/last.ckpt``
-  (atomically, like every checkpoint) so nothing after the previous periodic checkpoint is lost,
-  and the process exits with status 143 (128 + SIGTERM) instead of 0, so a scheduler sees an
-  interrupted job, not a finished one (:func:`exit_code_for`).
-* **Ctrl-C** (SIGINT) during training is handled the same way (exit status 130); a second Ctrl-C
-  stops at once.
 * **Global batch.** ``data.global_batch_size`` (when set) is the recipe's batch over all devices;
   :func:`apply_global_batch` derives ``data.batch_size`` (per device) and
   ``trainer.accumulate_grad_batches`` from the world size (``trainer.devices`` x
   ``trainer.num_nodes``) and ``data.max_batch_per_device`` (a memory cap), so one experiment gives
   the same optimisation on 8, 16 or 64 GPUs. The learning rate is not rescaled: the experiments
   state the lr of their global batch.
-* **SIGUSR1** inside SLURM (``#SBATCH --signal=USR1@180``): Lightning's own auto-requeue saves
-  ``hpc_ckpt_N.ckpt`` in the run directory and requeues the job with ``scontrol``;
-  :func:`bitrain.runner.resolve_ckpt_path` counts those files as candidates for ``auto``.
+* **Devices.** :func:`check_devices`: GPUs requested but not visible are refused with both counts;
+  more CPU processes than cores get a warning.
 """
 
 from __future__ import annotations
@@ -28,145 +15,17 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
-import threading
 from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from bitrain.rundir import is_first_process
+from bitrain.training.rundir import is_first_process
 
-__all__ = [
-    "BatchPlan",
-    "PreemptionCheckpoint",
-    "apply_global_batch",
-    "check_devices",
-    "derive_batch",
-    "world_size_of",
-    "SIGTERM_EXIT_CODE",
-    "exit_code_for",
-    "run_dir_name",
-    "slurm_job_id",
-]
+__all__ = ["BatchPlan", "apply_global_batch", "check_devices", "derive_batch", "world_size_of"]
 
 log = logging.getLogger(__name__)
-
-SIGTERM_EXIT_CODE = 128 + int(signal.SIGTERM)
-_START = datetime.now()  # one timestamp per process, however often the run dir is resolved
-
-
-def slurm_job_id(environ: dict[str, str] | None = None) -> str | None:
-    """The SLURM job id (``<array job id>_<task id>`` for array jobs), ``None`` outside SLURM.
-
-    Interactive allocations (``SLURM_JOB_NAME`` ``bash``/``interactive``) count as no job, as
-    Lightning does, so a shell on a compute node does not pin every run to one directory.
-    """
-    env = os.environ if environ is None else environ
-    if env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
-        return None
-    array_job, array_task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
-    if array_job and array_task:
-        return f"{array_job}_{array_task}"
-    return env.get("SLURM_JOB_ID") or None
-
-
-def run_dir_name(run_name: Any = None, environ: dict[str, str] | None = None) -> str:
-    """The run directory's name under ``outputs/<task>/`` (see the module docstring)."""
-    if run_name not in (None, "", "null"):
-        name = str(run_name)
-        if name.startswith("/") or ".." in Path(name).parts:
-            raise ValueError(f"paths.run_name={name!r} must be a relative name without '..'")
-        return name
-    job = slurm_job_id(environ)
-    if job:
-        return f"slurm-{job}"
-    return _START.strftime("%Y-%m-%d/%H-%M-%S")
-
-
-OmegaConf.register_new_resolver("run_dir", lambda name=None: run_dir_name(name), replace=True)
-
-
-def exit_code_for(err: BaseException, signum: int | None = None) -> int | None:
-    """Exit status for an exception that ended training: 128 + the signal, else ``None``.
-
-    Args:
-        err: what ``Trainer.fit`` raised.
-        signum: the signal that stopped training (:attr:`PreemptionCheckpoint.signum`); SIGTERM
-            when not known.
-    """
-    if not isinstance(err, SIGTERMException):
-        return None
-    return 128 + int(signum or signal.SIGTERM)
-
-
-class PreemptionCheckpoint(L.Callback):
-    """Write ``last.ckpt`` when training stops on SIGTERM or Ctrl-C, at a batch boundary.
-
-    SIGTERM is noted by Lightning's signal connector. Ctrl-C (SIGINT) would raise
-    ``KeyboardInterrupt`` wherever the process happens to be (inside an optimizer step, say) and
-    Lightning would exit without a checkpoint; during training this callback handles it as
-    Lightning handles SIGTERM instead: the run stops at the end of the current batch, the state is
-    consistent, and the checkpoint is written. A second Ctrl-C stops at once (no checkpoint).
-
-    Args:
-        dirpath: the run's checkpoint directory (``ModelCheckpoint``'s).
-        filename: file name of the checkpoint (``last.ckpt``: what ``ckpt_path=auto`` tries first).
-    """
-
-    def __init__(self, dirpath: str | os.PathLike, filename: str = "last.ckpt") -> None:
-        super().__init__()
-        self.path = Path(dirpath) / filename
-        self.saved: Path | None = None
-        self.signum: int | None = None  # the signal that stopped training
-        self._previous_sigint: Any = None
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        self._previous_sigint = signal.getsignal(signal.SIGINT)
-
-        def on_sigint(signum: int, frame: Any) -> None:
-            if self.signum is not None:  # the second Ctrl-C: stop now
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                raise KeyboardInterrupt
-            self.signum = int(signal.SIGINT)
-            trainer._signal_connector.received_sigterm = True  # stop as on SIGTERM
-            log.warning(
-                "Ctrl-C: stopping after this training step to write a checkpoint of it "
-                "(press Ctrl-C again to stop at once, without one)"
-            )
-
-        signal.signal(signal.SIGINT, on_sigint)
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._previous_sigint is not None:
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
-        if not isinstance(exception, SIGTERMException):
-            return
-        self.signum = self.signum or int(signal.SIGTERM)
-        # Every rank calls it; the strategy writes on rank 0. The full state (optimizer, loops).
-        trainer.save_checkpoint(self.path, weights_only=False)
-        self.saved = self.path
-        what = "Ctrl-C" if self.signum == signal.SIGINT else "SIGTERM"
-        log.warning(
-            "%s: checkpoint of step %d written to %s. Resume with the same command and "
-            "ckpt_path=auto hydra.run.dir=%s (or the same paths.run_name / SLURM job), or "
-            "ckpt_path=%s",
-            what,
-            trainer.global_step,
-            self.path,
-            trainer.default_root_dir,
-            self.path,
-        )
 
 
 @dataclass(frozen=True)

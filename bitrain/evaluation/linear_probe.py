@@ -41,7 +41,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from torch import nn
 
 from bitrain.checkpoints import load_classifier, load_mim_model, sniff
-from bitrain.evaluation import resolve_device
+from bitrain.evaluation.validation import resolve_device
 from bitrain.io import CheckpointError
 from bitrain.models.beit import BeitMIM
 from bitrain.models.classifier import create_classifier
