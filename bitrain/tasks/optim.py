@@ -9,9 +9,10 @@
   ``optim.no_weight_decay``; without it the model's own ``no_weight_decay()`` is used (timm's
   ``Beit`` also lists the tables, a difference from the official runs).
 * Optional layer-wise lr decay (BEiT fine-tuning): group ``i`` of ``L + 2`` gets
-  ``layer_decay ** (L + 1 - i)``, embeddings are layer 0 and the head layer ``L + 1``. The scale is
-  folded into each group's initial lr, so a plain ``LambdaLR`` applies it for real (timm's
-  ``lr_scale`` key is ignored by torch schedulers).
+  ``layer_decay ** (L + 1 - i)``, embeddings are layer 0 and the head layer ``L + 1``, with the
+  official layer ids for a ViT / BEiT and the groups of a timm model's ``group_matcher()`` for any
+  other model (:func:`layer_ids`). The scale is folded into each group's initial lr, so a plain
+  ``LambdaLR`` applies it for real (timm's ``lr_scale`` key is ignored by torch schedulers).
 * Schedule: linear warmup then cosine from the peak lr to ``min_lr``, evaluated **per step**
   (``cosine_scheduler`` in the official ``utils.py`` builds the same curve per iteration); or
   ``schedule="step"``: warmup, then the lr times ``decay_rate`` after each of ``milestones``
@@ -27,12 +28,14 @@ import re
 from collections.abc import Sequence
 
 import torch
+from timm.models import group_parameters
 from torch import nn
 
 __all__ = [
     "build",
     "cosine_multiplier",
     "layer_id_for",
+    "layer_ids",
     "lightning_optimizers",
     "param_groups",
     "step_multiplier",
@@ -40,13 +43,69 @@ __all__ = [
 
 
 def layer_id_for(name: str, num_layers: int) -> int:
-    """Layer index for layer decay: embeddings 0, block ``i`` -> ``i + 1``, the rest ``L + 1``."""
-    if name.startswith(("cls_token", "mask_token", "pos_embed", "patch_embed", "rel_pos_bias")):
+    """The official BEiT layer id of a parameter of a ViT with ``num_layers`` blocks.
+
+    unilm ``beit/optim_factory.py`` ``get_num_layer_for_vit`` (lines 33-44 at commit 2312c6f):
+    ``cls_token``, ``mask_token``, ``pos_embed`` and ``patch_embed.*`` are layer 0, ``blocks.i.*``
+    is layer ``i + 1``, everything else (the shared ``rel_pos_bias``, ``norm``, ``fc_norm``,
+    ``head``, ``lm_head``) layer ``num_layers + 1``.
+    """
+    if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
         return 0
-    match = re.match(r"blocks\.(\d+)\.", name)
+    match = _BLOCK.match(name)
     if match:
         return int(match.group(1)) + 1
     return num_layers + 1
+
+
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
+
+
+def _vit_layout(model: nn.Module) -> bool:
+    """A ViT / BEiT laid out as the official code names it: ``patch_embed`` and ``blocks``."""
+    blocks = getattr(model, "blocks", None)
+    return hasattr(model, "patch_embed") and isinstance(blocks, nn.ModuleList | nn.Sequential)
+
+
+def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """Every parameter's layer id for layer-wise lr decay, and the top id (the head's).
+
+    * A ViT / BEiT (``patch_embed`` + ``blocks``: timm's ``VisionTransformer``, ``Beit``, ``Eva``,
+      :class:`bitrain.models.beit.BeitMIM`): the official ids (:func:`layer_id_for`), top
+      ``len(blocks) + 1``. timm's own matchers for these models differ from the official code in
+      three names: ``norm`` joins the last block, a shared ``rel_pos_bias`` the embeddings, and
+      the MIM model's ``lm_head`` the last block; the official code puts all three with the head.
+    * Any other model: the groups of its timm ``group_matcher(coarse=False)``, numbered by timm's
+      own ``group_parameters`` as ``timm.optim.param_groups_layer_decay`` numbers them (the stem
+      0, then each block in order, the parameters no pattern matches last); top: the largest id.
+
+    Frozen parameters are numbered too, so freezing a part never shifts the others' ids.
+
+    Raises:
+        ValueError: the model is neither, or its matcher puts every parameter in one group
+            (layer decay would silently change nothing).
+    """
+    names = [name for name, _ in model.named_parameters()]
+    if _vit_layout(model):
+        top = len(model.blocks) + 1
+        return {name: layer_id_for(name, top - 1) for name in names}, top
+    what = type(model).__name__
+    matcher = getattr(model, "group_matcher", None)
+    if not callable(matcher):
+        raise ValueError(
+            f"optim.layer_decay needs the layers of the model, and {what} has neither a ViT "
+            "layout (patch_embed + blocks) nor a timm group_matcher(); use a timm model, give "
+            f"{what} a group_matcher(coarse=False) in timm's format, or set optim.layer_decay=null"
+        )
+    ids = group_parameters(model, matcher(coarse=False), reverse=True)
+    top = max(ids.values(), default=0)
+    if top == 0:
+        raise ValueError(
+            f"optim.layer_decay: {what}.group_matcher() puts all of its parameters into one "
+            "group, so layer decay would change nothing; fix the matcher's patterns or set "
+            "optim.layer_decay=null"
+        )
+    return ids, top
 
 
 def param_groups(
@@ -61,7 +120,8 @@ def param_groups(
     Args:
         model: the model.
         weight_decay: decay for weight matrices.
-        layer_decay: if set, multiply each group's lr by ``layer_decay ** (L + 1 - layer_id)``.
+        layer_decay: if set, multiply each group's lr by ``layer_decay ** (top - layer_id)`` with
+            the ids of :func:`layer_ids` (a ViT: ``top = L + 1``).
         skip_list: extra names without weight decay.
         no_weight_decay: the names without weight decay besides 1-D tensors and biases (official
             BEiT: ``["pos_embed", "cls_token"]``); an entry matches a parameter of that name or
@@ -70,6 +130,10 @@ def param_groups(
 
     Returns:
         Groups with ``params``, ``weight_decay``, ``lr_scale`` and a readable ``name``.
+
+    Raises:
+        ValueError: ``layer_decay`` (other than 1) for a model whose layers are unknown
+            (:func:`layer_ids`).
     """
     skip = set(skip_list)
     if no_weight_decay is not None:
@@ -83,16 +147,16 @@ def param_groups(
         skip |= {str(n) for n in no_weight_decay}
     elif hasattr(model, "no_weight_decay"):
         skip |= set(model.no_weight_decay())
-    num_layers = len(getattr(model, "blocks", []))
+    ids, top = _layers_for_decay(model, layer_decay)
     groups: dict[str, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         no_decay = param.ndim <= 1 or name.endswith(".bias") or name in skip or _matches(name, skip)
-        layer = layer_id_for(name, num_layers) if layer_decay is not None else 0
+        layer = ids.get(name, 0)
         key = f"layer_{layer}_{'no_decay' if no_decay else 'decay'}"
         if key not in groups:
-            scale = layer_decay ** (num_layers + 1 - layer) if layer_decay is not None else 1.0
+            scale = layer_decay ** (top - layer) if layer_decay is not None else 1.0
             groups[key] = {
                 "name": key,
                 "params": [],
@@ -101,6 +165,21 @@ def param_groups(
             }
         groups[key]["params"].append(param)
     return list(groups.values())
+
+
+def _layers_for_decay(model: nn.Module, layer_decay: float | None) -> tuple[dict[str, int], int]:
+    """:func:`layer_ids` when ``layer_decay`` is set; ``({}, 0)`` (one layer) without it.
+
+    ``layer_decay=1.0`` scales nothing, so a model without layers is accepted there (one layer).
+    """
+    if layer_decay is None:
+        return {}, 0
+    try:
+        return layer_ids(model)
+    except ValueError:
+        if float(layer_decay) == 1.0:
+            return {}, 0
+        raise
 
 
 def _matches(name: str, skip: set[str]) -> bool:

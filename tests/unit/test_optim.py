@@ -137,3 +137,96 @@ def test_step_schedule_equals_bit_hyperrule(anchors):
         assert opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-15), step
         opt.step()
         sched.step()
+
+
+def _official_layer_id(name, num_layers):
+    """unilm beit/optim_factory.py get_num_layer_for_vit (lines 33-44 at 2312c6f), restated with
+    ``num_max_layer = num_layers + 2`` as run_class_finetuning.py builds its assigner."""
+    if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("rel_pos_bias"):
+        return num_layers + 1
+    if name.startswith("blocks"):
+        return int(name.split(".")[1]) + 1
+    return num_layers + 1
+
+
+def _ids_and_scales(groups, model):
+    """{parameter name: (layer id from the group's name, the group's lr_scale)}."""
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    out = {}
+    for name, param in model.named_parameters():
+        group = by_param[id(param)]
+        out[name] = (int(group["name"].split("_")[1]), group["lr_scale"])
+    return out
+
+
+def test_beit_base_layer_ids_are_the_official_ones():
+    """timm's beit_base_patch16_224 as the fine-tuning recipes build it (mean pooling, fc_norm)."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model("beit_base_patch16_224", num_classes=10, global_pool="avg")
+    got = _ids_and_scales(optim.param_groups(model, 0.05, layer_decay=0.65), model)
+    assert {n: i for n, (i, _) in got.items()} == {
+        n: _official_layer_id(n, 12) for n, _ in model.named_parameters()
+    }
+    assert all(s == pytest.approx(0.65 ** (13 - i)) for i, s in got.values())
+    assert got["head.weight"][0] == got["fc_norm.weight"][0] == 13
+    assert got["blocks.11.mlp.fc2.weight"][0] == 12 and got["cls_token"][0] == 0
+
+
+def test_mim_model_layer_ids_are_the_official_ones():
+    """BeitMIM's extra names map as the official code maps them: mask_token 0, lm_head and the
+    shared relative position bias with the head (L + 1), the final norm too."""
+    from bitrain.models.beit import BeitMIM
+
+    model = BeitMIM(img_size=32, patch_size=8, vocab_size=16, embed_dim=16, depth=2, num_heads=2)
+    got = _ids_and_scales(optim.param_groups(model, 0.05, layer_decay=0.5), model)
+    assert {n: i for n, (i, _) in got.items()} == {
+        n: _official_layer_id(n, 2) for n, _ in model.named_parameters()
+    }
+    assert got["mask_token"] == (0, 0.5**3)
+    assert got["lm_head.weight"] == got["rel_pos_bias.relative_position_bias_table"] == (3, 1.0)
+    assert got["norm.weight"] == (3, 1.0)
+
+
+def test_a_model_without_vit_layout_gets_the_layers_of_its_timm_group_matcher():
+    """Before, a non-ViT model with layer decay silently got lr scale 1 everywhere."""
+    import timm
+    from timm.optim import param_groups_layer_decay
+
+    with torch.device("meta"):
+        model = timm.create_model("resnetv2_50x1_bit", num_classes=10)
+    groups = optim.param_groups(model, 0.0, layer_decay=0.8)
+    got = _ids_and_scales(groups, model)
+    # The stem is layer 0, the 3 + 4 + 6 + 3 blocks layers 1 to 16 (the final norm with the last
+    # block, as timm's matcher says), the head layer 17.
+    assert got["stem.conv.weight"] == (0, pytest.approx(0.8**17))
+    assert got["stages.0.blocks.0.conv1.weight"][0] == 1
+    assert got["stages.3.blocks.2.conv3.weight"][0] == got["norm.weight"][0] == 16
+    assert got["head.fc.weight"] == (17, 1.0)
+    # The same scales as timm's own layer-decay groups give each parameter.
+    timm_scale = {
+        id(p): g["lr_scale"]
+        for g in param_groups_layer_decay(model, weight_decay=0.0, layer_decay=0.8)
+        for p in g["params"]
+    }
+    for name, param in model.named_parameters():
+        assert got[name][1] == pytest.approx(timm_scale[id(param)]), name
+
+
+def test_layer_decay_for_a_model_without_layers_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"Sequential has neither .*optim.layer_decay=null"):
+        optim.build(model, 10, lr=1e-3, layer_decay=0.75)
+    # layer_decay=1 scales nothing: accepted, one layer.
+    opt, _ = optim.build(model, 10, lr=1e-3, layer_decay=1.0)
+    assert {g["lr_scale"] for g in opt.param_groups} == {1.0}
+
+    class OneGroup(nn.Sequential):
+        def group_matcher(self, coarse=False):
+            return {"stem": r"^nothing"}
+
+    with pytest.raises(ValueError, match=r"OneGroup.group_matcher\(\) puts all"):
+        optim.param_groups(OneGroup(nn.Linear(2, 2)), 0.05, layer_decay=0.75)
