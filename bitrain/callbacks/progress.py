@@ -26,6 +26,8 @@ import torch
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from bitrain.tasks.common import ImageRate
+
 __all__ = ["LineProgress", "format_duration", "progress_bar"]
 
 log = logging.getLogger("bitrain.callbacks.progress")
@@ -93,8 +95,9 @@ class LineProgress(ProgressBar):
         step 150/300 (50%) epoch 14 | train/loss 4.61 train/mim_acc 0.058 lr 0.00112 |
         212 img/s | elapsed 0:51 ETA 0:51
 
-    Images per second are measured by this callback over the steps since the previous line
-    (samples of the batches it saw x world size), so every task shows them.
+    Images per second are measured over the steps since the previous line by
+    :class:`bitrain.tasks.common.ImageRate` (images of the batches seen x world size, the definition
+    of the tasks' ``train/images_per_sec``), so every task shows them.
     """
 
     def __init__(self, every_n_steps: int = 50) -> None:
@@ -103,9 +106,9 @@ class LineProgress(ProgressBar):
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps = int(every_n_steps)
         self._enabled = True
-        self._t_start = self._t_last = 0.0
+        self._t_start = 0.0
         self._step_start = self._step_last = 0
-        self._samples = 0
+        self._rate = ImageRate()
 
     # ProgressBar's small interface.
     def disable(self) -> None:
@@ -123,9 +126,10 @@ class LineProgress(ProgressBar):
             print(line, flush=True)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._t_start = self._t_last = time.perf_counter()
+        self._t_start = time.perf_counter()
         self._step_start = self._step_last = trainer.global_step
-        self._samples = 0
+        self._rate = ImageRate(trainer.world_size)
+        self._rate.start()
         total = self._total_steps(trainer)
         self._print(
             f"training from step {trainer.global_step}"
@@ -141,12 +145,12 @@ class LineProgress(ProgressBar):
         return int(total) if math.isfinite(total) else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._samples += _batch_size(batch)
+        self._rate.add(_batch_size(batch))
         step = trainer.global_step
         if step == self._step_last or step % self.every_n_steps:
             return
         now = time.perf_counter()
-        rate = self._samples * trainer.world_size / max(now - self._t_last, 1e-9)
+        rate = self._rate.lap()
         total = self._total_steps(trainer)
         done = step - self._step_start
         elapsed = now - self._t_start
@@ -157,7 +161,7 @@ class LineProgress(ProgressBar):
             f"{where} epoch {trainer.current_epoch} | {metrics} | {rate:.0f} img/s | "
             f"elapsed {format_duration(elapsed)} ETA {format_duration(eta)}"
         )
-        self._t_last, self._step_last, self._samples = now, step, 0
+        self._step_last = step
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:

@@ -1,11 +1,11 @@
-"""What the training tasks share: plain hyper-parameters, top-k accuracy, the non-finite guard."""
+"""What the training tasks share: plain hyper-parameters, top-k accuracy, images/s, NaN guard."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 __all__ = [
     "NONFINITE_CHECKS",
+    "ImageRate",
     "NonFiniteGuard",
     "batch_statistics",
     "check_nonfinite_mode",
@@ -73,6 +74,57 @@ def batch_statistics(batch: Mapping[str, torch.Tensor]) -> str:
     return "; ".join(parts) or "no image tensors in the batch"
 
 
+class ImageRate:
+    """Images per second of all ranks together: the one definition bitrain reports.
+
+    ``images x world_size / wall-clock seconds`` since :meth:`start` (every rank is assumed to see
+    as many images as this one, as with a ``DistributedSampler``). The tasks' per-step
+    ``train/images_per_sec``, :class:`bitrain.callbacks.progress.LineProgress`'s ``img/s`` and any
+    whole-pass figure (an evaluation) read it. No CUDA synchronisation: over a run the host waits
+    for the device anyway, and a sync per step would stall the asynchronous NaN check
+    (:class:`NonFiniteGuard`).
+
+    Args:
+        world_size: processes that each see as many images (``trainer.world_size``).
+        clock: seconds as a float (``time.perf_counter``; a fake one in tests).
+    """
+
+    def __init__(self, world_size: int = 1, clock: Callable[[], float] = time.perf_counter) -> None:
+        if int(world_size) < 1:
+            raise ValueError(f"ImageRate: world_size must be >= 1, got {world_size}")
+        self.world_size = int(world_size)
+        self._clock = clock
+        self._start: float | None = None
+        self.images = 0
+
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` was called."""
+        return self._start is not None
+
+    def start(self) -> None:
+        """Start a new window: no images, the clock at now."""
+        self._start = self._clock()
+        self.images = 0
+
+    def add(self, images: int) -> None:
+        """Count ``images`` more images of this rank."""
+        self.images += int(images)
+
+    def rate(self) -> float:
+        """Images per second of all ranks since :meth:`start` (``nan`` before it)."""
+        if self._start is None:
+            return float("nan")
+        elapsed = self._clock() - self._start
+        return self.images * self.world_size / max(elapsed, 1e-9)
+
+    def lap(self) -> float:
+        """:meth:`rate`, then :meth:`start` a new window."""
+        rate = self.rate()
+        self.start()
+        return rate
+
+
 class NonFiniteGuard:
     """Skip, count and report training steps whose loss is NaN/inf (a LightningModule mixin).
 
@@ -96,17 +148,18 @@ class NonFiniteGuard:
     It also logs the training throughput (:meth:`_log_throughput`).
     """
 
-    _t_last: float | None = None
+    _image_rate: ImageRate | None = None
     nonfinite_check: str = "auto"
 
     def _log_throughput(self, batch_size: int) -> None:
-        """Log ``train/images_per_sec``: images x world size over the time since the last step."""
-        now = time.perf_counter()
-        if self._t_last is not None:
+        """Log ``train/images_per_sec`` (:class:`ImageRate`): this step's images since the last."""
+        if self._image_rate is None:
             world = self.trainer.world_size if self._trainer is not None else 1
-            rate = batch_size * world / max(now - self._t_last, 1e-9)
-            self.log("train/images_per_sec", rate, batch_size=batch_size)
-        self._t_last = now
+            self._image_rate = ImageRate(world)
+            self._image_rate.start()
+            return
+        self._image_rate.add(batch_size)
+        self.log("train/images_per_sec", self._image_rate.lap(), batch_size=batch_size)
 
     def _check_loss(
         self, loss: torch.Tensor, batch: Mapping[str, torch.Tensor], bs: int

@@ -1,4 +1,4 @@
-"""bitrain.callbacks.progress: which display is chosen, and the lines LineProgress prints."""
+"""bitrain.callbacks.progress: which display is chosen, the lines LineProgress prints, its img/s."""
 
 import lightning as L
 import pytest
@@ -7,6 +7,7 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from torch.utils.data import DataLoader
 
 from bitrain.callbacks.progress import LineProgress, format_duration, progress_bar
+from bitrain.tasks.common import ImageRate
 
 
 class _Tiny(L.LightningModule):
@@ -73,3 +74,21 @@ def test_line_progress_prints_one_line_per_n_steps(tmp_path, capsys):
     assert len(vals) == 2 and all("val/loss" in line for line in vals)
     assert out[-1].startswith("training done at step 8")
     assert not any("\r" in line for line in out)
+
+
+def test_line_progress_prints_the_rate_of_image_rate(tmp_path, capsys, monkeypatch):
+    """The img/s of the lines is ImageRate's (the definition of train/images_per_sec)."""
+    monkeypatch.setattr(ImageRate, "rate", lambda self: 4321.0)
+    trainer = L.Trainer(
+        max_steps=4,
+        callbacks=[LineProgress(every_n_steps=2)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+        accelerator="cpu",
+    )
+    trainer.fit(_Tiny(), train_dataloaders=_loader())
+    steps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(steps) == 2 and all("| 4321 img/s |" in line for line in steps), steps
