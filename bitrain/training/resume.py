@@ -2,7 +2,8 @@
 
 * ``ckpt_path=auto`` resumes from the newest readable checkpoint of the run's checkpoint directory
   (:func:`resolve_ckpt_path`): ``last.ckpt`` (or Lightning's ``last-vN.ckpt``) and SLURM's
-  ``hpc_ckpt_N.ckpt``, newest first, else ``step_*.ckpt`` by step; none: a fresh start.
+  ``hpc_ckpt_N.ckpt``, newest first, else ``step_*.ckpt`` by step; none: a fresh start. A
+  candidate is checked without reading its tensors, so the chosen one is read once, by Lightning.
 * :class:`SafeCheckpointIO`: Lightning's checkpoint I/O with atomic writes and ``weights_only=True``
   reads.
 * :func:`latest_checkpoint`: the newest ``last.ckpt`` of any run of a task (the
@@ -61,8 +62,19 @@ _HPC_FILE = re.compile(r"hpc_ckpt_\d+\.ckpt")
 
 
 def _readable_checkpoint(path: Path) -> None:
-    """Load ``path`` as a training checkpoint; :class:`CheckpointError` if it is not one."""
-    ckpt = load_torch_file(path, map_location="cpu", what="training checkpoint")
+    """Check that ``path`` is a whole training checkpoint, without reading its tensors.
+
+    The file is opened as ``torch.load(weights_only=True, mmap=True)`` opens it: the zip's central
+    directory (written last, so a file cut short has none), the pickled records (every entry
+    checked by the weights-only unpickler) and each tensor's place in the file are read, the
+    tensors' bytes are only mapped. A multi-GB checkpoint is then read once, by Lightning, not
+    twice. Damaged bytes *inside* a tensor are not seen here (torch.load does not see them
+    either: it checks no CRC). A file in torch's legacy (non-zip) format is read whole.
+
+    Raises:
+        CheckpointError: the file is truncated, corrupt, refused, or holds no ``state_dict``.
+    """
+    ckpt = load_torch_file(path, map_location="cpu", what="training checkpoint", mmap=True)
     if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
         raise CheckpointError(
             f"'{path}' holds no 'state_dict': it is not a Lightning training checkpoint"

@@ -125,3 +125,28 @@ def test_auto_takes_the_newest_of_lightnings_versioned_last_files(tmp_path):
     assert resolve_ckpt_path("auto", d) == str(d / "last-v1.ckpt")
     (d / "lastly.ckpt").write_bytes(b"x")  # not a last file
     assert resolve_ckpt_path("auto", d) == str(d / "last-v1.ckpt")
+
+
+def test_auto_reads_the_chosen_checkpoint_in_full_once(tmp_path, monkeypatch):
+    """ckpt_path=auto checks candidates without reading their tensors (torch.load mmap=True);
+    Lightning's load (SafeCheckpointIO) is then the one full read of the chosen file. The old
+    check loaded every candidate in full, so a multi-GB resume read the file twice."""
+    from bitrain.training.resume import SafeCheckpointIO
+
+    d = tmp_path / "checkpoints"
+    _truncate(_ckpt(d / "last.ckpt", 250))
+    _ckpt(d / "step_0000200.ckpt", 200)
+    loads = []
+    real_load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        out = real_load(f, *args, **kwargs)
+        loads.append((Path(f).name, bool(kwargs.get("mmap"))))
+        return out
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    chosen = resolve_ckpt_path("auto", d)
+    assert chosen == str(d / "step_0000200.ckpt")
+    checkpoint = SafeCheckpointIO().load_checkpoint(chosen)
+    assert checkpoint["global_step"] == 200
+    assert [name for name, mmap in loads if not mmap] == ["step_0000200.ckpt"], loads
