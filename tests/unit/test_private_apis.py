@@ -8,7 +8,11 @@ changes one, with a message naming the API, where bitrain uses it and what to ch
 * ``lightning.pytorch.loggers.csv_logs.ExperimentWriter`` internals
   (:class:`bitrain.training.loggers.CSVLogger`: ``metrics.csv`` continued on resume);
 * ``trainer._signal_connector.received_sigterm``
-  (:class:`bitrain.callbacks.preemption.PreemptionCheckpoint`: Ctrl-C stops as SIGTERM does).
+  (:class:`bitrain.callbacks.preemption.PreemptionCheckpoint`: Ctrl-C stops as SIGTERM does);
+* ``trainer.fit_loop.epoch_loop.batch_progress.current.processed`` (the mid-epoch resume
+  position, bitrain/data/datamodule.py) and ``LightningModule._trainer`` / ``ProgressBar._trainer``
+  ("attached to a trainer?" in the tasks and LineProgress);
+* ``torch._assert_async`` (the mask count of BeitMIM on CUDA, bitrain/models/beit.py).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.data import DataLoader
 
+from bitrain.callbacks.progress import LineProgress
 from bitrain.training.loggers import CSVLogger, _ResumableWriter
 
 UPGRADE = f"torch {torch.__version__} / lightning {L.__version__}"
@@ -40,7 +45,7 @@ def _fused(name: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
 def test_fused_optimizers_skip_the_step_that_found_inf_flags(name):
     """NonFiniteGuard._flag_on_device sets ``optimizer.found_inf`` (1.0: skip) instead of a host
-    sync; torch's fused kernels read it (torch/optim/adam.py, sgd.py:
+    sync; torch's fused kernels read it (torch 2.14.1: torch/optim/adam.py:268, sgd.py:141,
     ``found_inf=getattr(self, "found_inf", None)``)."""
     where = (
         f"torch.optim.{'AdamW' if name == 'adamw' else 'SGD'}(fused=True) with "
@@ -245,3 +250,66 @@ def test_received_sigterm_stops_training_after_the_current_batch(tmp_path):
         f"{where}: training stopped at step {trainer.global_step}, not at the end of the batch "
         "during which the flag was set (3)"
     )
+
+
+class _Probe(L.Callback):
+    """Reads, after each training batch, what bitrain's own code reads there."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, int, bool]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        current = trainer.fit_loop.epoch_loop.batch_progress.current
+        self.seen.append(
+            (batch_idx, current.processed, current.completed, pl_module._trainer is trainer)
+        )
+
+
+def test_batch_progress_and_trainer_attachment_read_during_training(tmp_path):
+    """``trainer.fit_loop.epoch_loop.batch_progress.current.processed`` is the number of batches
+    of the epoch trained on when a checkpoint is written at a batch end (bitrain/data/
+    datamodule.py ``state_dict``: the exact mid-epoch resume); ``LightningModule._trainer`` /
+    ``Callback``-side ``ProgressBar._trainer`` is how bitrain/tasks/common.py,
+    classification.py, tokenizer.py and callbacks/progress.py ask "attached to a trainer?"
+    without the ``trainer`` property's error."""
+    where = f"lightning loop progress / _trainer ({UPGRADE})"
+    module = _Tiny()
+    assert module._trainer is None, f"{where}: LightningModule._trainer is gone"
+    with pytest.raises(RuntimeError):
+        module.trainer  # noqa: B018 - the public property refuses when not attached
+    bar = LineProgress()
+    assert bar._trainer is None, f"{where}: ProgressBar._trainer is gone (LineProgress.is_enabled)"
+    with pytest.raises(TypeError):
+        bar.trainer  # noqa: B018
+    probe = _Probe()
+    trainer = L.Trainer(
+        max_steps=3,
+        callbacks=[probe, bar],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(torch.randn(40, 2), batch_size=2))
+    assert probe.seen == [(0, 1, 0, True), (1, 2, 1, True), (2, 3, 2, True)], (
+        f"{where}: batch_progress.current.processed no longer counts the batches trained on at "
+        f"on_train_batch_end ({probe.seen}); the mid-epoch resume position saved by "
+        "bitrain/data/datamodule.py state_dict would be off; check the new loop's progress "
+        "counters"
+    )
+    assert bar._trainer is trainer, (
+        f"{where}: ProgressBar._trainer is not the trainer during fit (LineProgress.is_enabled)"
+    )
+
+
+def test_assert_async_refuses_a_false_condition():
+    """``torch._assert_async`` checks the mask count of BeitMIM on CUDA without a host sync
+    (bitrain/models/beit.py); on a CPU it raises at once, which is what can be checked here."""
+    where = f"torch._assert_async ({UPGRADE})"
+    assert callable(getattr(torch, "_assert_async", None)), (
+        f"{where} is gone: replace it in bitrain/models/beit.py (_check_count_async)"
+    )
+    torch._assert_async(torch.tensor(True), "fine")
+    with pytest.raises(RuntimeError, match="7 masked"):
+        torch._assert_async(torch.tensor(False), "an image has not exactly 7 masked patches")
