@@ -97,11 +97,6 @@ class ImageRate:
         self._start: float | None = None
         self.images = 0
 
-    @property
-    def started(self) -> bool:
-        """Whether :meth:`start` was called."""
-        return self._start is not None
-
     def start(self) -> None:
         """Start a new window: no images, the clock at now."""
         self._start = self._clock()

@@ -35,7 +35,7 @@ def test_image_rate_counts_every_rank_over_its_window():
 
     now = [10.0]
     rate = ImageRate(world_size=4, clock=lambda: now[0])
-    assert math.isnan(rate.rate()) and not rate.started
+    assert math.isnan(rate.rate())  # not started
     rate.start()
     rate.add(8)
     rate.add(8)
