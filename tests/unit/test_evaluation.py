@@ -77,3 +77,17 @@ def test_evaluate_refuses_labels_the_model_does_not_have(tmp_path):
     with pytest.raises(ValueError, match=r"label \d in the data but the model has 5 classes"):
         evaluate(_cfg(ckpt, tmp_path / "eval"))
     assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("fmt", ["timm", "hf", "official"])
+def test_evaluate_takes_every_classifier_format(tmp_path, fmt):
+    """The same weights as a timm folder, a Hugging Face folder, an official .pth: same metrics."""
+    ckpt = _ckpt(tmp_path / "cls.ckpt")
+    model = load_classifier(ckpt)
+    other = save_classifier(model, tmp_path / f"cls_{fmt}", fmt)
+    common = ("preprocessing=config", "+data.val_source.labels_per_class=10")
+    want = evaluate(_cfg(ckpt, tmp_path / "eval", *common))
+    got = evaluate(_cfg(other, tmp_path / f"eval_{fmt}", *common))
+    assert got["images"] == want["images"] == 100
+    assert (got["top1"], got["top5"]) == (want["top1"], want["top5"])
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
