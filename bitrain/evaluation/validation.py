@@ -57,7 +57,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def trainer_device(device: torch.device) -> tuple[str, int | list[int]]:
+def _trainer_device(device: torch.device) -> tuple[str, int | list[int]]:
     """``(accelerator, devices)`` of ``lightning.Trainer`` for one torch device."""
     if device.type == "cuda":
         return "gpu", [device.index or 0]
@@ -201,7 +201,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     names = names or data_names or [str(i) for i in range(num_classes)]
     device = resolve_device(str(cfg.get("device", "auto")))
     precision = str(cfg.get("precision", "32-true"))
-    accelerator, devices = trainer_device(device)
+    accelerator, devices = _trainer_device(device)
     out = Path(cfg.paths.output_dir)
     report = EvaluationReport(num_classes, int(cfg.get("log_every_n_batches", 20)))
     task = ImageClassification.from_model(model, label_names=list(names))

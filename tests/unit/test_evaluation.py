@@ -91,3 +91,11 @@ def test_evaluate_takes_every_classifier_format(tmp_path, fmt):
     assert got["images"] == want["images"] == 100
     assert (got["top1"], got["top5"]) == (want["top1"], want["top5"])
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
+def test_device_names_map_to_the_trainers_accelerator():
+    from bitrain.evaluation.validation import _trainer_device
+
+    assert _trainer_device(torch.device("cpu")) == ("cpu", 1)
+    assert _trainer_device(torch.device("cuda")) == ("gpu", [0])
+    assert _trainer_device(torch.device("cuda:1")) == ("gpu", [1])
