@@ -89,7 +89,8 @@ class EvaluationReport(L.Callback):
     Reads the logits :meth:`ImageClassification.validation_step` returns. Per class it counts the
     images and the correct ones with the same top-1 rule as ``val/top1`` (torchmetrics'
     ``MulticlassStatScores``: true positives and support), so the correct counts add up to top-1
-    exactly. A label outside ``0..num_classes-1`` stops the run with the label and the count.
+    exactly. A label outside ``0..num_classes-1`` stops the run, naming the label and the number
+    of classes.
 
     Args:
         num_classes: classes of the model.
@@ -119,8 +120,11 @@ class EvaluationReport(L.Callback):
         dataloader_idx: int = 0,
     ) -> None:
         labels = batch["labels"]
-        if labels.numel() and (int(labels.max()) >= self.num_classes or int(labels.min()) < 0):
-            bad = int(labels.max()) if int(labels.max()) >= self.num_classes else int(labels.min())
+        if not labels.numel():
+            return
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= self.num_classes:
+            bad = hi if hi >= self.num_classes else lo
             raise ValueError(
                 f"label {bad} in the data but the model has {self.num_classes} classes "
                 f"(0..{self.num_classes - 1}): evaluate on data with the checkpoint's classes"
