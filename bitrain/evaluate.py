@@ -1,7 +1,9 @@
 """Evaluate a classifier: ``python -m bitrain.evaluate ckpt_path=PATH [data=...]``.
 
-With no arguments: the newest demo fine-tuning checkpoint on the demo's 500 test digits. Writes
-``metrics.json`` (top-1, top-5, loss, images/s) and ``per_class.csv``; see docs/evaluation.md.
+With no arguments: the newest demo fine-tuning checkpoint on the demo's 500 test digits. Runs the
+fine-tuning task's own validation (``Trainer.validate``, :mod:`bitrain.evaluation.validation`) and
+writes ``metrics.json`` (top-1, top-5, loss, images/s) and ``per_class.csv``; see
+docs/evaluation.md.
 ``task=linear_probe``: the BEiT linear probe of a frozen encoder
 (:mod:`bitrain.evaluation.linear_probe`).
 """

@@ -8,6 +8,15 @@ classifier is trained on them with AdamW, one per layer, on the same batches. Th
 ``BatchNorm1d(affine=False)`` + ``Linear``: a parameter-free normalisation of the features (the
 scale of intermediate tokens differs from layer to layer), so the probe stays linear.
 
+The optimizer and its per-step schedule are the training tasks' own
+(:func:`bitrain.tasks.optim.build`: AdamW, linear warmup of ``task.warmup_epochs`` then a cosine
+to 0, stepped every batch) with the paper's values (App. D, Table 9: lr 4e-3, batch 1024, weight
+decay 1e-4, 50 epochs; ``configs/task/linear_probe.yaml``). One difference from the training
+recipes, as the official probe: weight decay on every parameter of the probe, biases too
+(``torch.optim.AdamW(linear_classifier.parameters(), lr, weight_decay=1e-4)``, microsoft/unilm
+``beit/run_linear_eval.py`` lines 125-126 at commit 768a3c8; that file steps a
+``CosineAnnealingLR`` once per epoch without warmup, line 129).
+
 Two ways to feed it:
 
 * ``task.augment=false`` (default): the features of the training images (with the *evaluation*
@@ -28,7 +37,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -45,6 +53,7 @@ from bitrain.evaluation.validation import resolve_device
 from bitrain.io import CheckpointError
 from bitrain.models.beit import BeitMIM
 from bitrain.models.classifier import create_classifier
+from bitrain.tasks import optim as optim_lib
 from bitrain.tasks.common import topk_accuracy
 
 __all__ = [
@@ -52,6 +61,7 @@ __all__ = [
     "linear_probe",
     "load_frozen_encoder",
     "pooled_features",
+    "probe_optimizer",
     "resolve_layers",
 ]
 
@@ -167,6 +177,37 @@ class LinearProbes(nn.Module):
         return [head(f) for head, f in zip(self.heads, feats, strict=True)]
 
 
+def probe_optimizer(
+    heads: nn.Module,
+    total_steps: int,
+    steps_per_epoch: int,
+    *,
+    lr: float,
+    weight_decay: float,
+    warmup_epochs: float,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The probe's AdamW and per-step schedule: :func:`bitrain.tasks.optim.build`.
+
+    Warmup of ``warmup_epochs`` then a cosine to 0 over ``total_steps`` (step the scheduler after
+    every batch), as the training tasks; weight decay on every parameter, biases too, as the
+    official probe (``run_linear_eval.py``; see the module docstring), where the training
+    recipes leave 1-D tensors undecayed.
+    """
+    opt, sched = optim_lib.build(
+        heads,
+        total_steps,
+        lr=lr,
+        weight_decay=weight_decay,
+        min_lr=0.0,
+        warmup_epochs=warmup_epochs,
+        steps_per_epoch=max(1, steps_per_epoch),
+        no_weight_decay=[],
+    )
+    for group in opt.param_groups:  # the official probe decays biases too
+        group["weight_decay"] = weight_decay
+    return opt, sched
+
+
 @torch.no_grad()
 def _extract(model, loader, layers, with_cls, device) -> tuple[list[torch.Tensor], torch.Tensor]:
     feats: list[list[torch.Tensor]] = [[] for _ in layers]
@@ -251,19 +292,16 @@ def linear_probe(cfg: DictConfig) -> dict[str, Any]:
 
     torch.manual_seed(seed)
     heads = LinearProbes(dims, num_classes).to(device)
-    opt = torch.optim.AdamW(
-        heads.parameters(), lr=float(probe.lr), weight_decay=float(probe.weight_decay)
-    )
     epochs = int(probe.epochs)
     total = max(1, epochs * steps_per_epoch)
-    warmup = min(int(probe.get("warmup_epochs", 0)) * steps_per_epoch, total - 1)
-
-    def lr_lambda(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    opt, sched = probe_optimizer(
+        heads,
+        total,
+        steps_per_epoch,
+        lr=float(probe.lr),
+        weight_decay=float(probe.weight_decay),
+        warmup_epochs=float(probe.get("warmup_epochs", 0)),
+    )
     if total < 500:
         log.warning(
             "the probe trains for %d steps only (%d epochs x %d steps of batch %d): the paper's "

@@ -1,41 +1,51 @@
-"""Evaluate a fine-tuned classifier: top-1 / top-5, loss, images per second, per-class accuracy.
+"""Evaluate a fine-tuned classifier: the fine-tuning task's own validation, run by Lightning.
 
-:func:`evaluate` loads the checkpoint (:func:`bitrain.checkpoints.load_classifier`), builds
-the config's data module with the checkpoint's model settings (so ``${model.img_size}`` in the
-data config is the resolution the model was trained at) and, with ``preprocessing=checkpoint``
-(the default), the evaluation preprocessing the checkpoint records (a bitrain run's own, a Hugging
-Face folder's ``preprocessor_config.json``, a timm folder's ``pretrained_cfg``) in place of the
-data config's ``val_transform``; ``preprocessing=config`` keeps the data config's. It runs the
-validation loader once under ``torch.inference_mode`` and writes, into the output directory:
+:func:`evaluate` loads the checkpoint (:func:`bitrain.checkpoints.load_classifier`, EMA weights
+with ``use_ema``), builds the config's data module with the checkpoint's model settings (so
+``${model.img_size}`` in the data config is the resolution the model was trained at) and, with
+``preprocessing=checkpoint`` (the default), the evaluation preprocessing the checkpoint records (a
+bitrain run's own, a Hugging Face folder's ``preprocessor_config.json``, a timm folder's
+``pretrained_cfg``) in place of the data config's ``val_transform``; ``preprocessing=config``
+keeps the data config's. It then wraps the model in the fine-tuning task
+(:meth:`bitrain.tasks.classification.ImageClassification.from_model`) and runs
+``lightning.Trainer.validate``: top-1, top-5 and loss are the task's ``val/top1``, ``val/top5`` and
+``val/loss``, computed by the same ``validation_step`` and metrics as a fine-tuning run's
+validation, so on the same data (and batch size, device, ``precision``) they equal that run's last
+logged validation by construction. :class:`EvaluationReport` (a callback) adds what a fine-tuning
+run does not log: the per-class counts, the throughput and a progress line every
+``log_every_n_batches`` batches. Written into the output directory:
 
 * ``metrics.json``: ``top1``, ``top5``, ``loss``, ``images``, ``images_per_sec``, ``seconds``,
-  the checkpoint, EMA or not, the device;
+  the checkpoint, EMA or not, the device, the precision;
 * ``per_class.csv``: ``class,name,count,correct,accuracy`` for every class.
 
 Top-k is the fraction of images whose label is among the k highest logits
 (:func:`bitrain.tasks.common.topk_accuracy`: torchmetrics, micro average; top-5 clipped to the
-number of classes); the loss is the mean cross entropy over all images.
+number of classes); the loss is the mean cross entropy over all images (Lightning's mean of the
+batch means weighted by batch size).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import hydra
+import lightning as L
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassStatScores
 
 from bitrain.checkpoints import load_classifier
-from bitrain.tasks.common import topk_accuracy
+from bitrain.tasks.classification import ImageClassification
 
-__all__ = ["evaluate", "resolve_device"]
+__all__ = ["EvaluationReport", "evaluate", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +55,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _trainer_device(device: torch.device) -> tuple[str, int | list[int]]:
+    """``(accelerator, devices)`` of ``lightning.Trainer`` for one torch device."""
+    if device.type == "cuda":
+        return "gpu", [device.index or 0]
+    return device.type, 1
 
 
 PREPROCESSING = ("checkpoint", "config")
@@ -66,11 +83,110 @@ def _preprocessing(cfg: DictConfig, model: torch.nn.Module) -> dict[str, Any]:
     return {"val_transform": spec.build()}
 
 
-@torch.inference_mode()
+class EvaluationReport(L.Callback):
+    """What ``bitrain.evaluate`` reports besides the task's metrics: per class, speed, progress.
+
+    Reads the logits :meth:`ImageClassification.validation_step` returns. Per class it counts the
+    images and the correct ones with the same top-1 rule as ``val/top1`` (torchmetrics'
+    ``MulticlassStatScores``: true positives and support), so the correct counts add up to top-1
+    exactly. A label outside ``0..num_classes-1`` stops the run, naming the label and the number
+    of classes.
+
+    Args:
+        num_classes: classes of the model.
+        every_n_batches: a progress line (running top-1, images/s) every N batches.
+    """
+
+    def __init__(self, num_classes: int, every_n_batches: int = 20) -> None:
+        self.num_classes = int(num_classes)
+        self.every = max(1, int(every_n_batches))
+        self.stats = MulticlassStatScores(self.num_classes, top_k=1, average="none")
+        self.images = 0
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.stats = self.stats.to(pl_module.device)
+        self.stats.reset()
+        self.images = 0
+        self._start = time.perf_counter()
+
+    def on_validation_batch_start(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        labels = batch["labels"]
+        if not labels.numel():
+            return
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= self.num_classes:
+            bad = hi if hi >= self.num_classes else lo
+            raise ValueError(
+                f"label {bad} in the data but the model has {self.num_classes} classes "
+                f"(0..{self.num_classes - 1}): evaluate on data with the checkpoint's classes"
+            )
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not isinstance(outputs, torch.Tensor):
+            raise TypeError(
+                f"EvaluationReport needs the logits from validation_step, got "
+                f"{type(outputs).__name__}"
+            )
+        labels = batch["labels"]
+        self.stats.update(outputs.detach(), labels)
+        self.images += int(labels.numel())
+        if (batch_idx + 1) % self.every == 0:  # one progress line every N batches (no bar in logs)
+            total = trainer.num_val_batches[dataloader_idx] if trainer.num_val_batches else None
+            correct = int(self.stats.compute()[:, 0].sum())
+            log.info(
+                "batch %d%s: %d images, running top-1 %.4f, %.0f images/s",
+                batch_idx + 1,
+                f"/{int(total)}" if isinstance(total, int) else "",
+                self.images,
+                correct / max(self.images, 1),
+                self.images / max(time.perf_counter() - self._start, 1e-9),
+            )
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seconds = time.perf_counter() - self._start
+
+    def per_class(self) -> tuple[list[int], list[int]]:
+        """``(count, correct)`` per class."""
+        if self.images == 0:
+            return [0] * self.num_classes, [0] * self.num_classes
+        stats = self.stats.compute().cpu()  # [C, (tp, fp, tn, fn, support)]
+        return [int(v) for v in stats[:, 4]], [int(v) for v in stats[:, 0]]
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Lightning's INFO lines off (its loggers at WARNING) for the duration; restored after."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation the config describes; return the metrics (also written to files)."""
     ckpt = Path(str(cfg.ckpt_path)).expanduser()
-    model = load_classifier(ckpt, use_ema=bool(cfg.get("use_ema", False)))
+    use_ema = bool(cfg.get("use_ema", False))
+    model = load_classifier(ckpt, use_ema=use_ema)
     with open_dict(cfg):
         cfg.model = OmegaConf.create(dict(model.bitrain_spec))
     datamodule = hydra.utils.instantiate(cfg.data, **_preprocessing(cfg, model))
@@ -88,60 +204,45 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
     names = names or data_names or [str(i) for i in range(num_classes)]
     device = resolve_device(str(cfg.get("device", "auto")))
-    model.to(device)
-    top1 = topk_accuracy(num_classes, 1).to(device)
-    top5 = topk_accuracy(num_classes, 5).to(device)
-    per_class = MulticlassAccuracy(num_classes, top_k=1, average="none").to(device)
-    count = torch.zeros(num_classes, dtype=torch.long, device=device)
-    loss_sum, n = 0.0, 0
-    start = time.perf_counter()
-    loader = datamodule.val_dataloader()
-    total = len(loader) if hasattr(loader, "__len__") else None
-    every = max(1, int(cfg.get("log_every_n_batches", 20)))
-    for i, batch in enumerate(loader):
-        images, labels = batch["images"].to(device), batch["labels"].to(device)
-        if int(labels.max()) >= num_classes:
-            raise ValueError(
-                f"label {int(labels.max())} in the data but the model has {num_classes} classes"
-            )
-        logits = model(images).float()
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        n += labels.numel()
-        top1.update(logits, labels)
-        top5.update(logits, labels)
-        per_class.update(logits, labels)
-        count += torch.bincount(labels, minlength=num_classes)
-        if (i + 1) % every == 0:  # one progress line every N batches (no bar in logs)
-            log.info(
-                "batch %d%s: %d images, running top-1 %.4f, %.0f images/s",
-                i + 1,
-                f"/{total}" if total else "",
-                n,
-                float(top1.compute()),
-                n / max(time.perf_counter() - start, 1e-9),
-            )
-    seconds = time.perf_counter() - start
+    precision = str(cfg.get("precision", "32-true"))
+    accelerator, devices = _trainer_device(device)
+    out = Path(cfg.paths.output_dir)
+    report = EvaluationReport(num_classes, int(cfg.get("log_every_n_batches", 20)))
+    task = ImageClassification.from_model(model, label_names=list(names))
+    with _quiet_lightning():  # its set-up lines (GPU/TPU available, tips); warnings still show
+        trainer = L.Trainer(
+            accelerator=accelerator,
+            devices=devices,
+            precision=precision,
+            logger=False,
+            callbacks=[report],
+            enable_checkpointing=False,
+            enable_progress_bar=False,  # the report's progress lines instead
+            enable_model_summary=False,
+            default_root_dir=out,
+        )
+        (results,) = trainer.validate(task, datamodule=datamodule, verbose=False)
+    n, seconds = report.images, report.seconds
     metrics = {
         "checkpoint": str(ckpt),
-        "ema": bool(cfg.get("use_ema", False)),
+        "ema": use_ema,
         "device": str(device),
+        "precision": precision,
         "images": n,
-        "top1": float(top1.compute()),
-        "top5": float(top5.compute()),
-        "loss": loss_sum / max(n, 1),
+        "top1": float(results["val/top1"]),
+        "top5": float(results["val/top5"]),
+        "loss": float(results["val/loss"]),
         "seconds": seconds,
         "images_per_sec": n / seconds if seconds > 0 else float("nan"),
     }
-    out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    accuracy = per_class.compute().cpu()  # the same top-1 rule as "top1", per class
+    count, correct = report.per_class()
     with open(out / "per_class.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["class", "name", "count", "correct", "accuracy"])
         for c in range(num_classes):
-            k = int(count[c])
-            ok = round(float(accuracy[c]) * k)
+            k, ok = count[c], correct[c]
             writer.writerow([c, names[c], k, ok, f"{ok / k:.6f}" if k else ""])
     log.info(
         "top-1 %.4f  top-5 %.4f  loss %.4f  on %d images  (%.0f images/s on %s)",

@@ -12,7 +12,8 @@ optionally initialised from ``model.pretrained``); the optimizer by :mod:`bitrai
 layer-wise lr decay folded into each group's lr. Label names (from the data module) are kept in
 every checkpoint (``checkpoint["label_names"]``), and hyper-parameters are plain containers, so
 ``torch.load(..., weights_only=True)`` reads the ``.ckpt``. Non-finite losses: skipped and counted
-as in pretraining (:class:`bitrain.tasks.common.NonFiniteGuard`).
+as in pretraining (:class:`bitrain.tasks.common.NonFiniteGuard`). ``bitrain.evaluate`` runs this
+task's validation on a loaded checkpoint (:meth:`ImageClassification.from_model`).
 """
 
 from __future__ import annotations
@@ -88,11 +89,14 @@ class ImageClassification(NonFiniteGuard, L.LightningModule):
         eval_transform: config of the evaluation transform (``${data.val_transform}``). The
             checkpoint keeps it as data (:func:`eval_preprocessing_record`), so ``python -m
             bitrain.predict`` preprocesses images the same way without running code from a file.
+
+    :meth:`from_model` wraps a classifier that is already built (a loaded checkpoint) to run this
+    task's validation on it (``bitrain.evaluate``).
     """
 
     def __init__(
         self,
-        model: Mapping[str, Any],
+        model: Mapping[str, Any] | torch.nn.Module,
         optim: Mapping[str, Any],
         mixup: Mapping[str, Any] | None = None,
         label_smoothing: float = 0.0,
@@ -104,6 +108,9 @@ class ImageClassification(NonFiniteGuard, L.LightningModule):
         eval_transform: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        built = model if isinstance(model, torch.nn.Module) else None  # from_model
+        if built is not None:
+            model = {"num_classes": _num_classes(built)}
         model, optim, mixup, ema = plain(model), plain(optim), plain(mixup), plain(ema)
         if not 0.0 <= float(label_smoothing) < 1.0:
             raise ValueError(f"task.label_smoothing must be in [0, 1), got {label_smoothing}")
@@ -123,7 +130,8 @@ class ImageClassification(NonFiniteGuard, L.LightningModule):
                 "eval_transform": eval_preprocessing_record(plain(eval_transform)),
             }
         )
-        self.model = hydra.utils.instantiate(model)
+        self.model = built if built is not None else hydra.utils.instantiate(model)
+        self.validation_only = built is not None
         self.num_classes = int(model["num_classes"])
         self.optim_cfg = dict(optim)
         self.label_smoothing = float(label_smoothing)
@@ -143,6 +151,25 @@ class ImageClassification(NonFiniteGuard, L.LightningModule):
         self.nonfinite_check = nonfinite_check
         self.nonfinite_steps = 0
         self._t_last: float | None = None
+
+    @classmethod
+    def from_model(
+        cls, model: torch.nn.Module, label_names: list[str] | None = None
+    ) -> ImageClassification:
+        """The task around an already-built classifier, to validate it as fine-tuning does.
+
+        ``bitrain.evaluate`` wraps a loaded checkpoint in it and runs ``Trainer.validate``: the
+        same :meth:`validation_step` and metrics as a fine-tuning run's validation, so its
+        ``val/top1``, ``val/top5`` and ``val/loss`` are that run's by construction. No optimizer
+        (the task is not for training), no EMA (load the EMA weights as the model instead), no
+        ``torch.compile``.
+
+        Args:
+            model: a classifier with ``num_classes`` (a timm model, as
+                :func:`bitrain.checkpoints.load_classifier` returns), logits ``[B, num_classes]``.
+            label_names: its class names, if known.
+        """
+        return cls(model=model, optim={}, label_names=label_names)
 
     # --- Lightning hooks -------------------------------------------------------------------------
 
@@ -201,7 +228,12 @@ class ImageClassification(NonFiniteGuard, L.LightningModule):
         if self.ema is not None and (batch_idx + 1) % accumulate == 0:
             self.ema.update(self.model, step=self.global_step)
 
-    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Log ``val/loss``, ``val/top1``, ``val/top5`` (and the EMA's); return the logits.
+
+        The logits ``[B, num_classes]`` reach the callbacks' ``on_validation_batch_end`` (the
+        evaluation's per-class counts); Lightning keeps nothing of them after the batch.
+        """
         images, labels = batch["images"], batch["labels"]
         bs = images.shape[0]
         logits = self(images)
@@ -217,9 +249,27 @@ class ImageClassification(NonFiniteGuard, L.LightningModule):
             self.ema_top5.update(ema_logits, labels)
             self.log("val/ema_top1", self.ema_top1, batch_size=bs)
             self.log("val/ema_top5", self.ema_top5, batch_size=bs)
+        return logits
 
     def configure_optimizers(self):
+        if self.validation_only:
+            raise ValueError(
+                "this ImageClassification was built by from_model, for validation only: it has "
+                "no optimizer settings; build it from a config with optim=... to train"
+            )
         return optim_lib.lightning_optimizers(self.model, self.trainer, self.optim_cfg)
+
+
+def _num_classes(model: torch.nn.Module) -> int:
+    """A built classifier's number of classes (timm models keep it as ``num_classes``)."""
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise TypeError(
+            f"ImageClassification.from_model: {type(model).__name__} has no positive integer "
+            f"num_classes ({n!r}); give a classifier such as a timm model or what "
+            "bitrain.checkpoints.load_classifier returns"
+        )
+    return n
 
 
 def _build_mixup(cfg: Mapping[str, Any] | None, smoothing: float, num_classes: int):

@@ -82,10 +82,26 @@ def test_finetune_without_pretraining_says_what_to_run(tmp_path):
     assert not list(Path(tmp_path).glob("outputs/finetune/*/*/checkpoints"))
 
 
+def _last_validation(run: Path) -> dict[str, float]:
+    """The run's last logged validation, as metrics.csv holds it."""
+    import csv
+
+    with open(run / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/top1")]
+    return {k: float(v) for k, v in rows[-1].items() if k.startswith("val/") and v}
+
+
 def test_evaluate_reproduces_the_last_validation(compose_cfg, demo_mim_ckpt, tmp_path):
-    """python -m bitrain.evaluate on a fine-tuning checkpoint: the run's own val top-1 and loss."""
+    """python -m bitrain.evaluate on a fine-tuning checkpoint: exactly the run's last val/*.
+
+    evaluate runs the fine-tuning task's own validation (Trainer.validate), so on the same data
+    and batch size its top-1, top-5 and loss are the numbers the run logged, to the last bit; the
+    EMA weights (use_ema=true) give the run's val/ema_top1 and val/ema_top5.
+    """
     import csv
     import json
+
+    from bitrain.evaluation.validation import evaluate
 
     ckpt, _ = demo_mim_ckpt
     run = tmp_path / "ft"
@@ -93,23 +109,24 @@ def test_evaluate_reproduces_the_last_validation(compose_cfg, demo_mim_ckpt, tmp
     cfg = compose_cfg(
         "finetune",
         [*overrides, f"model.pretrained={ckpt}", "trainer.max_steps=8",
-         "trainer.check_val_every_n_epoch=1"],
+         "trainer.check_val_every_n_epoch=1", "task.ema={decay: 0.5}"],
         run,
     )  # fmt: skip
-    summary = runner.train(cfg)  # 8 steps = one epoch of 130 images at batch 16: full validation
+    runner.train(cfg)  # 8 steps = one epoch of 130 images at batch 16: full validation
+    logged = _last_validation(run)
     env = {**os.environ, "WANDB_MODE": "offline"}
     out = tmp_path / "eval"
     proc = subprocess.run(
         [sys.executable, "-m", "bitrain.evaluate", f"ckpt_path={run}/checkpoints/last.ckpt",
-         f"hydra.run.dir={out}", "log_every_n_batches=1"],
+         f"hydra.run.dir={out}", "log_every_n_batches=1", "data.batch_size=16"],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "batch 1/" in proc.stdout and "running top-1" in proc.stdout  # progress lines
+    assert "batch 1/32" in proc.stdout and "running top-1" in proc.stdout  # progress lines
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 500
-    assert metrics["top1"] == pytest.approx(summary["metrics"]["val/top1"], abs=1e-6)
-    assert metrics["loss"] == pytest.approx(summary["metrics"]["val/loss"], rel=1e-4)
+    got = {"val/top1": metrics["top1"], "val/top5": metrics["top5"], "val/loss": metrics["loss"]}
+    assert got == {k: logged[k] for k in got}, (got, logged)
     assert 0 <= metrics["top1"] <= metrics["top5"] <= 1
     with open(out / "per_class.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -118,6 +135,15 @@ def test_evaluate_reproduces_the_last_validation(compose_cfg, demo_mim_ckpt, tmp
     # Overall top-1 is the share of correct images: the per-class counts add up to it exactly.
     assert sum(int(r["correct"]) for r in rows) == round(metrics["top1"] * 500)
     assert metrics["top1"] * 500 == pytest.approx(round(metrics["top1"] * 500), abs=1e-3)
+    # The EMA weights, in process: the run's EMA validation.
+    ema = evaluate(
+        compose_cfg(
+            "evaluate",
+            [f"ckpt_path={run}/checkpoints/last.ckpt", "use_ema=true", "data.batch_size=16"],
+            tmp_path / "eval_ema",
+        )
+    )
+    assert (ema["top1"], ema["top5"]) == (logged["val/ema_top1"], logged["val/ema_top5"])
 
 
 def test_evaluate_refuses_a_pretraining_checkpoint(demo_mim_ckpt, tmp_path):

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from bitrain.checkpoints import save_mim_model
 from bitrain.evaluation.linear_probe import (
@@ -16,6 +17,7 @@ from bitrain.evaluation.linear_probe import (
 )
 from bitrain.io import CheckpointError
 from bitrain.models.beit import BeitMIM
+from bitrain.tasks.optim import cosine_multiplier
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY = dict(
@@ -111,3 +113,29 @@ def test_linear_probe_errors(mim_ckpt, tmp_path):
         load_frozen_encoder(tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="outside 1..3"):
         linear_probe(_cfg(mim_ckpt, tmp_path, "task.layers=[7]"))
+
+
+@pytest.mark.parametrize(("epochs", "warmup_epochs"), [(3, 1), (2, 5)])
+def test_probe_lr_per_step_is_the_shared_schedule(mim_ckpt, tmp_path, epochs, warmup_epochs):
+    """Every optimizer step of the probe: lr = task.lr x optim.cosine_multiplier, decay on all."""
+    seen = []
+
+    def record(optimizer, args, kwargs):
+        seen.append([(g["lr"], g["weight_decay"]) for g in optimizer.param_groups])
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        linear_probe(
+            _cfg(mim_ckpt, tmp_path, f"task.epochs={epochs}", f"task.warmup_epochs={warmup_epochs}",
+                 "task.batch_size=64", "+data.val_source.labels_per_class=5")
+        )  # fmt: skip
+    finally:
+        handle.remove()
+    steps_per_epoch = 4  # 200 cached training features at batch 64: 64, 64, 64, 8
+    total = epochs * steps_per_epoch
+    warmup = min(warmup_epochs * steps_per_epoch, total)  # optim.build's warmup_epochs
+    want = [4e-3 * cosine_multiplier(step, total, warmup, 0.0) for step in range(total)]
+    assert len(seen) == total
+    for step, groups in enumerate(seen):
+        # The official probe (run_linear_eval.py) decays every parameter, biases too.
+        assert groups == [(pytest.approx(want[step], rel=1e-12, abs=0), 1e-4)] * len(groups), step

@@ -147,3 +147,25 @@ def test_class_count_mismatch_with_the_data_is_an_error(tmp_path):
 def test_unknown_nonfinite_check_is_refused_naming_the_key():
     with pytest.raises(ValueError, match=r"task.nonfinite_check must be one of .*'never'"):
         ImageClassification(MODEL, OPTIM, nonfinite_check="never")
+
+
+def test_from_model_validates_a_built_model_as_the_configured_task_does(tmp_path):
+    """bitrain.evaluate's wrapper: the same validation_step and metrics, on a built model."""
+    torch.manual_seed(0)
+    task = ImageClassification(MODEL, OPTIM, ema={"decay": 0.5})
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    (want,) = trainer.validate(task, _Data(), verbose=False)
+    wrapped = ImageClassification.from_model(task.model, label_names=_Data.label_names)
+    (got,) = trainer.validate(wrapped, _Data(), verbose=False)
+    assert {k: got[k] for k in ("val/loss", "val/top1", "val/top5")} == {
+        k: want[k] for k in ("val/loss", "val/top1", "val/top5")
+    }
+    # The EMA weights as the model give the task's val/ema_* (bitrain.evaluate use_ema=true).
+    ema_task = ImageClassification.from_model(task.ema.module)
+    (ema,) = trainer.validate(ema_task, _Data(), verbose=False)
+    assert (ema["val/top1"], ema["val/top5"]) == (want["val/ema_top1"], want["val/ema_top5"])
+    assert wrapped.model is task.model and wrapped.num_classes == 5 and wrapped.ema is None
+    with pytest.raises(ValueError, match="from_model, for validation only"):
+        wrapped.configure_optimizers()
+    with pytest.raises(TypeError, match="no positive integer num_classes"):
+        ImageClassification.from_model(torch.nn.Linear(3, 5))
