@@ -31,7 +31,6 @@ import contextlib
 import csv
 import json
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from torchmetrics.classification import MulticlassStatScores
 
 from bitrain.checkpoints import load_classifier
 from bitrain.tasks.classification import ImageClassification
+from bitrain.tasks.common import ImageRate
 
 __all__ = ["EvaluationReport", "evaluate", "resolve_device"]
 
@@ -101,15 +101,13 @@ class EvaluationReport(L.Callback):
         self.num_classes = int(num_classes)
         self.every = max(1, int(every_n_batches))
         self.stats = MulticlassStatScores(self.num_classes, top_k=1, average="none")
-        self.images = 0
+        self.rate = ImageRate()  # one evaluation process: images / seconds
         self.seconds = 0.0
-        self._start = 0.0
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.stats = self.stats.to(pl_module.device)
         self.stats.reset()
-        self.images = 0
-        self._start = time.perf_counter()
+        self.rate.start()
 
     def on_validation_batch_start(
         self,
@@ -146,7 +144,7 @@ class EvaluationReport(L.Callback):
             )
         labels = batch["labels"]
         self.stats.update(outputs.detach(), labels)
-        self.images += int(labels.numel())
+        self.rate.add(int(labels.numel()))
         if (batch_idx + 1) % self.every == 0:  # one progress line every N batches (no bar in logs)
             total = trainer.num_val_batches[dataloader_idx] if trainer.num_val_batches else None
             correct = int(self.stats.compute()[:, 0].sum())
@@ -156,11 +154,16 @@ class EvaluationReport(L.Callback):
                 f"/{int(total)}" if isinstance(total, int) else "",
                 self.images,
                 correct / max(self.images, 1),
-                self.images / max(time.perf_counter() - self._start, 1e-9),
+                self.rate.rate(),
             )
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.seconds = time.perf_counter() - self._start
+        self.seconds = self.rate.seconds()
+
+    @property
+    def images(self) -> int:
+        """Images evaluated so far."""
+        return self.rate.images
 
     def per_class(self) -> tuple[list[int], list[int]]:
         """``(count, correct)`` per class."""

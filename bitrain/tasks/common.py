@@ -106,11 +106,15 @@ class ImageRate:
         """Count ``images`` more images of this rank."""
         self.images += int(images)
 
+    def seconds(self) -> float:
+        """Seconds since :meth:`start` (``nan`` before it)."""
+        return float("nan") if self._start is None else self._clock() - self._start
+
     def rate(self) -> float:
         """Images per second of all ranks since :meth:`start` (``nan`` before it)."""
-        if self._start is None:
-            return float("nan")
-        elapsed = self._clock() - self._start
+        elapsed = self.seconds()
+        if elapsed != elapsed:  # nan: not started
+            return elapsed
         return self.images * self.world_size / max(elapsed, 1e-9)
 
     def lap(self) -> float:
