@@ -182,21 +182,43 @@ def _jitter_(views: list[torch.Tensor], params: tuple, grey: torch.Tensor) -> No
 
     ``params`` is ``ColorJitter.get_params``'s ``(order, brightness, contrast, saturation, hue)``.
     Each operation blends with black (brightness), the mean grey of the first view (contrast) or
-    the pixel's grey (saturation), then clips to [0, 255], in the drawn order.
+    the pixel's grey (saturation), then clips to [0, 255], in the drawn order. A blend with a
+    factor f <= 1 mixes two values in [0, 255] (f x + (1 - f) y), so only f > 1 can leave the
+    range and clip: the clip is skipped otherwise (the same values, one pass less), and the blends
+    run as one ``lerp_`` each.
     """
     order, brightness, contrast, saturation, _ = params
     for fn in order.tolist():
         if fn == 0 and brightness is not None:
             for v in views:
-                v.mul_(float(brightness)).clamp_(0.0, 255.0)
+                v.mul_(float(brightness))
+            factor = brightness
         elif fn == 1 and contrast is not None:
-            mean = float(torch.dot(views[0].mean(dim=(1, 2)), grey))
+            mean = torch.dot(views[0].mean(dim=(1, 2)), grey)
             for v in views:
-                v.mul_(float(contrast)).add_((1.0 - contrast) * mean).clamp_(0.0, 255.0)
+                v.lerp_(mean, 1.0 - float(contrast))
+            factor = contrast
         elif fn == 2 and saturation is not None:
             for v in views:
                 luma = torch.tensordot(grey, v, dims=1)  # [H, W]
-                v.mul_(float(saturation)).add_(luma, alpha=1.0 - saturation).clamp_(0.0, 255.0)
+                v.lerp_(luma, 1.0 - float(saturation))
+            factor = saturation
+        else:
+            continue
+        if factor > 1.0:
+            for v in views:
+                v.clamp_(0.0, 255.0)
+
+
+def _round_to_uint8(view: torch.Tensor) -> torch.Tensor:
+    """Float pixels in [0, 255] (up to float rounding) -> uint8, rounded half to even.
+
+    NumPy's ``rint`` and cast: torch's float-to-uint8 conversion took 4x as long here (50 against
+    12 us for a 224-px view, torch 2.14 on one core of the reference machine).
+    """
+    pixels = view.numpy()
+    np.rint(pixels, out=pixels)
+    return torch.from_numpy(pixels.astype(np.uint8))
 
 
 class _RandomCrop:
@@ -338,8 +360,11 @@ class TwoViewTransform:
         if jitter is not None:
             _jitter_(views, jitter, self._grey)
         if self.output_dtype == "uint8":
-            # One rounding to 8 bits of the jittered views (values already clipped to [0, 255]).
-            return tuple(v.round_().to(torch.uint8) for v in views)  # type: ignore[return-value]
+            # One rounding to 8 bits of the jittered views (in [0, 255] up to float rounding).
+            return tuple(_round_to_uint8(v) for v in views)  # type: ignore[return-value]
+        if jitter is not None:  # float rounding of the unclipped blends: at most ~1e-5 outside
+            for v in views:
+                v.clamp_(0.0, 255.0)
         images = views[0].mul_(self._scale).add_(self._shift)
         return images, views[1].mul_(1.0 / 255.0)
 
