@@ -151,6 +151,17 @@ def dct_reduction(crop_width: int, crop_height: int, size: int) -> int:
     return 1
 
 
+def _rgbx(img: Image.Image) -> torch.Tensor:
+    """An RGB image's pixels as uint8 ``[h, w, 4]``: R, G, B and a padding byte.
+
+    PIL keeps an RGB pixel in 4 bytes; its ``RGBX`` raw mode copies them as they lie, where
+    ``np.array(img)`` first packs them to 3 (17 against 10 us for a 200x150 crop here), and
+    torch's uint8 resampling runs on 4 channels anyway (the same R, G, B out, tested).
+    """
+    buffer = bytearray(img.tobytes("raw", "RGBX"))  # writable, as torch.frombuffer wants
+    return torch.frombuffer(buffer, dtype=torch.uint8).view(img.height, img.width, 4)
+
+
 def _resized(
     img: Image.Image, box: tuple[float, float, float, float], size: int, mode: InterpolationMode
 ) -> torch.Tensor:
@@ -169,12 +180,11 @@ def _resized(
     left, top = min(round(box[0]), img.width - 1), min(round(box[1]), img.height - 1)
     right = min(max(round(box[2]), left + 1), img.width)
     bottom = min(max(round(box[3]), top + 1), img.height)
-    region = np.array(img.crop((left, top, right, bottom)), dtype=np.uint8)
-    hwc = torch.from_numpy(region)[None].permute(0, 3, 1, 2)  # channels_last [1, 3, h, w]
-    out = torch.nn.functional.interpolate(
-        hwc, size=(size, size), mode=torch_mode, antialias=True, align_corners=False
+    region = _rgbx(img.crop((left, top, right, bottom)))[None].permute(0, 3, 1, 2)
+    out = torch.nn.functional.interpolate(  # channels_last [1, 4, h, w] in and out
+        region, size=(size, size), mode=torch_mode, antialias=True, align_corners=False
     )
-    return out[0]
+    return out[0, :3]
 
 
 def _jitter_(views: list[torch.Tensor], params: tuple, grey: torch.Tensor) -> None:
