@@ -362,21 +362,26 @@ class TwoViewTransform:
             _resized(pixels, box, self.input_size, self.interpolation),
             _resized(pixels, box, self.second_input_size, self.second_interpolation),
         ]
-        if flip:
-            views = [v.flip(-1) for v in views]
         if jitter is None and self.output_dtype == "uint8":
-            return tuple(v.contiguous() for v in views)  # type: ignore[return-value]
-        views = [v.to(torch.float32, memory_format=torch.contiguous_format) for v in views]
-        if jitter is not None:
-            _jitter_(views, jitter, self._grey)
-        if self.output_dtype == "uint8":
-            # One rounding to 8 bits of the jittered views (in [0, 255] up to float rounding).
-            return tuple(_round_to_uint8(v) for v in views)  # type: ignore[return-value]
-        if jitter is not None:  # float rounding of the unclipped blends: at most ~1e-5 outside
-            for v in views:
-                v.clamp_(0.0, 255.0)
-        images = views[0].mul_(self._scale).add_(self._shift)
-        return images, views[1].mul_(1.0 / 255.0)
+            views = [v.contiguous() for v in views]
+        else:
+            views = [v.to(torch.float32, memory_format=torch.contiguous_format) for v in views]
+            if jitter is not None:
+                _jitter_(views, jitter, self._grey)
+            if self.output_dtype == "uint8":
+                # One rounding to 8 bits of the jittered views (in [0, 255] up to float rounding).
+                views = [_round_to_uint8(v) for v in views]
+            else:
+                if jitter is not None:  # float rounding of the unclipped blends: ~1e-5 outside
+                    for v in views:
+                        v.clamp_(0.0, 255.0)
+                views = [views[0].mul_(self._scale).add_(self._shift), views[1].mul_(1.0 / 255.0)]
+        if flip:
+            # Last, on contiguous views: the jitter and normalisation act per pixel (and the
+            # contrast mean is the same mirrored), so the order does not matter; torch's flip of
+            # the resized views' channels-last strides took 120 us a 224-px view, 3 us here.
+            views = [v.flip(-1) for v in views]
+        return tuple(views)  # type: ignore[return-value]
 
     def __repr__(self) -> str:
         return (
