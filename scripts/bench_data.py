@@ -89,15 +89,20 @@ def make_images(out_dir: Path, num_images: int, size: tuple[int, int], seed: int
 
 
 def make_shards(root: Path, out_dir: Path, per_shard: int) -> str:
-    """Tar shards (webdataset layout: ``<key>.jpg`` + ``<key>.cls``) of the JPEGs under ``root``."""
+    """Tar shards (webdataset layout: ``<key>.jpg`` + ``<key>.cls``) of the JPEGs under ``root``.
+
+    Written as ``scripts/make_shards.py`` writes them: plain ustar (whole-second file times, no
+    PAX header per file).
+    """
     import webdataset as wds
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    mtime = int(time.time())
     files = sorted(root.rglob("*.jpg"))
     classes = sorted({f.parent.name for f in files})
     n_shards = 0
     for start in range(0, len(files), per_shard):
-        with wds.TarWriter(str(out_dir / f"shard-{n_shards:06d}.tar")) as sink:
+        with wds.TarWriter(str(out_dir / f"shard-{n_shards:06d}.tar"), mtime=mtime) as sink:
             for f in files[start : start + per_shard]:
                 sink.write(
                     {

@@ -105,8 +105,8 @@ def test_block_statistics_match_official():
     # the number of patches of a fresh generator's first block (one block-phase step).
     off_first = np.mean([f for _, f in official])
     first = BlockwiseMaskGenerator(num_masking_patches=75)
-    g2 = torch.Generator().manual_seed(2)
-    our_first = np.mean([first._add_block(np.zeros((14, 14), bool), 75, 16, g2) for _ in range(n)])
+    rng2 = random.Random(2)
+    our_first = np.mean([first._add_block(0, 75, 16, rng2)[1] for _ in range(n)])
     assert abs(our_first - off_first) < 0.08 * off_first
     assert 25 < our_first < 50  # mean of U(16, 75) is 45.5; rounding and rejections lower it
 
@@ -175,6 +175,40 @@ def test_repr_and_sizes():
 
 def test_max_num_patches_caps_block_phase_blocks():
     gen = BlockwiseMaskGenerator(14, 75, 4, max_num_patches=8)
-    g = torch.Generator().manual_seed(0)
+    rng = random.Random(0)
     for _ in range(50):
-        assert gen._add_block(np.zeros((14, 14), bool), 8, 4, g) <= 8
+        assert gen._add_block(0, 8, 4, rng)[1] <= 8
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"input_size": (6, 10), "num_masking_patches": 30, "min_num_patches": 4}],
+)
+def test_block_phase_is_the_official_mask_for_the_same_python_rng(kwargs):
+    """Handed a ``random.Random``, the block phase makes the official MaskingGenerator's draws
+    in its order, so its mask IS the official mask; the top-up only adds patches to it."""
+    gen = BlockwiseMaskGenerator(**kwargs)
+    h, w = gen.grid_size
+    n, min_p = gen.num_masking_patches, gen.min_num_patches
+    short = 0
+    for seed in range(300):
+        official, _ = official_mask(random.Random(seed), h, w, n, min_p)
+        np.testing.assert_array_equal(gen.block_phase(random.Random(seed)), official)
+        full = gen(random.Random(seed)).numpy()
+        assert full.sum() == n and (full & official).sum() == official.sum()
+        short += int(official.sum() < n)
+    assert short > 10  # the top-up was exercised (BEiT: a third of official masks stop short)
+
+
+def test_a_mask_takes_one_draw_from_the_torch_generator():
+    """The algorithm runs on a Python RNG seeded by ONE draw of the torch generator (it made
+    ~100 small torch calls per mask before); Python's global ``random`` is left alone."""
+    gen = BlockwiseMaskGenerator()
+    g, ref = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    random.seed(11)
+    python_state = random.getstate()
+    for _ in range(20):
+        gen(generator=g)
+        torch.randint(0, 2**63 - 1, (), generator=ref)
+        assert torch.equal(g.get_state(), ref.get_state())
+    assert random.getstate() == python_state

@@ -289,3 +289,17 @@ def test_big_boxes_are_reduced_before_the_lanczos_view():
     small = (10.0, 5.0, 10.0 + 300, 5.0 + 300)  # < 336: exact Lanczos
     got = _resized(img, small, 112, lanczos).permute(1, 2, 0).numpy()
     np.testing.assert_array_equal(got, np.asarray(img.resize((112, 112), Image.LANCZOS, box=small)))
+
+
+def test_patch_view_resamples_the_rgbx_bytes_to_the_same_pixels():
+    """The crop reaches torch as PIL's 4-byte RGBX pixels (no packing to 3 bytes): the patch view
+    is exactly the antialiased bicubic of the packed RGB crop."""
+    from bitrain.data.transforms import _resized
+
+    for img, box in _photo_crops(24):
+        got = _resized(img, box, 224, interpolation_mode("bicubic"))
+        region = torch.from_numpy(np.array(img.crop(box)))[None].permute(0, 3, 1, 2)
+        want = torch.nn.functional.interpolate(
+            region, size=(224, 224), mode="bicubic", antialias=True, align_corners=False
+        )[0]
+        assert got.shape == (3, 224, 224) and torch.equal(got, want)
