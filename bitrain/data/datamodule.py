@@ -114,8 +114,8 @@ def seed_worker(worker_id: int) -> None:
 
     Workers also ignore Ctrl-C (SIGINT reaches the whole process group): the main process stops
     at the end of its step, writes a checkpoint and then shuts the workers down itself
-    (``bitrain.cluster.PreemptionCheckpoint``); a worker that died on the signal would fail the
-    next fetch first.
+    (``bitrain.callbacks.preemption.PreemptionCheckpoint``); a worker that died on the signal
+    would fail the next fetch first.
     """
     info = get_worker_info()
     if info is not None:  # in a worker process
