@@ -12,7 +12,8 @@ The public API (stable: scripts and users import from here)::
 One module per foreign format's table: :mod:`.official` (unilm ``.pth``), :mod:`.hf_beit`
 (Hugging Face BEiT, MIM and classifier from one table), :mod:`.hf_vit`, :mod:`.hf_bit`, with the
 shared Hugging Face machinery in :mod:`.hf` and the dispatch in :mod:`.huggingface`; the timm hub
-folder layout is in :mod:`.classifier`. Exports read the same tables backwards.
+folder layout is in :mod:`.classifier`, what any file records about its pixels in
+:mod:`.normalization`. Exports read the same tables backwards.
 
 Dependencies run one way: ``checkpoints`` -> ``models``, ``data.preprocessing``, ``io``; nothing
 in ``models`` imports ``checkpoints``. Every file is data: read weights-only, and no content of a

@@ -13,7 +13,6 @@ unless ``force``; with ``force`` the old one is replaced only after the new one 
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -25,20 +24,11 @@ from typing import Any
 import torch
 
 from bitrain.checkpoints.classifier import CLASSIFIER_FORMATS, load_classifier, save_classifier
-from bitrain.checkpoints.mim import (
-    FORMATS,
-    build_mim_model,
-    load_mim_model,
-    load_mim_state,
-    save_mim_model,
-)
-from bitrain.checkpoints.normalization import normalization_of
+from bitrain.checkpoints.mim import FORMATS, load_mim_model, save_mim_model
 from bitrain.checkpoints.sniff import sniff
 from bitrain.io import CheckpointError
 
 __all__ = ["ALL_FORMATS", "ConversionError", "Converted", "LOGIT_TOL", "convert"]
-
-log = logging.getLogger(__name__)
 
 ALL_FORMATS: tuple[str, ...] = tuple(dict.fromkeys((*FORMATS, *CLASSIFIER_FORMATS)))
 LOGIT_TOL = 1e-5
@@ -124,10 +114,9 @@ def convert(
                 f"'{src}' holds pretraining (MIM) weights; the destination format must be one of "
                 f"{FORMATS} ({dst_format} is for classifiers)"
             )
-        state, kwargs, fmt = load_mim_state(found)
+        model = load_mim_model(found)
+        fmt = model.bitrain_source_format
         _check_format(src, fmt, src_format)
-        model = build_mim_model(state, kwargs, where=f"{fmt} checkpoint '{src}'")
-        model.bitrain_normalization = normalization_of(found)
         save: Callable[[Path], Path] = lambda out: save_mim_model(model, out, dst_format)  # noqa: E731
         check: Callable[[Path], str] = lambda out: _same_tensors(model, load_mim_model(out))  # noqa: E731
         kind = "mim"

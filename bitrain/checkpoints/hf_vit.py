@@ -1,21 +1,11 @@
 """Hugging Face ViT (``ViTForImageClassification`` / ``ViTModel``) <-> timm ``VisionTransformer``.
 
 timm architecture: ``vit_base_patch32_224`` (class token, ``global_pool="token"``, final ``norm``,
-no ``fc_norm``); the spec's other keys override its sizes. Key map (5.x spelling; 4.x is read and
-written, :data:`bitrain.checkpoints.hf.SPELLING`)::
-
-    vit.embeddings.cls_token                             cls_token
-    vit.embeddings.position_embeddings                   pos_embed
-    vit.embeddings.patch_embeddings.projection.*         patch_embed.proj.*
-    vit.layers.i.attention.{q,k,v}_proj.*                blocks.i.attn.qkv.*  (stacked q;k;v)
-    vit.layers.i.attention.o_proj.*                      blocks.i.attn.proj.*
-    vit.layers.i.layernorm_{before,after}.*              blocks.i.norm{1,2}.*
-    vit.layers.i.mlp.fc{1,2}.*                           blocks.i.mlp.fc{1,2}.*
-    vit.layernorm.*                                      norm.*
-    classifier.*                                         head.*
-
-Dropped on import: ``vit.embeddings.mask_token`` and the pre-trained pooler ``vit.pooler.dense.*``
-(a timm classifier pools by the class token and has no pooler).
+no ``fc_norm``); the spec's other keys override its sizes. The key table is BEiT's per-layer one
+without layer scale and relative positions (:data:`BLOCK`) plus :data:`TOP` (transformers 5.x
+names; 4.x is read and written, :data:`bitrain.checkpoints.hf.SPELLING`). Dropped on import:
+``vit.embeddings.mask_token`` and the pre-trained pooler ``vit.pooler.dense.*`` (a timm classifier
+pools by the class token and has no pooler).
 """
 
 from __future__ import annotations
@@ -28,8 +18,8 @@ from torch import nn
 
 from bitrain.checkpoints.hf import (
     from_layer_table,
-    one_value,
     to_layer_table,
+    transformer_config,
     transformer_sizes,
     weight_bias,
 )
@@ -39,7 +29,6 @@ from bitrain.io import CheckpointError
 __all__ = ["TIMM_VIT", "vit_from_hf", "vit_to_hf"]
 
 TIMM_VIT = "vit_base_patch32_224"
-# BEiT's per-layer table without its layer scale and relative position tables.
 BLOCK = {k: v for k, v in _BEIT_BLOCK.items() if not k.startswith(("lambda", "relative"))}
 TOP: dict[str, str] = {
     "vit.embeddings.cls_token": "cls_token",
@@ -55,19 +44,13 @@ def vit_from_hf(
     sd: Mapping[str, torch.Tensor], config: Mapping[str, Any]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """HF ViT weights (5.x spelling) -> ``(timm state dict, create_classifier spec)``."""
-    sizes = transformer_sizes(config, "ViT")
-    state = from_layer_table(
-        sd, "vit", TOP, BLOCK, "Hugging Face ViT weights", separate_qv_bias=False, drop=_DROPPED
-    )
-    head = state.get("head.weight")
     spec = {
         "model_name": TIMM_VIT,
-        "num_classes": int(head.shape[0]) if head is not None else None,
-        **sizes,
+        **transformer_sizes(config, "ViT"),
         "global_pool": "token",
         "qkv_bias": bool(config.get("qkv_bias", True)),
     }
-    return state, spec
+    return from_layer_table(sd, "vit", TOP, BLOCK, separate_qv_bias=False, drop=_DROPPED), spec
 
 
 def vit_to_hf(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -87,29 +70,11 @@ def vit_to_hf(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         raise CheckpointError(
             "Hugging Face ViT has no fc_norm and a final norm; this model differs"
         )
-    sd = model.state_dict()
-    dim = int(model.embed_dim)
-    state = to_layer_table(sd, "vit", TOP, BLOCK, dim, "to Hugging Face")
-    patch, blocks = model.patch_embed, model.blocks
-    img, grid = tuple(patch.img_size), tuple(patch.patch_size)
-    if img[0] != img[1] or grid[0] != grid[1]:
-        raise CheckpointError(f"to Hugging Face: image {img} / patch {grid} are not square")
     config = {
         "architectures": ["ViTForImageClassification"],
         "model_type": "vit",
-        "hidden_size": dim,
-        "num_hidden_layers": len(blocks),
-        "num_attention_heads": int(blocks[0].attn.num_heads),
-        "intermediate_size": int(blocks[0].mlp.fc1.out_features),
-        "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0,
-        "initializer_range": 0.02,
-        "layer_norm_eps": float(one_value(model, nn.LayerNorm, "eps")),
-        "image_size": int(img[0]),
-        "patch_size": int(grid[0]),
-        "num_channels": int(patch.proj.in_channels),
-        "qkv_bias": "blocks.0.attn.qkv.bias" in sd,
-        "encoder_stride": int(grid[0]),
+        **transformer_config(model),
+        "qkv_bias": model.blocks[0].attn.qkv.bias is not None,
     }
-    return state, config
+    config["encoder_stride"] = config["patch_size"]
+    return to_layer_table(model, "vit", TOP, BLOCK), config

@@ -25,13 +25,7 @@ from bitrain.checkpoints.normalization import (
     normalization_record,
 )
 from bitrain.checkpoints.official import from_official, mim_args, mim_kwargs, some_keys, to_official
-from bitrain.checkpoints.sniff import (
-    BEIT_MIM_TARGET,
-    Sniffed,
-    bitrain_state,
-    is_tensor_mapping,
-    sniff,
-)
+from bitrain.checkpoints.sniff import BEIT_MIM_TARGET, Sniffed, is_tensor_mapping, sniff, state_of
 from bitrain.io import CheckpointError, atomic_save
 from bitrain.models.beit import BeitMIM
 
@@ -54,33 +48,24 @@ def load_mim_state(
     )
     path, obj = found.path, found.obj
     if found.kind != "mim":
-        if found.format == "hf":
-            keys = list(obj.get("architectures") or [])
-        else:
-            raw = obj.get("state_dict") if found.format == "bitrain" else obj
-            raw = next((obj[k] for k in ("model", "module") if is_tensor_mapping(obj.get(k))), raw)
-            keys = some_keys(raw)
+        keys = obj.get("architectures") if found.format == "hf" else some_keys(state_of(found))
         raise CheckpointError(
             f"'{path}' is not a BEiT masked-image-modeling model (a {found.format} {found.kind} "
             f"checkpoint: no lm_head.weight); found {keys}"
         )
     if found.format == "hf":
-        state, kwargs = read_hf_mim(path)
-        return state, kwargs, "hf"
+        return (*read_hf_mim(path), "hf")
     if found.format == "bitrain":
         kwargs = {k: v for k, v in obj["hyper_parameters"]["model"].items() if k != "_target_"}
-        return bitrain_state(found), kwargs, "bitrain"
-    key = next(
-        (k for k in ("model", "module", "state_dict") if is_tensor_mapping(obj.get(k))), None
-    )
-    raw = obj if key is None else obj[key]
-    state = from_official(raw)
+        return state_of(found), kwargs, "bitrain"
+    state = from_official(state_of(found))
     if "mask_token" not in state:
         raise CheckpointError(
             f"'{path}' is not a BEiT masked-image-modeling model (no mask_token); found keys "
             f"{some_keys(state)}"
         )
-    return state, mim_kwargs(state, obj.get("args") if key is not None else None), "official"
+    args = None if is_tensor_mapping(obj) else obj.get("args")  # a bare state dict has none
+    return state, mim_kwargs(state, args), "official"
 
 
 def build_mim_model(
@@ -107,8 +92,8 @@ def load_mim_model(
 ) -> BeitMIM:
     """A :class:`BeitMIM` from a bitrain ``.ckpt``, an official ``.pth`` or a HF folder (strict).
 
-    The model carries ``bitrain_normalization``: the ``(mean, std)`` its pretraining normalised
-    pixels with, when the file records it (:mod:`.normalization`), else None.
+    The model carries ``bitrain_source_format`` and ``bitrain_normalization``: the ``(mean,
+    std)`` its pretraining normalised pixels with, when the file records it, else None.
 
     Raises:
         FileNotFoundError: nothing at ``path_or_dir``.
@@ -117,6 +102,7 @@ def load_mim_model(
     found = path_or_dir if isinstance(path_or_dir, Sniffed) else sniff(path_or_dir, map_location)
     state, kwargs, fmt = load_mim_state(found, map_location)
     model = build_mim_model(state, kwargs, where=f"{fmt} checkpoint '{found.path}'")
+    model.bitrain_source_format = fmt
     model.bitrain_normalization = normalization_of(found)  # None when the file records none
     return model.to(map_location)
 
