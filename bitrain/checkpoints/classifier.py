@@ -408,7 +408,7 @@ def _save_hf(
     if preprocessing is not None:
         processor = preprocessing.to_processor_config()
         family = type(model).__name__
-        exact = "height" in processor["size"]
+        exact = "height" in processor.get("size", {})
         kind = "BitImageProcessor"  # shortest-edge resize + centre crop (timm's eval transform)
         if family == "Beit" and exact:
             kind = "BeitImageProcessor"

@@ -32,6 +32,7 @@ from bitrain.checkpoints.hf import (
 from bitrain.checkpoints.hf_beit import beit_from_hf, beit_to_hf
 from bitrain.checkpoints.hf_bit import bit_from_hf, bit_to_hf
 from bitrain.checkpoints.hf_vit import vit_from_hf, vit_to_hf
+from bitrain.data.preprocessing import EvalPreprocessing
 from bitrain.io import CheckpointError
 from bitrain.models.beit import BeitMIM
 
@@ -187,16 +188,10 @@ def save_hf_mim(
     extra = {}
     if normalization is not None:
         size = int(model.model_kwargs["img_size"])
+        mean, std = normalization["mean"], normalization["std"]
+        spec = EvalPreprocessing(("exact", size, size), "bicubic", None, mean, std)
         extra["preprocessor_config"] = {
             "image_processor_type": "BeitImageProcessor",
-            "do_resize": True,
-            "size": {"height": size, "width": size},
-            "resample": 3,
-            "do_center_crop": False,
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": list(normalization["mean"]),
-            "image_std": list(normalization["std"]),
+            **spec.to_processor_config(),
         }
     return write_folder(folder, state, config, **extra)

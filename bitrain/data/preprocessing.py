@@ -139,17 +139,17 @@ class EvalPreprocessing:
     def to_processor_config(self) -> dict[str, Any]:
         """Hugging Face image-processor settings that preprocess the same way.
 
-        ``size`` is a dict, which every processor reads literally. transformers floors the
-        centre-crop offset: with ``crop_offset="round"`` and an odd margin its crop sits one
-        pixel away from ours.
+        ``size`` is a dict, which every processor reads literally; a step that is off has no size
+        (transformers refuses an empty one). transformers floors the centre-crop offset: with
+        ``crop_offset="round"`` and an odd margin its crop sits one pixel away from ours.
         """
         record = self.to_record()
-        return {
+        config = {
             "do_resize": record["resize"] is not None,
-            "size": record["resize"] or {},
+            "size": record["resize"],
             "resample": {v: k for k, v in RESAMPLE_NAMES.items()}[self.interpolation],
             "do_center_crop": self.crop is not None,
-            "crop_size": record["crop"] or {},
+            "crop_size": record["crop"],
             "do_rescale": True,
             "rescale_factor": 1 / 255,
             "do_normalize": True,
@@ -157,6 +157,7 @@ class EvalPreprocessing:
             "image_std": list(self.std),
             "do_convert_rgb": True,
         }
+        return {k: v for k, v in config.items() if v is not None}
 
     def to_timm_cfg(self, in_chans: int = 3) -> dict[str, Any] | None:
         """The ``pretrained_cfg`` data fields timm reads the same way; None when it has none.
