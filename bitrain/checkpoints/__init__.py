@@ -9,8 +9,9 @@ The public API (stable: scripts and users import from here)::
     build_classifier(model_name, num_classes, pretrained=...)         # the fine-tuning model node
     convert(src, dst, dst_format, force=False)                        # verified, never destructive
 
-One module per foreign format's table: :mod:`.official` (unilm ``.pth``), :mod:`.hf_beit`
-(Hugging Face BEiT, MIM and classifier from one table), :mod:`.hf_vit`, :mod:`.hf_bit`, with the
+One table per foreign format: :mod:`.official` (unilm ``.pth``), :mod:`.hf_beit` (Hugging Face
+BEiT, MIM and classifier from one table; and ViT, BEiT's per-layer table less two rows),
+:mod:`.hf_bit`, with the
 shared Hugging Face machinery in :mod:`.hf` and the dispatch in :mod:`.huggingface`; the timm hub
 folder layout is in :mod:`.classifier`, what any file records about its pixels in
 :mod:`.normalization`. Exports read the same tables backwards.

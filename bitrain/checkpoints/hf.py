@@ -3,7 +3,7 @@
 Folders (``config.json`` + ``model.safetensors``, or ``pytorch_model.bin`` / a sharded
 ``*.index.json``) are read and written with our own code: ``transformers`` is never imported by
 bitrain, it is only the reference of the parity tests. The key tables live with their model family
-(:mod:`.hf_beit`, :mod:`.hf_vit`, :mod:`.hf_bit`); this module holds what they share: the
+(:mod:`.hf_beit` for BEiT and ViT, :mod:`.hf_bit`); this module holds what they share: the
 transformers 4.x <-> 5.x key spelling (:data:`SPELLING`, one list read both ways; the Hub's BEiT /
 ViT checkpoints use 4.x, which transformers 4 and 5 both load and 5 still writes), and
 :func:`from_layer_table` / :func:`to_layer_table`, a family's ``{hf: ours}`` tables applied both

@@ -1,4 +1,4 @@
-"""Hugging Face BEiT <-> bitrain / timm: one key table for the MIM model and the classifier.
+"""Hugging Face BEiT and ViT <-> bitrain / timm: their key tables and configs.
 
 ``BeitForMaskedImageModeling`` <-> :class:`~bitrain.models.beit.BeitMIM` and
 ``BeitForImageClassification`` / ``BeitModel`` <-> timm ``beit_base_patch16_224`` share the
@@ -11,6 +11,10 @@ HF's ``BeitModel`` has its own final ``beit.layernorm`` unless ``use_mean_poolin
 pretraining model (and ``BeitMIM``) has one final norm, so MIM folders are written with
 ``use_mean_pooling: true`` and folders with a second norm are refused. HF's default
 ``layer_norm_eps`` is 1e-12 while BEiT's is 1e-6: the value travels in the config both ways.
+
+ViT (``ViTForImageClassification`` / ``ViTModel`` <-> timm ``vit_base_patch32_224``: class token,
+``global_pool="token"``, final ``norm``, no ``fc_norm``) uses BEiT's per-layer table without layer
+scale and relative positions (:data:`VIT_BLOCK`) and :data:`VIT_TOP`.
 """
 
 from __future__ import annotations
@@ -30,7 +34,16 @@ from bitrain.checkpoints.hf import (
 )
 from bitrain.io import CheckpointError
 
-__all__ = ["BLOCK", "TIMM_BEIT", "beit_from_hf", "beit_to_hf", "top"]
+__all__ = [
+    "BLOCK",
+    "TIMM_BEIT",
+    "TIMM_VIT",
+    "beit_from_hf",
+    "beit_to_hf",
+    "top",
+    "vit_from_hf",
+    "vit_to_hf",
+]
 
 TIMM_BEIT = "beit_base_patch16_224"
 
@@ -178,3 +191,61 @@ def beit_to_hf(model: nn.Module, kind: str) -> tuple[dict[str, torch.Tensor], di
         use_mean_pooling=mean_pooling,
     )
     return state, config
+
+
+# --- ViT ------------------------------------------------------------------------------------------
+
+TIMM_VIT = "vit_base_patch32_224"
+# BEiT's per-layer table without its layer scale and relative positions.
+VIT_BLOCK = {k: v for k, v in BLOCK.items() if not k.startswith(("lambda", "relative"))}
+VIT_TOP: dict[str, str] = {
+    "vit.embeddings.cls_token": "cls_token",
+    "vit.embeddings.position_embeddings": "pos_embed",
+    **weight_bias("vit.embeddings.patch_embeddings.projection", "patch_embed.proj"),
+    **weight_bias("vit.layernorm", "norm"),
+    **weight_bias("classifier", "head"),
+}
+# Dropped on import: a timm classifier pools by the class token and has no pooler.
+_VIT_DROPPED = {"vit.embeddings.mask_token", "vit.pooler.dense.weight", "vit.pooler.dense.bias"}
+
+
+def vit_from_hf(
+    sd: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """HF ViT weights (5.x spelling) -> ``(timm state dict, create_classifier spec)``."""
+    spec = {
+        "model_name": TIMM_VIT,
+        **transformer_sizes(config, "ViT"),
+        "global_pool": "token",
+        "qkv_bias": bool(config.get("qkv_bias", True)),
+    }
+    return from_layer_table(
+        sd, "vit", VIT_TOP, VIT_BLOCK, separate_qv_bias=False, drop=_VIT_DROPPED
+    ), spec
+
+
+def vit_to_hf(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A timm ViT classifier as HF 5.x weights and a ``ViTConfig`` dict.
+
+    Raises:
+        CheckpointError: a ViT that HF's cannot be (no class token in ``pos_embed``, register
+            tokens, another pooling, ``fc_norm``, no final norm, non-square patches).
+    """
+    no_cls = getattr(model, "no_embed_class", False) or model.cls_token is None
+    if no_cls or getattr(model, "num_reg_tokens", 0) or model.global_pool != "token":
+        raise CheckpointError(
+            "Hugging Face ViT needs a timm VisionTransformer with a class token in pos_embed, "
+            f"no register tokens and global_pool='token'; got global_pool={model.global_pool!r}"
+        )
+    if not isinstance(model.fc_norm, nn.Identity) or not isinstance(model.norm, nn.LayerNorm):
+        raise CheckpointError(
+            "Hugging Face ViT has no fc_norm and a final norm; this model differs"
+        )
+    config = {
+        "architectures": ["ViTForImageClassification"],
+        "model_type": "vit",
+        **transformer_config(model),
+        "qkv_bias": model.blocks[0].attn.qkv.bias is not None,
+    }
+    config["encoder_stride"] = config["patch_size"]
+    return to_layer_table(model, "vit", VIT_TOP, VIT_BLOCK), config

@@ -39,6 +39,16 @@ TIMM_BIT: dict[tuple[int, ...], tuple[str, int]] = {
 TIMM_GROUPS = 32  # partial(GroupNormAct, num_groups=32) in timm's ResNetV2
 BIT_CONV_EPS = 1e-8  # HF's BiT weight standardisation eps (hard-coded), timm's *_bit models too
 BIT_GROUP_NORM_EPS = 1e-5  # HF's BitGroupNormActivation (hard-coded), timm's GroupNormAct too
+# The BitConfig values for which HF's BiT is timm's network (pre-activation bottlenecks, symmetric
+# padding, a fixed stem, no dilation).
+_TIMM_NETWORK = {
+    "layer_type": "preactivation",
+    "global_padding": None,
+    "embedding_dynamic_padding": False,
+    "hidden_act": "relu",
+    "output_stride": 32,
+    "width_factor": 1,
+}
 
 _BIT_BLOCK = re.compile(
     r"^bit\.encoder\.stages\.(\d+)\.layers\.(\d+)\."
@@ -81,20 +91,11 @@ def bit_from_hf(
 
 def _bit_spec(config: Mapping[str, Any]) -> dict[str, Any]:
     """``create_classifier`` kwargs (less ``num_classes``) of a BiT config."""
-    checks = {
-        "layer_type": (config.get("layer_type", "preactivation"), "preactivation"),
-        "global_padding": (config.get("global_padding"), None),
-        "embedding_dynamic_padding": (bool(config.get("embedding_dynamic_padding", False)), False),
-        "hidden_act": (config.get("hidden_act", "relu"), "relu"),
-        "output_stride": (int(config.get("output_stride", 32)), 32),
-        "width_factor": (int(config.get("width_factor", 1)), 1),
-    }
-    for name, (value, wanted) in checks.items():
-        if value != wanted:
+    for name, wanted in _TIMM_NETWORK.items():
+        if config.get(name, wanted) != wanted:
             raise CheckpointError(
-                f"Hugging Face BiT config has {name}={value!r}; timm's ResNetV2 BiT models are "
-                f"the same network only for {name}={wanted!r} (pre-activation bottlenecks, "
-                "symmetric padding, a fixed stem, no dilation), so this model cannot be imported"
+                f"Hugging Face BiT config has {name}={config[name]!r}; timm's ResNetV2 BiT models "
+                f"are the same network only for {name}={wanted!r}, so it cannot be imported"
             )
     depths = tuple(int(d) for d in config.get("depths", (3, 4, 6, 3)))
     if depths not in TIMM_BIT:
@@ -185,14 +186,9 @@ def bit_to_hf(model: nn.Module) -> tuple[dict, dict[str, Any]]:
         "embedding_size": int(stem.conv.out_channels),
         "hidden_sizes": [int(stage.blocks[0].conv3.out_channels) for stage in model.stages],
         "depths": [len(stage.blocks) for stage in model.stages],
-        "layer_type": "preactivation",
-        "hidden_act": "relu",
-        "global_padding": None,
+        **_TIMM_NETWORK,
         "num_groups": int(one_value(model, nn.GroupNorm, "num_groups")),
         "drop_path_rate": 0.0,
-        "embedding_dynamic_padding": False,
-        "output_stride": 32,
-        "width_factor": 1,
         "image_size": int(spec.get("img_size", size)),
     }
     return out, config

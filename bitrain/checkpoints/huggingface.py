@@ -29,9 +29,8 @@ from bitrain.checkpoints.hf import (
     with_labels,
     write_folder,
 )
-from bitrain.checkpoints.hf_beit import beit_from_hf, beit_to_hf
+from bitrain.checkpoints.hf_beit import beit_from_hf, beit_to_hf, vit_from_hf, vit_to_hf
 from bitrain.checkpoints.hf_bit import bit_from_hf, bit_to_hf
-from bitrain.checkpoints.hf_vit import vit_from_hf, vit_to_hf
 from bitrain.data.preprocessing import EvalPreprocessing
 from bitrain.io import CheckpointError
 from bitrain.models.beit import BeitMIM
