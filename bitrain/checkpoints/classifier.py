@@ -55,20 +55,18 @@ def load_classifier(
 ) -> torch.nn.Module:
     """A fine-tuned classifier of any of :data:`CLASSIFIER_FORMATS` as a timm model in eval mode.
 
-    An official ``.pth`` without ``args`` is read from its tensor shapes
-    (:func:`~bitrain.checkpoints.official.classifier_spec`); a bare state dict needs
-    ``model_name`` (and the other ``create_classifier`` arguments in ``spec``; ``num_classes`` is
-    read from the head). The model carries ``label_names``, ``bitrain_spec`` (the arguments that
-    rebuild it), ``bitrain_source_format`` and ``bitrain_eval_transform`` (the evaluation
-    preprocessing the file records, an :class:`~bitrain.data.preprocessing.EvalPreprocessing`, or
-    None). ``use_ema``: the EMA weights (bitrain ``ema.module.*``, official ``model_ema``).
+    An official ``.pth`` without ``args`` is read from its tensor shapes; a bare state dict needs
+    ``model_name`` and the other ``create_classifier`` arguments (``spec``; ``num_classes`` is read
+    from the head). ``use_ema``: bitrain ``ema.module.*`` or official ``model_ema``. The model
+    carries ``label_names``, ``bitrain_spec``, ``bitrain_source_format`` and
+    ``bitrain_eval_transform`` (the preprocessing the file records, or None).
 
     Raises:
         FileNotFoundError: nothing at the path.
         CheckpointError: an unknown layout, a pretraining (MIM) checkpoint, a bare state dict
             without ``model_name``, a record that names code, or weights that do not fit.
-        ValueError: ``spec`` without ``model_name``, or either given for a checkpoint that names
-            its own architecture.
+        ValueError: ``spec`` without ``model_name``, or either for a checkpoint that names its own
+            architecture.
     """
     found = path_or_dir if isinstance(path_or_dir, Sniffed) else sniff(path_or_dir)
     path, fmt, obj = found.path, found.format, found.obj
@@ -153,14 +151,10 @@ def load_classifier(
 def build_classifier_from_hf(
     folder: str | os.PathLike, num_classes: int | None = None
 ) -> torch.nn.Module:
-    """A HF image-classifier folder as a timm model in eval mode, with ``label_names``.
+    """A HF classifier folder as a timm model in eval mode, with ``label_names``.
 
-    ``num_classes``: the classes of a fresh head, for a head-less folder (``BeitModel`` ...) only.
-
-    Raises:
-        FileNotFoundError: no ``config.json`` or weights in the folder.
-        CheckpointError: unsupported folder, weights that do not fit, or ``num_classes`` missing
-            (head-less folder) / given for a folder that has a head of its own.
+    ``num_classes`` gives a head-less folder (``BeitModel`` ...) a fresh head; it is refused for a
+    folder with a head of its own, and required without one (CheckpointError).
     """
     spec, state, config = read_hf_classifier(folder)
     headless = spec["num_classes"] is None
@@ -189,12 +183,11 @@ def _build(
     path: str | os.PathLike,
     fresh: tuple[str, ...] = (),
 ) -> torch.nn.Module:
-    """``create_classifier(**spec)`` with ``state`` loaded strictly (but for ``fresh`` keys).
+    """``create_classifier(**spec)``, ``state`` loaded strictly (but keys under ``fresh``).
 
-    The spec is data that chooses no code and no file: ``model_name`` is a registered timm
-    architecture (no ``hf-hub:`` name, which would fetch a config), values are numbers, strings,
-    booleans, None or lists of them, never an OmegaConf interpolation (``${...}``), and no argument
-    makes timm load weights.
+    The spec is data that chooses no code and no file: a registered timm ``model_name`` (no
+    ``hf-hub:`` name, which would fetch a config), plain values (no ``${...}`` interpolation),
+    and no argument that makes timm load weights.
     """
     where = f"{fmt} checkpoint '{path}'"
 
@@ -259,27 +252,15 @@ def save_classifier(
     label_names: list[str] | None = None,
     eval_transform: EvalPreprocessing | Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a timm classifier in one of :data:`CLASSIFIER_FORMATS` (read back by load_classifier).
+    """Write a timm classifier in one of :data:`CLASSIFIER_FORMATS`; returns the path written.
 
-    * ``bitrain``: ``{"state_dict": {"model.<key>": ...}, "hyper_parameters": {"model":
-      {"_target_": CLASSIFIER_TARGET, **bitrain_spec}, "eval_transform": record}, "label_names"}``
-      -- the fine-tuning ``.ckpt`` layout, model only.
-    * ``timm``: a timm hub folder: ``config.json`` (``architecture``, ``num_classes``,
-      ``num_features``, ``global_pool``, ``label_names``, ``model_args``, ``pretrained_cfg`` with
-      the evaluation preprocessing, ``bitrain_spec``, ``bitrain_eval_transform``) +
-      ``model.safetensors``.
-    * ``official``: ``{"model": state dict with relative_position_index buffers, "args":
-      Namespace(...), "label_names"}`` (``run_class_finetuning.py``'s layout). BEiT only.
-    * ``hf``: a Hugging Face folder plus ``preprocessor_config.json`` (BEiT / ViT / BiT only).
-
-    ``label_names`` default to ``model.label_names``; ``eval_transform`` (an
-    :class:`~bitrain.data.preprocessing.EvalPreprocessing` or its record) to
-    ``model.bitrain_eval_transform``, else timm's data config of the model. A model needs a
-    ``bitrain_spec`` (:func:`load_classifier`, ``create_classifier``) but for ``hf``.
+    The layouts are :func:`load_classifier`'s (docs/checkpoints.md); ``official`` holds BEiT only,
+    ``hf`` BEiT / ViT / BiT. ``label_names`` default to ``model.label_names``, ``eval_transform`` (a
+    spec or its record) to ``model.bitrain_eval_transform``, else timm's data config of the model.
 
     Raises:
         ValueError: an unknown format, or label names of the wrong length.
-        CheckpointError: a model the format cannot hold.
+        CheckpointError: a model the format cannot hold, or one without ``bitrain_spec`` (but hf).
     """
     if format not in CLASSIFIER_FORMATS:
         raise ValueError(

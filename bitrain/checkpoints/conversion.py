@@ -83,16 +83,10 @@ def convert(
 ) -> Converted:
     """Convert the checkpoint at ``src`` to ``dst_format`` at ``dst`` (see the module docstring).
 
-    Args:
-        src: source file or folder (any format :func:`~bitrain.checkpoints.sniff` knows).
-        dst: destination file (``bitrain``, ``official``) or folder (``hf``, ``timm``).
-        dst_format: one of :data:`ALL_FORMATS` (``timm`` is for classifiers only).
-        src_format: when given, the detected format must be this one.
-        force: replace an existing ``dst`` (also the source itself) once verified.
-        verify: reload the conversion and compare it with the source before moving it.
-        use_ema: classifiers: the EMA weights.
-        model_name: classifiers: the timm architecture of a bare state dict.
-        model_kwargs: classifiers: further ``create_classifier`` arguments with ``model_name``.
+    ``dst`` is a file (``bitrain``, ``official``) or a folder (``hf``, ``timm``: classifiers only).
+    ``src_format``: the detected format must be this one; ``force``: replace an existing ``dst``
+    (also the source) once verified; ``verify=False`` skips the check. Classifiers: ``use_ema``,
+    and ``model_name`` / ``model_kwargs`` for a bare state dict.
 
     Raises:
         FileExistsError: ``dst`` exists or is the source, and not ``force``.

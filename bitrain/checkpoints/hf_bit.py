@@ -1,17 +1,12 @@
 """Hugging Face BiT (``BitForImageClassification`` / ``BitModel``) <-> timm ``ResNetV2``.
 
-timm architectures: ``resnetv2_{50x1,101x1,152x2}_bit`` (weight standardised convs with eps 1e-8,
-group norm, pre-activation bottlenecks, the "fixed" stem of conv, zero pad 1, max pool 3/2).
-timm's BiT names fix the depths, so only the depths of :data:`TIMM_BIT` have a timm name; the
-widths travel as ``channels`` / ``stem_chs`` and HF's ``num_groups`` (timm builds 32) as
-``create_classifier``'s ``group_norm_groups``. Only HF's ``layer_type="preactivation"`` with
-``global_padding=None``, ``embedding_dynamic_padding=False``, ``output_stride=32`` and
-``width_factor=1`` is the same network as timm's; anything else is a :class:`CheckpointError`.
-
-Key map (HF on the left): ``bit.embedder.convolution.weight`` = ``stem.conv.weight``;
-``bit.encoder.stages.s.layers.j.X`` = ``stages.s.blocks.j.X`` (``conv{1,2,3}``, ``norm{1,2,3}``,
-``downsample.conv``); ``bit.norm`` = ``norm``; ``classifier.1`` (a Linear ``[C, F]``) =
-``head.fc`` (a 1x1 conv ``[C, F, 1, 1]``).
+timm's ``resnetv2_{50x1,101x1,152x2}_bit`` (weight standardised convs with eps 1e-8, group norm,
+pre-activation bottlenecks, the "fixed" stem of conv, zero pad 1, max pool 3/2) fix the depths
+(:data:`TIMM_BIT`); the widths travel as ``channels`` / ``stem_chs`` and HF's ``num_groups`` (timm
+builds 32) as ``create_classifier``'s ``group_norm_groups``. Any other network is a
+:class:`CheckpointError`. Key map (HF = timm): ``bit.embedder.convolution`` = ``stem.conv``;
+``bit.encoder.stages.s.layers.j.X`` = ``stages.s.blocks.j.X``; ``bit.norm`` = ``norm``;
+``classifier.1`` (a Linear ``[C, F]``) = ``head.fc`` (a 1x1 conv ``[C, F, 1, 1]``).
 """
 
 from __future__ import annotations

@@ -52,11 +52,9 @@ def from_hf(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """HF weights (4.x or 5.x spelling) -> ``(our state dict, our arguments)``, by architecture.
 
-    A MIM folder gives ``BeitMIM`` keys and kwargs; a classifier (or head-less model) timm keys
-    and the ``create_classifier`` spec (``num_classes`` None without a head).
-
-    Raises:
-        CheckpointError: another architecture, a config our models cannot be, unknown weights.
+    ``BeitMIM`` keys and kwargs for a MIM folder; else timm keys and the ``create_classifier`` spec
+    (``num_classes`` None without a head). Another architecture, a config our models cannot be, or
+    unknown weights are a CheckpointError.
     """
     _, family, kind = architecture(config)
     sd = {}

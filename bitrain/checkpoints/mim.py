@@ -92,8 +92,8 @@ def load_mim_model(
 ) -> BeitMIM:
     """A :class:`BeitMIM` from a bitrain ``.ckpt``, an official ``.pth`` or a HF folder (strict).
 
-    The model carries ``bitrain_source_format`` and ``bitrain_normalization``: the ``(mean,
-    std)`` its pretraining normalised pixels with, when the file records it, else None.
+    It carries ``bitrain_source_format`` and ``bitrain_normalization`` (the ``(mean, std)`` the file
+    records, else None).
 
     Raises:
         FileNotFoundError: nothing at ``path_or_dir``.
@@ -113,16 +113,11 @@ def save_mim_model(
     format: str = "bitrain",
     normalization: Normalization | None = None,
 ) -> Path:
-    """Save ``model`` as ``format`` (one of :data:`FORMATS`); returns the path written.
+    """Save ``model`` as ``format`` (one of :data:`FORMATS`, the layouts above); returns the path.
 
     ``normalization`` (default: ``model.bitrain_normalization``) is recorded in every format:
-    ``hyper_parameters["normalization"]``, the official ``args`` (unilm's
+    ``hyper_parameters["normalization"]``, the official ``args`` (also as unilm's
     ``imagenet_default_mean_and_std`` when it can say it), a HF ``preprocessor_config.json``.
-
-    * ``bitrain``: ``{"state_dict": {"model.<key>": ...}, "hyper_parameters": {"model":
-      {"_target_": ..., **model_kwargs}}}``, the Lightning ``.ckpt`` layout, model only.
-    * ``official``: ``{"model": official state dict, "args": Namespace(...)}``.
-    * ``hf``: a ``BeitForMaskedImageModeling`` folder.
     """
     if normalization is None:
         normalization = getattr(model, "bitrain_normalization", None)

@@ -2,19 +2,12 @@
 
 A pretrained encoder only works on pixels normalised as in its pretraining: the ImageNet-1k BEiT
 recipe uses ImageNet's mean/std, the ImageNet-22k chain 0.5 / 0.5
-(``--imagenet_default_mean_and_std`` or not, ``beit/datasets.py``). Where each format keeps them:
-
-=================  ============================================================================
-bitrain ``.ckpt``  ``hyper_parameters`` ``normalization`` (``{"mean", "std"}``) and
-                   ``eval_transform`` (a :func:`~bitrain.data.preprocessing.read_record` record)
-official ``.pth``  ``args.bitrain_normalization`` / ``args.bitrain_eval_transform``, else unilm's
-                   own ``imagenet_default_mean_and_std`` (and ``input_size``, ``crop_pct``)
-Hugging Face       ``preprocessor_config.json``
-timm folder        ``config.json`` ``bitrain_eval_transform``, else ``pretrained_cfg``
-=================  ============================================================================
-
-Files that record nothing (bare state dicts) give None; fine-tuning then keeps the experiment's
-values (:func:`bitrain.runner.build`).
+(``--imagenet_default_mean_and_std`` or not, ``beit/datasets.py``). bitrain files record
+``normalization`` (``{"mean", "std"}``) and ``eval_transform``
+(:func:`~bitrain.data.preprocessing.read_record`) in ``hyper_parameters``, official ``args`` and
+timm ``config.json`` as ``bitrain_*``; else a format's own fields are read: unilm's ``args``, a
+Hugging Face ``preprocessor_config.json``, timm's ``pretrained_cfg``. Files that record nothing give
+None; fine-tuning then keeps the experiment's values (:func:`bitrain.runner.build`).
 """
 
 from __future__ import annotations

@@ -1,19 +1,13 @@
 """Initialise a classifier from any checkpoint, as the official fine-tuning script does.
 
 :func:`load_encoder_state` reads the weights of any supported checkpoint in timm key names;
-:func:`adapt_state_dict` makes them fit the classifier (``run_class_finetuning.py``):
-
-* drop what only pretraining has: ``mask_token``, ``lm_head.*``, ``relative_position_index``
-  buffers, and the final ``norm.*`` when the classifier pools by mean (its ``fc_norm`` is new);
-* expand a shared relative position bias (``rel_pos_bias.relative_position_bias_table``) into a
-  copy per block when the classifier has one table per block;
-* resize relative position tables (timm's ``resize_rel_pos_bias_table``: the official geometric
-  interpolation without scipy's ``interp2d``; the 3 cls-token entries are kept) and absolute
-  position embeddings (``resample_abs_pos_embed``) when the patch grid changes;
-* keep the head only if its shape matches the classifier's (same classes), else leave it fresh.
-
-:func:`load_pretrained` loads the result: anything else that does not fit is an error listing the
-keys (``strict=False`` warns instead, and a checkpoint of which nothing fits is still an error).
+:func:`adapt_state_dict` makes them fit the classifier as ``run_class_finetuning.py`` does: drop
+``mask_token``, ``lm_head.*``, ``relative_position_index`` buffers (and the final ``norm.*`` when
+the classifier pools by mean), copy a shared relative position bias into every block, resize
+relative position tables (timm's ``resize_rel_pos_bias_table``: the official geometric
+interpolation without scipy) and absolute position embeddings when the patch grid changes, keep
+the head only when its shape matches. :func:`load_pretrained` loads the result; anything else that
+does not fit is an error listing the keys (``strict=False`` warns instead).
 """
 
 from __future__ import annotations
@@ -51,11 +45,9 @@ def load_encoder_state(
 ) -> tuple[dict[str, torch.Tensor], str]:
     """Weights of any supported checkpoint in timm key names: ``(state_dict, format)``.
 
-    Formats: a bitrain ``.ckpt`` (pretraining: the ``BeitMIM``; fine-tuning: the classifier, or
-    its EMA with ``use_ema``), an official unilm ``.pth`` (pretraining or fine-tuned, with or
-    without ``args``; ``model_ema`` with ``use_ema`` when it has one), a timm state dict or hub
-    folder, a Hugging Face folder (``BeitForMaskedImageModeling``, a BEiT / ViT / BiT classifier
-    or head-less model). The result still carries pretraining-only keys (:func:`adapt_state_dict`).
+    bitrain (pretraining or fine-tuning, its EMA with ``use_ema``), official (``model_ema`` with
+    ``use_ema`` when it has one), timm (file or hub folder), Hugging Face (MIM, classifier or
+    head-less). Pretraining-only keys stay (:func:`adapt_state_dict`).
 
     Raises:
         FileNotFoundError: nothing at the path.
@@ -168,15 +160,11 @@ def load_pretrained(
 ) -> dict[str, list[str]]:
     """Initialise ``model`` from the checkpoint at ``path`` (any supported format).
 
-    ``strict``: raise when encoder keys are missing or left over, or shapes differ (the head
-    excepted); ``False`` loads what fits and warns.
+    ``strict=False`` loads what fits and warns where encoder keys are missing, left over or of
+    another shape (the head excepted); a checkpoint of which nothing fits is always an error.
 
     Returns:
         ``{"missing": [...], "unexpected": [...], "notes": [...]}``.
-
-    Raises:
-        FileNotFoundError: nothing at ``path``.
-        CheckpointError: unreadable, unsafe, or (strict) not matching the model.
     """
     path = Path(path).expanduser()
     state, fmt = load_encoder_state(path)

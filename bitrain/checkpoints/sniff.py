@@ -64,9 +64,9 @@ def _weights_kind(state: Mapping[str, Any], heads: tuple[str, ...] = ()) -> str:
 def sniff(
     path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False
 ) -> Sniffed:
-    """The format and kind of the checkpoint at ``path`` (read once, weights-only).
+    """The format and kind of the checkpoint at ``path``, read once, weights-only.
 
-    ``mmap=True`` maps the tensors instead of reading them (for callers that only need records).
+    ``mmap=True`` maps the tensors (for callers that only need records).
 
     Raises:
         FileNotFoundError: nothing at ``path``.

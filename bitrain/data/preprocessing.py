@@ -278,13 +278,10 @@ def from_timm_args(args: Mapping[str, Any], where: str = "timm data config") -> 
     """The evaluation transform timm builds from these data-config values.
 
     ``create_transform(is_training=False, ...)`` (``transforms_imagenet_eval``): ``scale =
-    floor(size / crop_pct)`` per side (crop_pct 0.875 by default); ``center`` (default) resizes the
-    shortest edge to ``scale`` then centre-crops ``size``; ``squash`` resizes to exactly ``scale``
-    then centre-crops. Interpolation defaults to bilinear, mean/std to ImageNet's.
-
-    Raises:
-        CheckpointError: a value of the wrong type or range, or a mode whose resize this spec
-            cannot express (``border``, which pads; ``center`` with a non-square crop).
+    floor(size / crop_pct)`` (crop_pct 0.875 by default); ``center`` (default) resizes the shortest
+    edge to ``scale`` then centre-crops ``size``, ``squash`` resizes to exactly ``scale`` then
+    centre-crops. Interpolation defaults to bilinear, mean/std to ImageNet's. A ``border`` mode
+    (which pads) or ``center`` with a non-square size is a CheckpointError.
     """
     _only(args, _TIMM_KEYS, where)
     if args.get("input_size") is None:
@@ -377,12 +374,9 @@ def from_processor_config(
 ) -> EvalPreprocessing:
     """What a Hugging Face image processor with this config does to an RGB image.
 
-    Keys the config leaves out take its processor class's defaults (BEiT, ViT, DeiT, BiT, CLIP;
-    an unknown class: BiT's). A ``rescale_factor`` other than 1/255 folds into the normalisation.
-
-    Raises:
-        CheckpointError: a value of the wrong type, or a resize bitrain cannot rebuild
-            (``longest_edge``).
+    Keys the config leaves out take its processor class's defaults (BEiT, ViT, DeiT, BiT, CLIP; an
+    unknown class: BiT's); a ``rescale_factor`` other than 1/255 folds into the normalisation. A
+    ``longest_edge`` resize is a CheckpointError.
     """
     if not isinstance(config, Mapping):
         raise CheckpointError(f"{where} holds a {type(config).__name__}, not a JSON object")
@@ -442,13 +436,11 @@ def official_normalization(args: Mapping[str, Any]) -> tuple[tuple[float, ...], 
 def from_official_args(args: Mapping[str, Any], where: str = "official args") -> EvalPreprocessing:
     """The evaluation transform ``run_class_finetuning.py`` built from these ``args``.
 
-    ``beit/datasets.py:build_transform(is_train=False)``: for ``input_size > 32``, ``Resize(
-    int(input_size / crop_pct), interpolation=3)`` (bicubic, shortest edge) then
-    ``CenterCrop(input_size)``, with ``crop_pct`` 224/256 below 384 and 1.0 from 384 when the
-    args do not set it; then ``ToTensor`` and ``Normalize`` (:func:`official_normalization`).
-
-    Raises:
-        CheckpointError: no ``input_size``, or values of the wrong type.
+    ``beit/datasets.py:build_transform(is_train=False)``: for ``input_size > 32``,
+    ``Resize(int(input_size / crop_pct), interpolation=3)`` (bicubic, shortest edge) then
+    ``CenterCrop(input_size)``, ``crop_pct`` 224/256 below 384 and 1.0 from 384 unless set; then
+    ``ToTensor`` and ``Normalize`` (:func:`official_normalization`). No ``input_size`` is a
+    CheckpointError.
     """
     size = args.get("input_size")
     if size is None:
@@ -468,13 +460,11 @@ def from_official_args(args: Mapping[str, Any], where: str = "official args") ->
 
 
 def from_transform(transform: Any) -> EvalPreprocessing:
-    """The spec of ``Compose([Resize, CenterCrop, ToTensor, Normalize])`` (ToTensor required).
+    """The spec of a user's own (trusted) ``Compose([Resize, CenterCrop, ToTensor, Normalize])``.
 
-    What timm's evaluation ``create_transform`` builds for the ``center`` and ``squash`` crop
-    modes. Only for transforms built from the user's own (trusted) config.
-
-    Raises:
-        ValueError: a step this spec cannot express (e.g. ``ColorJitter``), or steps out of order.
+    What timm's evaluation ``create_transform`` builds for the ``center`` and ``squash`` modes. A
+    step this spec cannot express (e.g. ``ColorJitter``), steps out of order or no ``ToTensor`` are
+    a ValueError.
     """
     from torchvision import transforms as T
 
@@ -528,14 +518,13 @@ def from_transform(transform: Any) -> EvalPreprocessing:
 def read_record(record: Any, where: str) -> EvalPreprocessing:
     """The spec a file records: bitrain's record, or an older bitrain's Hydra node read as data.
 
-    Nothing in the record is imported, called or interpolated. An older node is accepted only when
-    its ``_target_`` is one of the builders bitrain itself wrote (timm's ``create_transform``, the
-    processor-config reader) with plain-value arguments; any other target is refused.
+    Nothing in it is imported, called or interpolated: an older node is accepted only when its
+    ``_target_`` is one of the builders bitrain itself wrote (timm's ``create_transform``, the
+    processor-config reader) with plain-value arguments.
 
     Raises:
         CheckpointError: not a record, a target that would run other code, unknown fields, or
-            values of the wrong type or range. The message names ``where`` and never suggests
-            running the file's code.
+            values of the wrong type or range; the message names ``where``.
     """
     if not isinstance(record, Mapping):
         raise CheckpointError(
