@@ -108,27 +108,18 @@ def convert(
                 f"'{src}' holds pretraining (MIM) weights; the destination format must be one of "
                 f"{FORMATS} ({dst_format} is for classifiers)"
             )
+        kind, load, save, same = "mim", load_mim_model, save_mim_model, _same_tensors
         model = load_mim_model(found)
-        fmt = model.bitrain_source_format
-        _check_format(src, fmt, src_format)
-        save: Callable[[Path], Path] = lambda out: save_mim_model(model, out, dst_format)  # noqa: E731
-        check: Callable[[Path], str] = lambda out: _same_tensors(model, load_mim_model(out))  # noqa: E731
-        kind = "mim"
     else:
+        kind, load, save, same = "classifier", load_classifier, save_classifier, _same_logits
         extra = {"model_name": model_name, **(model_kwargs or {})} if model_name else {}
-        classifier = load_classifier(found, use_ema=use_ema, **extra)
-        fmt = classifier.bitrain_source_format
-        _check_format(src, fmt, src_format)
-        save = lambda out: save_classifier(classifier, out, dst_format)  # noqa: E731
-        check = lambda out: _same_logits(classifier, load_classifier(out))  # noqa: E731
-        kind = "classifier"
-    result = _write(Path(dst).expanduser(), save, check if verify else None)
+        model = load_classifier(found, use_ema=use_ema, **extra)
+    fmt = model.bitrain_source_format
+    if src_format is not None and fmt != src_format:
+        raise CheckpointError(f"'{src}' is a {fmt} checkpoint, not {src_format}")
+    check = (lambda out: same(model, load(out))) if verify else None
+    result = _write(Path(dst).expanduser(), lambda out: save(model, out, dst_format), check)
     return Converted(Path(src), Path(dst), fmt, dst_format, kind, result)
-
-
-def _check_format(src: str | os.PathLike, found: str, wanted: str | None) -> None:
-    if wanted is not None and found != wanted:
-        raise CheckpointError(f"'{src}' is a {found} checkpoint, not {wanted}")
 
 
 def _same_tensors(model: torch.nn.Module, back: torch.nn.Module) -> str:

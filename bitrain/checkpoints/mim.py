@@ -134,7 +134,7 @@ def save_mim_model(
             "hyper_parameters": hparams,
         }
     elif format == "official":
-        obj = {"model": to_official(state), "args": mim_args(model.model_kwargs, record)}
+        obj = {"model": to_official(state), "args": mim_args(model, record)}
     else:
         raise ValueError(f"unknown checkpoint format {format!r}; choose one of {FORMATS}")
     return atomic_save(obj, path)

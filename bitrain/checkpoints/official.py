@@ -198,13 +198,17 @@ def classifier_spec(state: Mapping[str, torch.Tensor], args: Any = None) -> dict
     return spec
 
 
-def _model_name(dim: int, depth: int, heads: int, patch: int, img: int, suffix: str) -> str:
-    size = next((tag for tag, s in OFFICIAL_SIZES.items() if s == (dim, depth, heads)), None)
-    return f"beit_{size}_patch{patch}_{img}{suffix}" if size else ""
+def _model_name(model: nn.Module, suffix: str, default: str) -> str:
+    """The official model name of a BEiT's size (``beit_base_patch16_224``), else ``default``."""
+    blocks, patch = model.blocks, model.patch_embed
+    sizes = (int(model.embed_dim), len(blocks), int(blocks[0].attn.num_heads))
+    size = next((tag for tag, s in OFFICIAL_SIZES.items() if s == sizes), None)
+    name = f"beit_{size}_patch{patch.patch_size[0]}_{patch.img_size[0]}{suffix}"
+    return name if size else default
 
 
 def mim_args(
-    kwargs: Mapping[str, Any], normalization: Mapping[str, Any] | None = None
+    model: nn.Module, normalization: Mapping[str, Any] | None = None
 ) -> argparse.Namespace:
     """The model fields of ``run_beit_pretraining.py``'s args, plus the exact bitrain records.
 
@@ -217,12 +221,9 @@ def mim_args(
         if pair in _UNILM_NORMALIZATION:
             extra["imagenet_default_mean_and_std"] = _UNILM_NORMALIZATION[pair]
         extra["bitrain_normalization"] = dict(normalization)
-    name = _model_name(
-        kwargs["embed_dim"], kwargs["depth"], kwargs["num_heads"], kwargs["patch_size"],
-        kwargs["img_size"], "_8k_vocab",
-    )  # fmt: skip
+    kwargs = model.model_kwargs
     return argparse.Namespace(
-        model=name or "bitrain_beit_mim",
+        model=_model_name(model, "_8k_vocab", "bitrain_beit_mim"),
         input_size=kwargs["img_size"],
         drop_path=kwargs["drop_path_rate"],
         layer_scale_init_value=kwargs["init_values"] or 0.0,
@@ -244,15 +245,11 @@ def classifier_args(
     ``imagenet_default_mean_and_std``) when they can say it: a bicubic shortest-edge resize and a
     square centre crop of ``input_size``, normalised with ImageNet's or the 0.5 mean/std.
     """
-    blocks = model.blocks
-    patch, img = int(model.patch_embed.patch_size[0]), int(model.patch_embed.img_size[0])
+    blocks, img = model.blocks, int(model.patch_embed.img_size[0])
     table = getattr(blocks[0].attn, "relative_position_bias_table", None)
     gamma = getattr(blocks[0], "gamma_1", None)
-    name = _model_name(
-        int(model.embed_dim), len(blocks), int(blocks[0].attn.num_heads), patch, img, ""
-    )
     return argparse.Namespace(
-        model=name or "bitrain_beit",
+        model=_model_name(model, "", "bitrain_beit"),
         nb_classes=int(spec["num_classes"]),
         input_size=img,
         drop_path=float(spec.get("drop_path_rate", 0.0)),
