@@ -287,14 +287,11 @@ def save_classifier(
     if format == "timm":
         return _save_timm(model, Path(path).expanduser(), spec, state, label_names, node)
     if format == "bitrain":
-        hparams: dict[str, Any] = {"model": {"_target_": CLASSIFIER_TARGET, **spec}}
+        hparams = {"model": {"_target_": CLASSIFIER_TARGET, **spec}}
         if node is not None:
             hparams["eval_transform"] = node.to_record()
-        obj = {
-            "state_dict": {f"model.{k}": v for k, v in state.items()},
-            "hyper_parameters": hparams,
-            "label_names": label_names,
-        }
+        state = {f"model.{k}": v for k, v in state.items()}
+        obj = {"state_dict": state, "hyper_parameters": hparams, "label_names": label_names}
         return atomic_save(obj, path)
     if not isinstance(model, timm.models.beit.Beit):
         raise CheckpointError(

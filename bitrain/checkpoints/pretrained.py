@@ -105,19 +105,16 @@ def adapt_state_dict(
             out[key] = table.clone()
         notes.append(f"expanded the shared relative position bias to {len(per_block)} blocks")
 
+    pos = out.get("pos_embed")
     if isinstance(model, timm.models.beit.Beit):
         before = {k: tuple(v.shape) for k, v in out.items()}
         out = timm.models.beit.checkpoint_filter_fn(out, model)
         resized = sorted(k for k, v in out.items() if before.get(k) != tuple(v.shape))
         if resized:
             notes.append(f"resized to the new patch grid: {some_keys(resized)}")
-    elif (
-        "pos_embed" in out
-        and "pos_embed" in target
-        and out["pos_embed"].shape != target["pos_embed"].shape
-    ):
+    elif pos is not None and "pos_embed" in target and pos.shape != target["pos_embed"].shape:
         out["pos_embed"] = resample_abs_pos_embed(
-            out["pos_embed"],
+            pos,
             new_size=model.patch_embed.grid_size,
             num_prefix_tokens=getattr(model, "num_prefix_tokens", 1),
         )

@@ -115,30 +115,23 @@ def sniff(
     )
 
 
-def bitrain_state(found: Sniffed, use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """The model (``model.*``) or its EMA (``ema.module.*``) of a sniffed bitrain checkpoint."""
-    prefix = "ema.module." if use_ema else "model."
-    items = found.obj["state_dict"].items()
-    state = {k[len(prefix) :]: v for k, v in items if k.startswith(prefix)}
-    if not state:
-        what = (
-            "EMA weights (ema.module.*): was the run trained with task.ema?"
-            if use_ema
-            else (f"model.* weights; found {some_keys(found.obj['state_dict'])}")
-        )
-        raise CheckpointError(f"bitrain checkpoint '{found.path}' has no {what}")
-    return state
-
-
 def state_of(found: Sniffed, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """The state dict of a sniffed file (not a folder).
 
-    bitrain: :func:`bitrain_state`; else the official ``model`` / ``module`` (``model_ema`` first
-    with ``use_ema``), a ``state_dict``, or the file itself.
+    bitrain: the model (``model.*``) or its EMA (``ema.module.*``); else the official ``model`` /
+    ``module`` (``model_ema`` first with ``use_ema``), a ``state_dict``, or the file itself.
     """
+    obj = found.obj
     if found.format == "bitrain":
-        return bitrain_state(found, use_ema)
+        prefix = "ema.module." if use_ema else "model."
+        state = {k[len(prefix) :]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
+        if not state:
+            what = "EMA weights (ema.module.*): was the run trained with task.ema?"
+            what = what if use_ema else f"model.* weights; found {some_keys(obj['state_dict'])}"
+            raise CheckpointError(f"bitrain checkpoint '{found.path}' has no {what}")
+        return state
     keys = ("model_ema",) if use_ema and found.format == "official" else ()
-    keys += ("model", "module", "state_dict")
-    key = next((k for k in keys if is_tensor_mapping(found.obj.get(k))), None)
-    return dict(found.obj if key is None else found.obj[key])
+    key = next(
+        (k for k in (*keys, "model", "module", "state_dict") if is_tensor_mapping(obj.get(k))), None
+    )
+    return dict(obj if key is None else obj[key])

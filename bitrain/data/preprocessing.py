@@ -555,13 +555,10 @@ def read_record(record: Any, where: str) -> EvalPreprocessing:
         if not isinstance(crop, Mapping) or set(crop) != {"height", "width"}:
             raise CheckpointError(f"{where}: crop {crop!r} is not {{height, width}}")
         crop = (crop["height"], crop["width"])
-    interpolation = record.get("interpolation")
-    if not isinstance(interpolation, str):
-        raise CheckpointError(f"{where}: interpolation {interpolation!r} is not a name")
     try:
         return EvalPreprocessing(
             resize=resize,
-            interpolation=interpolation,
+            interpolation=record.get("interpolation"),
             crop=crop,
             mean=channels(record.get("mean"), f"{where}: mean"),
             std=channels(record.get("std"), f"{where}: std", positive=True),
