@@ -111,8 +111,8 @@ def load_classifier(
             model_spec = classifier_spec(state, args)
         except CheckpointError as err:
             raise CheckpointError(
-                f"'{path}': {err}. If this is not a BEiT, pass model_name=<timm architecture> "
-                "(and its arguments) to load_classifier"
+                f"'{path}': {err}. A non-BEiT model loads from its state dict alone (saved on its "
+                "own) with model_name=<timm architecture>"
             ) from None
         names = obj.get("label_names") or args.get("bitrain_label_names")
         legacy = args.get("bitrain_norm_settings")

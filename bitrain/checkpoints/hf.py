@@ -276,21 +276,6 @@ def label_names(config: Mapping[str, Any], num_classes: int | None = None) -> li
     return label_list(names, "Hugging Face config id2label", num_classes)
 
 
-def with_labels(config: dict[str, Any], num_classes: int, names: list[str] | None) -> dict:
-    """``config`` with ``id2label`` / ``label2id`` (``LABEL_i`` when there are no names)."""
-    names = [f"LABEL_{i}" for i in range(num_classes)] if names is None else list(names)
-    if len(names) != num_classes:
-        raise ValueError(
-            f"{len(names)} label_names for a {num_classes}-class model; give one name per class, "
-            "in class-index order"
-        )
-    if len(set(names)) != len(names):
-        raise ValueError("label_names has duplicates (label2id needs unique names)")
-    config["id2label"] = {str(i): str(name) for i, name in enumerate(names)}
-    config["label2id"] = {str(name): i for i, name in enumerate(names)}
-    return config
-
-
 def weight_bias(hf: str, ours: str) -> dict[str, str]:
     """``{hf.weight: ours.weight, hf.bias: ours.bias}``: one table entry per parameter."""
     return {f"{hf}.weight": f"{ours}.weight", f"{hf}.bias": f"{ours}.bias"}

@@ -21,14 +21,7 @@ import timm
 import torch
 from torch import nn
 
-from bitrain.checkpoints.hf import (
-    architecture,
-    read_folder,
-    to_4x,
-    to_5x,
-    with_labels,
-    write_folder,
-)
+from bitrain.checkpoints.hf import architecture, read_folder, to_4x, to_5x, write_folder
 from bitrain.checkpoints.hf_beit import beit_from_hf, beit_to_hf, vit_from_hf, vit_to_hf
 from bitrain.checkpoints.hf_bit import bit_from_hf, bit_to_hf
 from bitrain.data.preprocessing import EvalPreprocessing
@@ -138,7 +131,17 @@ def to_hf_classifier(
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(head, nn.Module) or not list(head.parameters()):
         raise CheckpointError("the model has no classification head (num_classes=0) to export")
-    with_labels(config, int(model.num_classes), label_names)
+    n = int(model.num_classes)
+    names = [f"LABEL_{i}" for i in range(n)] if label_names is None else list(label_names)
+    if len(names) != n:
+        raise ValueError(
+            f"{len(names)} label_names for a {n}-class model; give one name per class, in "
+            "class-index order"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError("label_names has duplicates (label2id needs unique names)")
+    config["id2label"] = {str(i): str(name) for i, name in enumerate(names)}
+    config["label2id"] = {str(name): i for i, name in enumerate(names)}
     return {to_4x(k): v.clone().contiguous() for k, v in state.items()}, config
 
 

@@ -19,11 +19,7 @@ from typing import Any
 import torch
 
 from bitrain.checkpoints.huggingface import read_hf_mim, save_hf_mim
-from bitrain.checkpoints.normalization import (
-    Normalization,
-    normalization_of,
-    normalization_record,
-)
+from bitrain.checkpoints.normalization import Normalization, normalization_of, normalization_record
 from bitrain.checkpoints.official import from_official, mim_args, mim_kwargs, some_keys, to_official
 from bitrain.checkpoints.sniff import BEIT_MIM_TARGET, Sniffed, is_tensor_mapping, sniff, state_of
 from bitrain.io import CheckpointError, atomic_save

@@ -79,9 +79,7 @@ class EvalPreprocessing:
         where = "evaluation preprocessing"
         if self.resize is not None:
             kind, *sizes = self.resize
-            if kind not in ("shortest_edge", "exact") or len(sizes) != (
-                2 if kind == "exact" else 1
-            ):
+            if len(sizes) != {"shortest_edge": 1, "exact": 2}.get(str(kind)):
                 raise CheckpointError(f"{where}: resize {self.resize!r} is not understood")
             for s in sizes:
                 _side(s, f"{where}: resize")
@@ -110,10 +108,8 @@ class EvalPreprocessing:
             size = self.resize[1] if self.resize[0] == "shortest_edge" else tuple(self.resize[1:])
             steps.append(T.Resize(size, interpolation=T.InterpolationMode(self.interpolation)))
         if self.crop is not None:
-            crop = tuple(self.crop)
-            steps.append(
-                T.CenterCrop(crop) if self.crop_offset == "round" else FloorCenterCrop(crop)
-            )
+            crop = T.CenterCrop if self.crop_offset == "round" else FloorCenterCrop
+            steps.append(crop(tuple(self.crop)))
         return T.Compose([*steps, T.ToTensor(), T.Normalize(list(self.mean), list(self.std))])
 
     def to_record(self) -> dict[str, Any]:
