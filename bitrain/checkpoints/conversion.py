@@ -1,14 +1,11 @@
 """Convert a checkpoint between formats, verified, without ever destroying the source or a file.
 
-:func:`convert` sniffs the source once: BEiT masked-image-modeling weights go through
-:mod:`.mim` (``bitrain`` / ``official`` / ``hf``), anything else through :mod:`.classifier`
-(``bitrain`` / ``timm`` / ``official`` / ``hf``; label names and the evaluation preprocessing travel
-with it). The result is written to a temporary path beside ``dst``, reloaded and compared with the
-source there (a pretraining model tensor by tensor, bit exact; a classifier by its logits on a
-random batch, max abs difference <= :data:`LOGIT_TOL`, and its label names), and only then moved to
-``dst``. An existing ``dst``, or one that is the source (or holds it, or lies in it), is refused
-unless ``force``; with ``force`` the old one is replaced only after the new one passed its check.
-``scripts/convert_checkpoint.py`` is the command line of this function.
+:func:`convert` sniffs the source once and loads it with :mod:`.mim` or :mod:`.classifier`. The
+result is written beside ``dst``, reloaded and compared with the source there (a pretraining model
+tensor by tensor, bit exact; a classifier by its logits on a random batch, within :data:`LOGIT_TOL`,
+and its label names), and only then moved to ``dst``. An existing ``dst``, or one that is the source
+(or holds it, or lies in it), is refused unless ``force``; the old one is replaced only after the
+new one passed its check. ``scripts/convert_checkpoint.py`` is its command line.
 """
 
 from __future__ import annotations

@@ -2,15 +2,13 @@
 
 ``BeitForMaskedImageModeling`` <-> :class:`~bitrain.models.beit.BeitMIM` and
 ``BeitForImageClassification`` / ``BeitModel`` <-> timm ``beit_base_patch16_224`` share the
-embeddings, the blocks and the relative position tables (:data:`BLOCK`, :func:`top`); only the end
-differs: the MIM head's ``layernorm`` + ``lm_head`` against ``beit.layernorm`` (CLS pooling) or
-``beit.pooler.layernorm`` (mean pooling) + ``classifier``. Export reads the same table backwards
-(transformers 5.x names here; 4.x is read and written, :data:`bitrain.checkpoints.hf.SPELLING`).
-
-HF's ``BeitModel`` has its own final ``beit.layernorm`` unless ``use_mean_pooling``; the official
-pretraining model (and ``BeitMIM``) has one final norm, so MIM folders are written with
-``use_mean_pooling: true`` and folders with a second norm are refused. HF's default
-``layer_norm_eps`` is 1e-12 while BEiT's is 1e-6: the value travels in the config both ways.
+embeddings, blocks and relative position tables (:data:`BLOCK`, :func:`top`); only the end differs
+(the MIM head's ``layernorm`` + ``lm_head``, or ``beit.layernorm`` / ``beit.pooler.layernorm`` +
+``classifier``). Names are transformers 5.x's (4.x is read and written,
+:data:`bitrain.checkpoints.hf.SPELLING`). HF's ``BeitModel`` has its own final ``beit.layernorm``
+unless ``use_mean_pooling``; BeitMIM (as the official model) has one final norm, so MIM folders are
+written with ``use_mean_pooling: true`` and a second norm is refused. ``layer_norm_eps`` (HF 1e-12,
+BEiT 1e-6) travels in the config both ways.
 
 ViT (``ViTForImageClassification`` / ``ViTModel`` <-> timm ``vit_base_patch32_224``: class token,
 ``global_pool="token"``, final ``norm``, no ``fc_norm``) uses BEiT's per-layer table without layer

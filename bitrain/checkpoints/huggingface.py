@@ -1,13 +1,11 @@
 """Hugging Face folders in and out: dispatch by architecture to the BEiT, ViT and BiT tables.
 
-Read: ``BeitForMaskedImageModeling`` -> :class:`~bitrain.models.beit.BeitMIM`;
-``BeitForImageClassification``, ``ViTForImageClassification``, ``BitForImageClassification`` (and
-the head-less ``BeitModel`` / ``ViTModel`` / ``BitModel``) -> timm classifiers. Written: the same,
-in the transformers 4.x key spelling that transformers 4 and 5 both load. Head-less folders may
-lack the ``beit.`` / ``vit.`` / ``bit.`` prefix; it is added. HF's ``layer_norm_eps`` (default
-1e-12; timm's BEiT and ViT use 1e-6) and BiT's ``num_groups`` (timm builds 32) are
-``create_classifier`` arguments (``layer_norm_eps`` / ``group_norm_groups``) in the spec, so they
-travel both ways.
+``BeitForMaskedImageModeling`` <-> :class:`~bitrain.models.beit.BeitMIM`; ``Beit`` / ``ViT`` /
+``BitForImageClassification`` (and the head-less ``*Model``, whose keys may lack the ``beit.`` /
+``vit.`` / ``bit.`` prefix) <-> timm classifiers. Written in the transformers 4.x key spelling,
+which transformers 4 and 5 both load. HF's ``layer_norm_eps`` (1e-12 by default; timm's 1e-6) and
+BiT's ``num_groups`` (timm: 32) are ``create_classifier`` arguments in the spec, so they travel both
+ways.
 """
 
 from __future__ import annotations

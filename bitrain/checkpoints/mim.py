@@ -1,12 +1,10 @@
 """BEiT masked-image-modeling weights in three layouts: bitrain, official unilm ``.pth``, HF.
 
-* **bitrain** -- the Lightning ``.ckpt`` of :mod:`bitrain.tasks.mim`: ``{"state_dict":
-  {"model.<BeitMIM key>": ...}, "hyper_parameters": {"model": {"_target_": ..., **kwargs}, ...},
-  ...}``. :func:`save_mim_model` writes the same layout with only the model, so one reader serves
-  both.
-* **official** -- what ``unilm/beit/run_beit_pretraining.py`` saves (:mod:`.official`), or a bare
-  official state dict.
-* **hf** -- a ``BeitForMaskedImageModeling`` folder (:mod:`.hf_beit`).
+``bitrain``: the Lightning ``.ckpt`` of :mod:`bitrain.tasks.mim` (``{"state_dict": {"model.<key>":
+...}, "hyper_parameters": {"model": {"_target_": ..., **kwargs}}, ...}``), which
+:func:`save_mim_model` writes with the model only, so one reader serves both; ``official``: what
+``unilm/beit/run_beit_pretraining.py`` saves (:mod:`.official`), or a bare state dict; ``hf``: a
+``BeitForMaskedImageModeling`` folder (:mod:`.hf_beit`).
 """
 
 from __future__ import annotations
