@@ -9,14 +9,13 @@ The public API (stable: scripts and users import from here)::
     build_classifier(model_name, num_classes, pretrained=...)         # the fine-tuning model node
     convert(src, dst, dst_format, force=False)                        # verified, never destructive
 
-One module per foreign format's table: :mod:`.official` (unilm ``.pth``), :mod:`.hf_beit`
-(Hugging Face BEiT, MIM and classifier from one table), :mod:`.hf_vit`, :mod:`.hf_bit`, with the
-shared Hugging Face machinery in :mod:`.hf` and the dispatch in :mod:`.huggingface`; the timm hub
-folder layout is in :mod:`.classifier`. Exports read the same tables backwards.
-
-Dependencies run one way: ``checkpoints`` -> ``models``, ``data.preprocessing``, ``io``; nothing
-in ``models`` imports ``checkpoints``. Every file is data: read weights-only, and no content of a
-file picks code to run (docs/checkpoints.md, "What bitrain does with untrusted files").
+One key table per foreign format, read backwards for export: :mod:`.official` (unilm ``.pth``),
+:mod:`.hf_beit` (Hugging Face BEiT, MIM and classifier from one table; ViT), :mod:`.hf_bit`;
+:mod:`.hf` holds the shared Hugging Face machinery, :mod:`.huggingface` the dispatch,
+:mod:`.classifier` the timm hub folder layout, :mod:`.normalization` what any file records about its
+pixels. Dependencies run one way (``checkpoints`` -> ``models``, ``data.preprocessing``, ``io``).
+Every file is data: read weights-only, and no content of a file picks code to run
+(docs/checkpoints.md).
 """
 
 from bitrain.checkpoints.classifier import CLASSIFIER_FORMATS, load_classifier, save_classifier

@@ -1,19 +1,15 @@
 """Convert a checkpoint between formats, verified, without ever destroying the source or a file.
 
-:func:`convert` sniffs the source once: BEiT masked-image-modeling weights go through
-:mod:`.mim` (``bitrain`` / ``official`` / ``hf``), anything else through :mod:`.classifier`
-(``bitrain`` / ``timm`` / ``official`` / ``hf``; label names and the evaluation preprocessing travel
-with it). The result is written to a temporary path beside ``dst``, reloaded and compared with the
-source there (a pretraining model tensor by tensor, bit exact; a classifier by its logits on a
-random batch, max abs difference <= :data:`LOGIT_TOL`, and its label names), and only then moved to
-``dst``. An existing ``dst``, or one that is the source (or holds it, or lies in it), is refused
-unless ``force``; with ``force`` the old one is replaced only after the new one passed its check.
-``scripts/convert_checkpoint.py`` is the command line of this function.
+:func:`convert` sniffs the source once and loads it with :mod:`.mim` or :mod:`.classifier`. The
+result is written beside ``dst``, reloaded and compared with the source there (a pretraining model
+tensor by tensor, bit exact; a classifier by its logits on a random batch, within :data:`LOGIT_TOL`,
+and its label names), and only then moved to ``dst``. An existing ``dst``, or one that is the source
+(or holds it, or lies in it), is refused unless ``force``; the old one is replaced only after the
+new one passed its check. ``scripts/convert_checkpoint.py`` is its command line.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -25,20 +21,11 @@ from typing import Any
 import torch
 
 from bitrain.checkpoints.classifier import CLASSIFIER_FORMATS, load_classifier, save_classifier
-from bitrain.checkpoints.mim import (
-    FORMATS,
-    build_mim_model,
-    load_mim_model,
-    load_mim_state,
-    save_mim_model,
-)
-from bitrain.checkpoints.normalization import normalization_of
+from bitrain.checkpoints.mim import FORMATS, load_mim_model, save_mim_model
 from bitrain.checkpoints.sniff import sniff
 from bitrain.io import CheckpointError
 
 __all__ = ["ALL_FORMATS", "ConversionError", "Converted", "LOGIT_TOL", "convert"]
-
-log = logging.getLogger(__name__)
 
 ALL_FORMATS: tuple[str, ...] = tuple(dict.fromkeys((*FORMATS, *CLASSIFIER_FORMATS)))
 LOGIT_TOL = 1e-5
@@ -93,16 +80,10 @@ def convert(
 ) -> Converted:
     """Convert the checkpoint at ``src`` to ``dst_format`` at ``dst`` (see the module docstring).
 
-    Args:
-        src: source file or folder (any format :func:`~bitrain.checkpoints.sniff` knows).
-        dst: destination file (``bitrain``, ``official``) or folder (``hf``, ``timm``).
-        dst_format: one of :data:`ALL_FORMATS` (``timm`` is for classifiers only).
-        src_format: when given, the detected format must be this one.
-        force: replace an existing ``dst`` (also the source itself) once verified.
-        verify: reload the conversion and compare it with the source before moving it.
-        use_ema: classifiers: the EMA weights.
-        model_name: classifiers: the timm architecture of a bare state dict.
-        model_kwargs: classifiers: further ``create_classifier`` arguments with ``model_name``.
+    ``dst`` is a file (``bitrain``, ``official``) or a folder (``hf``, ``timm``: classifiers only).
+    ``src_format``: the detected format must be this one; ``force``: replace an existing ``dst``
+    (also the source) once verified; ``verify=False`` skips the check. Classifiers: ``use_ema``,
+    and ``model_name`` / ``model_kwargs`` for a bare state dict.
 
     Raises:
         FileExistsError: ``dst`` exists or is the source, and not ``force``.
@@ -124,28 +105,18 @@ def convert(
                 f"'{src}' holds pretraining (MIM) weights; the destination format must be one of "
                 f"{FORMATS} ({dst_format} is for classifiers)"
             )
-        state, kwargs, fmt = load_mim_state(found)
-        _check_format(src, fmt, src_format)
-        model = build_mim_model(state, kwargs, where=f"{fmt} checkpoint '{src}'")
-        model.bitrain_normalization = normalization_of(found)
-        save: Callable[[Path], Path] = lambda out: save_mim_model(model, out, dst_format)  # noqa: E731
-        check: Callable[[Path], str] = lambda out: _same_tensors(model, load_mim_model(out))  # noqa: E731
-        kind = "mim"
+        kind, load, save, same = "mim", load_mim_model, save_mim_model, _same_tensors
+        model = load_mim_model(found)
     else:
+        kind, load, save, same = "classifier", load_classifier, save_classifier, _same_logits
         extra = {"model_name": model_name, **(model_kwargs or {})} if model_name else {}
-        classifier = load_classifier(found, use_ema=use_ema, **extra)
-        fmt = classifier.bitrain_source_format
-        _check_format(src, fmt, src_format)
-        save = lambda out: save_classifier(classifier, out, dst_format)  # noqa: E731
-        check = lambda out: _same_logits(classifier, load_classifier(out))  # noqa: E731
-        kind = "classifier"
-    result = _write(Path(dst).expanduser(), save, check if verify else None)
+        model = load_classifier(found, use_ema=use_ema, **extra)
+    fmt = model.bitrain_source_format
+    if src_format is not None and fmt != src_format:
+        raise CheckpointError(f"'{src}' is a {fmt} checkpoint, not {src_format}")
+    check = (lambda out: same(model, load(out))) if verify else None
+    result = _write(Path(dst).expanduser(), lambda out: save(model, out, dst_format), check)
     return Converted(Path(src), Path(dst), fmt, dst_format, kind, result)
-
-
-def _check_format(src: str | os.PathLike, found: str, wanted: str | None) -> None:
-    if wanted is not None and found != wanted:
-        raise CheckpointError(f"'{src}' is a {found} checkpoint, not {wanted}")
 
 
 def _same_tensors(model: torch.nn.Module, back: torch.nn.Module) -> str:

@@ -2,16 +2,12 @@
 
 Folders (``config.json`` + ``model.safetensors``, or ``pytorch_model.bin`` / a sharded
 ``*.index.json``) are read and written with our own code: ``transformers`` is never imported by
-bitrain, it is only the reference of the parity tests. The key tables themselves live with their
-model family (:mod:`~bitrain.checkpoints.hf_beit`, :mod:`~bitrain.checkpoints.hf_vit`,
-:mod:`~bitrain.checkpoints.hf_bit`); this module holds what they share:
-
-* the transformers 4.x <-> 5.x key spelling (:data:`SPELLING`, one list read both ways; the Hub's
-  BEiT / ViT checkpoints use 4.x, which transformers 4 and 5 both load and 5 still writes);
-* :func:`from_layer_table` / :func:`to_layer_table`: a family's ``{hf: ours}`` tables applied to a
-  state dict and, read backwards, to ours; q/k/v are stacked into timm's ``attn.qkv`` (and BEiT's
-  separate q/v biases, zero-filled on export when the model has none, as HF always has them);
-* the architectures bitrain reads and label names.
+bitrain, it is only the reference of the parity tests. The key tables live with their model family
+(:mod:`.hf_beit` for BEiT and ViT, :mod:`.hf_bit`); this module holds what they share: the
+transformers 4.x <-> 5.x key spelling (:data:`SPELLING`, one list read both ways; the Hub's BEiT /
+ViT checkpoints use 4.x, which transformers 4 and 5 both load and 5 still writes), and
+:func:`from_layer_table` / :func:`to_layer_table`, a family's ``{hf: ours}`` tables applied both
+ways, with q/k/v stacked into timm's ``attn.qkv``.
 """
 
 from __future__ import annotations
@@ -35,6 +31,7 @@ __all__ = [
     "SPELLING",
     "architecture",
     "from_layer_table",
+    "label_list",
     "label_names",
     "read_folder",
     "read_weights",
@@ -122,16 +119,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-
-
-def weights_file(folder: str | os.PathLike) -> Path | None:
-    """The weights file (or shard index) of a model folder, None when it has none."""
-    folder = Path(folder)
-    return next(
-        (folder / n for n in (*_INDEX_FILES, *_WEIGHT_FILES) if (folder / n).is_file()), None
-    )
 
 
 def read_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
@@ -142,27 +130,27 @@ def read_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
         CheckpointError: ``config.json`` or an index is not valid JSON, or a shard is unreadable.
     """
     folder = Path(path).expanduser()
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
+    if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"model folder '{folder}' has no config.json")
-    config = read_json(cfg_path)
-    weights = weights_file(folder)
+    config = read_json(folder / "config.json")
+    names = (*_INDEX_FILES, "model.safetensors", "pytorch_model.bin")
+    weights = next((folder / n for n in names if (folder / n).is_file()), None)
     if weights is None:
         raise FileNotFoundError(
             f"model folder '{folder}' has config.json but no model.safetensors or pytorch_model.bin"
         )
-    if weights.name in _INDEX_FILES:
-        weight_map = read_json(weights).get("weight_map")
-        if not isinstance(weight_map, Mapping):
-            raise CheckpointError(f"'{weights}' has no weight_map")
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted({str(v) for v in weight_map.values()}):
-            shard_path = (folder / shard).resolve()
-            if shard_path.parent != folder.resolve():
-                raise CheckpointError(f"'{weights}' names a shard outside the folder: {shard!r}")
-            state.update(read_weights(shard_path))
-        return state, config, weights
-    return read_weights(weights), config, weights
+    if weights.name not in _INDEX_FILES:
+        return read_weights(weights), config, weights
+    weight_map = read_json(weights).get("weight_map")
+    if not isinstance(weight_map, Mapping):
+        raise CheckpointError(f"'{weights}' has no weight_map")
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted({str(v) for v in weight_map.values()}):
+        shard_path = (folder / shard).resolve()
+        if shard_path.parent != folder.resolve():
+            raise CheckpointError(f"'{weights}' names a shard outside the folder: {shard!r}")
+        state.update(read_weights(shard_path))
+    return state, config, weights
 
 
 def write_folder(
@@ -186,27 +174,24 @@ def write_folder(
 # --- configs --------------------------------------------------------------------------------------
 
 
-def architecture(
-    config: Mapping[str, Any], where: str = "Hugging Face config"
-) -> tuple[str, str, str]:
+def architecture(config: Mapping[str, Any], where: str = "Hugging Face config") -> tuple[str, ...]:
     """``(architecture, family, kind)`` of a config's ``architectures``, or a CheckpointError."""
     names = [str(a) for a in config.get("architectures") or []]
     for name in names:
         if name in ARCHITECTURES:
             return (name, *ARCHITECTURES[name])
     raise CheckpointError(
-        f"{where} has architectures {names or '(none)'}; bitrain reads {', '.join(ARCHITECTURES)}"
+        f"{where} names architectures {names or '(none)'}; bitrain reads "
+        f"{', '.join(ARCHITECTURES)} (Hugging Face) and timm hub folders ('architecture')"
     )
 
 
-def config_square(
-    config: Mapping[str, Any], name: str, default: int, where: str = "Hugging Face config"
-) -> int:
+def config_square(config: Mapping[str, Any], name: str, default: int) -> int:
     """The side of the square size ``config[name]`` (an int or a list/tuple of equal ints)."""
     value = config.get(name, default)
     if isinstance(value, list | tuple):
         if len(set(value)) != 1:
-            raise CheckpointError(f"{where}: {name}={value} is not square")
+            raise CheckpointError(f"Hugging Face config: {name}={value} is not square")
         value = value[0]
     return int(value)
 
@@ -233,46 +218,62 @@ def transformer_sizes(config: Mapping[str, Any], family: str) -> dict[str, Any]:
         "depth": int(config.get("num_hidden_layers", 12)),
         "num_heads": int(config.get("num_attention_heads", 12)),
         "mlp_ratio": inner / hidden,
+        "layer_norm_eps": float(config.get("layer_norm_eps", HF_LAYER_NORM_EPS)),
     }
 
 
-def label_names(config: Mapping[str, Any], num_classes: int | None) -> list[str] | None:
-    """Class names from ``id2label`` (by index); None when absent or HF's ``LABEL_i`` defaults."""
-    id2label = config.get("id2label") or {}
-    if not id2label:
+def transformer_config(model: nn.Module) -> dict[str, Any]:
+    """The ``BeitConfig`` / ``ViTConfig`` sizes of a timm BEiT or ViT (square images only)."""
+    blocks, patch = model.blocks, model.patch_embed
+    img, grid = tuple(patch.img_size), tuple(patch.patch_size)
+    if img[0] != img[1] or grid[0] != grid[1]:
+        raise CheckpointError(f"to Hugging Face: image {img} / patch {grid} are not square")
+    return {
+        "hidden_size": int(model.embed_dim),
+        "num_hidden_layers": len(blocks),
+        "num_attention_heads": int(blocks[0].attn.num_heads),
+        "intermediate_size": int(blocks[0].mlp.fc1.out_features),
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
+        "layer_norm_eps": float(one_value(model, nn.LayerNorm, "eps")),
+        "image_size": int(img[0]),
+        "patch_size": int(grid[0]),
+        "num_channels": int(patch.proj.in_channels),
+    }
+
+
+def label_list(names: Any, where: str, num_classes: int | None = None) -> list[str] | None:
+    """Class names from a list or an ``{index: name}`` mapping; None when there are none.
+
+    Raises:
+        CheckpointError: keys that are not ``0 .. n-1``, or not ``num_classes`` names.
+    """
+    if not names:
         return None
-    try:
-        items = sorted((int(k), str(v)) for k, v in id2label.items())
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(
-            f"Hugging Face config id2label has non-integer keys ({err})"
-        ) from None
-    if [i for i, _ in items] != list(range(len(items))):
-        raise CheckpointError("Hugging Face config id2label keys are not 0 .. n-1")
-    names = [name for _, name in items]
-    if all(name == f"LABEL_{i}" for i, name in enumerate(names)):
-        return None
+    if isinstance(names, Mapping):
+        try:
+            items = sorted((int(k), str(v)) for k, v in names.items())
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{where} has non-integer keys ({err})") from None
+        if [i for i, _ in items] != list(range(len(items))):
+            raise CheckpointError(f"{where} keys are not 0 .. n-1")
+        names = [name for _, name in items]
+    names = [str(n) for n in names]
     if num_classes is not None and len(names) != num_classes:
         raise CheckpointError(
-            f"Hugging Face config id2label has {len(names)} labels but the classifier has "
-            f"{num_classes} outputs"
+            f"{where} has {len(names)} label names for a {num_classes}-class head"
         )
     return names
 
 
-def with_labels(config: dict[str, Any], num_classes: int, names: list[str] | None) -> dict:
-    """``config`` with ``id2label`` / ``label2id`` (``LABEL_i`` when there are no names)."""
-    names = [f"LABEL_{i}" for i in range(num_classes)] if names is None else list(names)
-    if len(names) != num_classes:
-        raise ValueError(
-            f"{len(names)} label_names for a {num_classes}-class model; give one name per class, "
-            "in class-index order"
-        )
-    if len(set(names)) != len(names):
-        raise ValueError("label_names has duplicates (label2id needs unique names)")
-    config["id2label"] = {str(i): str(name) for i, name in enumerate(names)}
-    config["label2id"] = {str(name): i for i, name in enumerate(names)}
-    return config
+def label_names(config: Mapping[str, Any], num_classes: int | None = None) -> list[str] | None:
+    """Class names of a config's ``id2label``; None when absent or HF's ``LABEL_i`` defaults."""
+    names = label_list(config.get("id2label"), "Hugging Face config id2label")
+    if names is None or names == [f"LABEL_{i}" for i in range(len(names))]:
+        return None
+    return label_list(names, "Hugging Face config id2label", num_classes)
 
 
 def weight_bias(hf: str, ours: str) -> dict[str, str]:
@@ -281,11 +282,7 @@ def weight_bias(hf: str, ours: str) -> dict[str, str]:
 
 
 def one_value(model: nn.Module, kind: type[nn.Module], attr: str) -> Any:
-    """The single value of ``attr`` over the model's ``kind`` modules (HF configs hold one).
-
-    Raises:
-        CheckpointError: the modules disagree (or there are none).
-    """
+    """The single value of ``attr`` over the model's ``kind`` modules (HF configs hold one)."""
     values = {getattr(m, attr) for m in model.modules() if isinstance(m, kind)}
     if len(values) != 1:
         raise CheckpointError(
@@ -306,26 +303,20 @@ def from_layer_table(
     family: str,
     top: Mapping[str, str],
     block: Mapping[str, str],
-    where: str,
     separate_qv_bias: bool,
     drop: set[str] = frozenset(),
 ) -> dict[str, torch.Tensor]:
     """HF (5.x) weights of a BEiT / ViT in our names, by the family's ``{hf: ours}`` tables.
 
-    Args:
-        sd: HF weights in the 5.x spelling (:func:`to_5x`).
-        family: the prefix of ``{family}.layers.i.*``.
-        top: whole-model HF name -> ours.
-        block: per-layer HF name (after ``{family}.layers.i.``) -> ours (after ``blocks.i.``).
-        where: names the weights in errors (the caller adds the file).
-        separate_qv_bias: BEiT: ``attn.{q,v}_bias`` (a key bias must be zero); ViT: one
-            ``attn.qkv.bias``.
-        drop: HF keys that have no place in our model (e.g. a classifier's mask token).
+    ``top`` maps whole-model names, ``block`` the names after ``{family}.layers.i.`` (ours after
+    ``blocks.i.``); keys in ``drop`` have no place in our model. ``separate_qv_bias``: BEiT's
+    ``attn.{q,v}_bias`` (a key bias must be zero), else ViT's one ``attn.qkv.bias``.
 
     Raises:
         CheckpointError: keys with no name, a missing or mis-shaped q/k/v part, a non-zero BEiT
             key bias, or biases on only some of q/k/v.
     """
+    where = f"Hugging Face {'BEiT' if family == 'beit' else 'ViT'} weights"
     layer = re.compile(rf"^{family}\.layers\.(\d+)\.(.+)$")
     out: dict[str, torch.Tensor] = {}
     qkv: dict[int, dict[str, torch.Tensor]] = {}
@@ -379,27 +370,20 @@ def _stack_qkv(parts: Mapping[str, torch.Tensor], where: str) -> torch.Tensor:
 
 
 def to_layer_table(
-    sd: Mapping[str, torch.Tensor],
-    family: str,
-    top: Mapping[str, str],
-    block: Mapping[str, str],
-    dim: int,
-    where: str,
+    model: nn.Module, family: str, top: Mapping[str, str], block: Mapping[str, str]
 ) -> dict[str, torch.Tensor]:
-    """Our BEiT / ViT weights in HF 5.x names: :func:`from_layer_table`'s tables read backwards.
+    """A timm BEiT / ViT's weights in HF 5.x names: :func:`from_layer_table`'s tables backwards.
 
     ``attn.qkv.*`` is split into ``attention.{q,k,v}_proj.*``; BEiT's ``attn.{q,v}_bias`` go to
-    ``attention.{q,v}_proj.bias`` and are zero-filled when the model has none (HF always has
-    them); ``relative_position_index`` buffers are left out.
-
-    Raises:
-        CheckpointError: a key with no HF name.
+    ``attention.{q,v}_proj.bias``, zero-filled when the model has none (HF always has them);
+    ``relative_position_index`` buffers are left out.
     """
+    dim = int(model.embed_dim)
     top_back = {ours: hf for hf, ours in top.items()}
     block_back = {ours: hf for hf, ours in block.items()}
     out: dict[str, torch.Tensor] = {}
     layers = set()
-    for key, value in sd.items():
+    for key, value in model.state_dict().items():
         value = value.detach()
         if key.endswith("relative_position_index"):
             continue
@@ -407,22 +391,19 @@ def to_layer_table(
             out[top_back[key]] = value
             continue
         match = _OUR_BLOCK.match(key)
-        if match is None:
-            raise CheckpointError(f"{where}: no Hugging Face name for {key!r}")
-        pre, rest = f"{family}.layers.{match.group(1)}.", match.group(2)
+        pre, rest = (f"{family}.layers.{match.group(1)}.", match.group(2)) if match else ("", "")
         layers.add(pre)
         if rest in ("attn.qkv.weight", "attn.qkv.bias"):
-            kind = rest.rsplit(".", 1)[1]
             for n, part in zip("qkv", value.split(dim, dim=0), strict=True):
-                out[f"{pre}attention.{n}_proj.{kind}"] = part
+                out[f"{pre}attention.{n}_proj.{rest.rsplit('.', 1)[1]}"] = part
         elif rest in ("attn.q_bias", "attn.v_bias"):
             out[f"{pre}attention.{rest[5]}_proj.bias"] = value
         elif rest in block_back:
             out[pre + block_back[rest]] = value
         else:
-            raise CheckpointError(f"{where}: no Hugging Face name for {key!r}")
+            raise CheckpointError(f"to Hugging Face: no Hugging Face name for {key!r}")
     if family == "beit":  # HF's BEiT always has q and v biases
         for pre in layers:
-            for n in "qv":
-                out.setdefault(f"{pre}attention.{n}_proj.bias", torch.zeros(dim))
+            out.setdefault(f"{pre}attention.q_proj.bias", torch.zeros(dim))
+            out.setdefault(f"{pre}attention.v_proj.bias", torch.zeros(dim))
     return out

@@ -1,27 +1,12 @@
 """Hugging Face BiT (``BitForImageClassification`` / ``BitModel``) <-> timm ``ResNetV2``.
 
-The BiT table of :mod:`bitrain.checkpoints.huggingface`, which dispatches here by architecture.
-
-timm architectures: ``resnetv2_{50x1,101x1,152x2}_bit`` (``timm.models.resnetv2.ResNetV2``:
-weight standardised convs with eps 1e-8, group norm, pre-activation bottlenecks, the "fixed" stem
-of conv, zero pad 1, max pool 3/2). timm's BiT names fix the depths, so only the depths
-``[3, 4, 6, 3]``, ``[3, 4, 23, 3]`` and ``[3, 8, 36, 3]`` have a timm name; the widths travel as
-``channels`` / ``stem_chs``. Only HF's ``layer_type="preactivation"`` with
-``global_padding=None``, ``embedding_dynamic_padding=False``, ``output_stride=32`` and
-``width_factor=1`` is the same network as timm's; anything else is a :class:`CheckpointError`.
-
-Key map (HF on the left)::
-
-    bit.embedder.convolution.weight                      stem.conv.weight
-    bit.encoder.stages.s.layers.j.conv{1,2,3}.weight     stages.s.blocks.j.conv{1,2,3}.weight
-    bit.encoder.stages.s.layers.j.norm{1,2,3}.*          stages.s.blocks.j.norm{1,2,3}.*
-    bit.encoder.stages.s.layers.j.downsample.conv.weight stages.s.blocks.j.downsample.conv.weight
-    bit.norm.*                                           norm.*
-    classifier.1.weight  [C, F]  (Linear)                head.fc.weight  [C, F, 1, 1]  (1x1 conv)
-    classifier.1.bias                                    head.fc.bias
-
-HF's ``num_groups`` cannot be passed to timm's constructor (it builds 32 groups): the caller sets
-it as ``create_classifier``'s ``group_norm_groups``.
+timm's ``resnetv2_{50x1,101x1,152x2}_bit`` (weight standardised convs with eps 1e-8, group norm,
+pre-activation bottlenecks, the "fixed" stem of conv, zero pad 1, max pool 3/2) fix the depths
+(:data:`TIMM_BIT`); the widths travel as ``channels`` / ``stem_chs`` and HF's ``num_groups`` (timm
+builds 32) as ``create_classifier``'s ``group_norm_groups``. Any other network is a
+:class:`CheckpointError`. Key map (HF = timm): ``bit.embedder.convolution`` = ``stem.conv``;
+``bit.encoder.stages.s.layers.j.X`` = ``stages.s.blocks.j.X``; ``bit.norm`` = ``norm``;
+``classifier.1`` (a Linear ``[C, F]``) = ``head.fc`` (a 1x1 conv ``[C, F, 1, 1]``).
 """
 
 from __future__ import annotations
@@ -31,13 +16,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from timm.layers import StdConv2d
+from timm.models.resnetv2 import PreActBottleneck
 from torch import nn
 
 from bitrain.checkpoints.hf import config_square, one_value, weight_bias
 from bitrain.io import CheckpointError
 
 __all__ = ["TIMM_BIT", "TIMM_GROUPS", "bit_from_hf", "bit_to_hf"]
-
 
 # BiT depths -> (timm name, its fixed width factor).
 TIMM_BIT: dict[tuple[int, ...], tuple[str, int]] = {
@@ -48,7 +34,16 @@ TIMM_BIT: dict[tuple[int, ...], tuple[str, int]] = {
 TIMM_GROUPS = 32  # partial(GroupNormAct, num_groups=32) in timm's ResNetV2
 BIT_CONV_EPS = 1e-8  # HF's BiT weight standardisation eps (hard-coded), timm's *_bit models too
 BIT_GROUP_NORM_EPS = 1e-5  # HF's BitGroupNormActivation (hard-coded), timm's GroupNormAct too
-
+# The BitConfig values for which HF's BiT is timm's network (pre-activation bottlenecks, symmetric
+# padding, a fixed stem, no dilation).
+_TIMM_NETWORK = {
+    "layer_type": "preactivation",
+    "global_padding": None,
+    "embedding_dynamic_padding": False,
+    "hidden_act": "relu",
+    "output_stride": 32,
+    "width_factor": 1,
+}
 
 _BIT_BLOCK = re.compile(
     r"^bit\.encoder\.stages\.(\d+)\.layers\.(\d+)\."
@@ -72,28 +67,30 @@ def bit_from_hf(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """HF BiT weights (``bit.`` prefix) -> ``(timm state dict, create_classifier spec)``."""
     spec = _bit_spec(config)  # the config's clear errors before the weights'
-    state = _bit_state(sd)
-    head = state.get("head.fc.weight")
-    spec["num_classes"] = int(head.shape[0]) if head is not None else None
-    return state, spec
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in sd.items():
+        if match := _BIT_BLOCK.match(key):
+            out["stages.{}.blocks.{}.{}".format(*match.groups())] = value
+        elif key in _BIT_TOP:
+            is_fc = key == "classifier.1.weight"
+            out[_BIT_TOP[key]] = value.reshape(*value.shape, 1, 1) if is_fc else value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(
+            f"Hugging Face BiT weights have keys with no timm name: {sorted(unknown)[:6]}"
+        )
+    return out, spec
 
 
 def _bit_spec(config: Mapping[str, Any]) -> dict[str, Any]:
     """``create_classifier`` kwargs (less ``num_classes``) of a BiT config."""
-    checks = {
-        "layer_type": (config.get("layer_type", "preactivation"), "preactivation"),
-        "global_padding": (config.get("global_padding"), None),
-        "embedding_dynamic_padding": (bool(config.get("embedding_dynamic_padding", False)), False),
-        "hidden_act": (config.get("hidden_act", "relu"), "relu"),
-        "output_stride": (int(config.get("output_stride", 32)), 32),
-        "width_factor": (int(config.get("width_factor", 1)), 1),
-    }
-    for name, (value, wanted) in checks.items():
-        if value != wanted:
+    for name, wanted in _TIMM_NETWORK.items():
+        if config.get(name, wanted) != wanted:
             raise CheckpointError(
-                f"Hugging Face BiT config has {name}={value!r}; timm's ResNetV2 BiT models are "
-                f"the same network only for {name}={wanted!r} (pre-activation bottlenecks, "
-                "symmetric padding, a fixed stem, no dilation), so this model cannot be imported"
+                f"Hugging Face BiT config has {name}={config[name]!r}; timm's ResNetV2 BiT models "
+                f"are the same network only for {name}={wanted!r}, so it cannot be imported"
             )
     depths = tuple(int(d) for d in config.get("depths", (3, 4, 6, 3)))
     if depths not in TIMM_BIT:
@@ -124,36 +121,12 @@ def _bit_spec(config: Mapping[str, Any]) -> dict[str, Any]:
         )
     return {
         "model_name": name,
-        "img_size": config_square(config, "image_size", 224, "Hugging Face config"),
+        "img_size": config_square(config, "image_size", 224),
         "in_chans": int(config.get("num_channels", 3)),
         "channels": [c // wf for c in hidden],
         "stem_chs": stem // wf,
+        "group_norm_groups": groups,
     }
-
-
-def _bit_state(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF BiT weights (with the ``bit.`` prefix) in timm ``ResNetV2`` names.
-
-    Raises:
-        CheckpointError: a key with no timm name.
-    """
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in sd.items():
-        match = _BIT_BLOCK.match(key)
-        if match:
-            out[f"stages.{match.group(1)}.blocks.{match.group(2)}.{match.group(3)}"] = value
-        elif key in _BIT_TOP:
-            if key == "classifier.1.weight":
-                value = value.reshape(*value.shape, 1, 1)
-            out[_BIT_TOP[key]] = value
-        else:
-            unknown.append(key)
-    if unknown:
-        raise CheckpointError(
-            f"Hugging Face BiT weights have keys with no timm name: {sorted(unknown)[:6]}"
-        )
-    return out
 
 
 def bit_to_hf(model: nn.Module) -> tuple[dict, dict[str, Any]]:
@@ -162,9 +135,6 @@ def bit_to_hf(model: nn.Module) -> tuple[dict, dict[str, Any]]:
     Raises:
         CheckpointError: a ResNetV2 that is not HF's BiT network (stem, convs, blocks, norms).
     """
-    from timm.layers import StdConv2d
-    from timm.models.resnetv2 import PreActBottleneck
-
     stem = model.stem
     problems = []
     if not isinstance(getattr(stem, "conv", None), StdConv2d):
@@ -194,19 +164,16 @@ def bit_to_hf(model: nn.Module) -> tuple[dict, dict[str, Any]]:
         )
     back = {v: k for k, v in _BIT_TOP.items()}
     out: dict[str, torch.Tensor] = {}
-    state = model.state_dict()
-    for key, value in state.items():
+    for key, value in model.state_dict().items():
         value = value.detach()
-        match = re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(.+)$", key)
-        if match:
-            out[f"bit.encoder.stages.{match.group(1)}.layers.{match.group(2)}.{match.group(3)}"] = (
-                value
-            )
+        if match := re.match(r"^stages\.(\d+)\.blocks\.(\d+)\.(.+)$", key):
+            out["bit.encoder.stages.{}.layers.{}.{}".format(*match.groups())] = value
         elif key in back:
             out[back[key]] = value.flatten(1) if key == "head.fc.weight" else value
         else:
             raise CheckpointError(f"to Hugging Face: no name for timm key {key!r}")
     spec = getattr(model, "bitrain_spec", {})
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224))[1]
     config = {
         "architectures": ["BitForImageClassification"],
         "model_type": "bit",
@@ -214,19 +181,9 @@ def bit_to_hf(model: nn.Module) -> tuple[dict, dict[str, Any]]:
         "embedding_size": int(stem.conv.out_channels),
         "hidden_sizes": [int(stage.blocks[0].conv3.out_channels) for stage in model.stages],
         "depths": [len(stage.blocks) for stage in model.stages],
-        "layer_type": "preactivation",
-        "hidden_act": "relu",
-        "global_padding": None,
+        **_TIMM_NETWORK,
         "num_groups": int(one_value(model, nn.GroupNorm, "num_groups")),
         "drop_path_rate": 0.0,
-        "embedding_dynamic_padding": False,
-        "output_stride": 32,
-        "width_factor": 1,
-        "image_size": int(
-            spec.get(
-                "img_size",
-                (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224))[1],
-            )
-        ),
+        "image_size": int(spec.get("img_size", size)),
     }
     return out, config

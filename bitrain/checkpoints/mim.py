@@ -1,12 +1,10 @@
 """BEiT masked-image-modeling weights in three layouts: bitrain, official unilm ``.pth``, HF.
 
-* **bitrain** -- the Lightning ``.ckpt`` of :mod:`bitrain.tasks.mim`: ``{"state_dict":
-  {"model.<BeitMIM key>": ...}, "hyper_parameters": {"model": {"_target_": ..., **kwargs}, ...},
-  ...}``. :func:`save_mim_model` writes the same layout with only the model, so one reader serves
-  both.
-* **official** -- what ``unilm/beit/run_beit_pretraining.py`` saves (:mod:`.official`), or a bare
-  official state dict.
-* **hf** -- a ``BeitForMaskedImageModeling`` folder (:mod:`.hf_beit`).
+``bitrain``: the Lightning ``.ckpt`` of :mod:`bitrain.tasks.mim` (``{"state_dict": {"model.<key>":
+...}, "hyper_parameters": {"model": {"_target_": ..., **kwargs}}, ...}``), which
+:func:`save_mim_model` writes with the model only, so one reader serves both; ``official``: what
+``unilm/beit/run_beit_pretraining.py`` saves (:mod:`.official`), or a bare state dict; ``hf``: a
+``BeitForMaskedImageModeling`` folder (:mod:`.hf_beit`).
 """
 
 from __future__ import annotations
@@ -19,19 +17,9 @@ from typing import Any
 import torch
 
 from bitrain.checkpoints.huggingface import read_hf_mim, save_hf_mim
-from bitrain.checkpoints.normalization import (
-    Normalization,
-    normalization_of,
-    normalization_record,
-)
+from bitrain.checkpoints.normalization import Normalization, normalization_of, normalization_record
 from bitrain.checkpoints.official import from_official, mim_args, mim_kwargs, some_keys, to_official
-from bitrain.checkpoints.sniff import (
-    BEIT_MIM_TARGET,
-    Sniffed,
-    bitrain_state,
-    is_tensor_mapping,
-    sniff,
-)
+from bitrain.checkpoints.sniff import BEIT_MIM_TARGET, Sniffed, is_tensor_mapping, sniff, state_of
 from bitrain.io import CheckpointError, atomic_save
 from bitrain.models.beit import BeitMIM
 
@@ -54,33 +42,24 @@ def load_mim_state(
     )
     path, obj = found.path, found.obj
     if found.kind != "mim":
-        if found.format == "hf":
-            keys = list(obj.get("architectures") or [])
-        else:
-            raw = obj.get("state_dict") if found.format == "bitrain" else obj
-            raw = next((obj[k] for k in ("model", "module") if is_tensor_mapping(obj.get(k))), raw)
-            keys = some_keys(raw)
+        keys = obj.get("architectures") if found.format == "hf" else some_keys(state_of(found))
         raise CheckpointError(
             f"'{path}' is not a BEiT masked-image-modeling model (a {found.format} {found.kind} "
             f"checkpoint: no lm_head.weight); found {keys}"
         )
     if found.format == "hf":
-        state, kwargs = read_hf_mim(path)
-        return state, kwargs, "hf"
+        return (*read_hf_mim(path), "hf")
     if found.format == "bitrain":
         kwargs = {k: v for k, v in obj["hyper_parameters"]["model"].items() if k != "_target_"}
-        return bitrain_state(found), kwargs, "bitrain"
-    key = next(
-        (k for k in ("model", "module", "state_dict") if is_tensor_mapping(obj.get(k))), None
-    )
-    raw = obj if key is None else obj[key]
-    state = from_official(raw)
+        return state_of(found), kwargs, "bitrain"
+    state = from_official(state_of(found))
     if "mask_token" not in state:
         raise CheckpointError(
             f"'{path}' is not a BEiT masked-image-modeling model (no mask_token); found keys "
             f"{some_keys(state)}"
         )
-    return state, mim_kwargs(state, obj.get("args") if key is not None else None), "official"
+    args = None if is_tensor_mapping(obj) else obj.get("args")  # a bare state dict has none
+    return state, mim_kwargs(state, args), "official"
 
 
 def build_mim_model(
@@ -107,8 +86,8 @@ def load_mim_model(
 ) -> BeitMIM:
     """A :class:`BeitMIM` from a bitrain ``.ckpt``, an official ``.pth`` or a HF folder (strict).
 
-    The model carries ``bitrain_normalization``: the ``(mean, std)`` its pretraining normalised
-    pixels with, when the file records it (:mod:`.normalization`), else None.
+    It carries ``bitrain_source_format`` and ``bitrain_normalization`` (the ``(mean, std)`` the file
+    records, else None).
 
     Raises:
         FileNotFoundError: nothing at ``path_or_dir``.
@@ -117,6 +96,7 @@ def load_mim_model(
     found = path_or_dir if isinstance(path_or_dir, Sniffed) else sniff(path_or_dir, map_location)
     state, kwargs, fmt = load_mim_state(found, map_location)
     model = build_mim_model(state, kwargs, where=f"{fmt} checkpoint '{found.path}'")
+    model.bitrain_source_format = fmt
     model.bitrain_normalization = normalization_of(found)  # None when the file records none
     return model.to(map_location)
 
@@ -127,16 +107,11 @@ def save_mim_model(
     format: str = "bitrain",
     normalization: Normalization | None = None,
 ) -> Path:
-    """Save ``model`` as ``format`` (one of :data:`FORMATS`); returns the path written.
+    """Save ``model`` as ``format`` (one of :data:`FORMATS`, the layouts above); returns the path.
 
     ``normalization`` (default: ``model.bitrain_normalization``) is recorded in every format:
-    ``hyper_parameters["normalization"]``, the official ``args`` (unilm's
+    ``hyper_parameters["normalization"]``, the official ``args`` (also as unilm's
     ``imagenet_default_mean_and_std`` when it can say it), a HF ``preprocessor_config.json``.
-
-    * ``bitrain``: ``{"state_dict": {"model.<key>": ...}, "hyper_parameters": {"model":
-      {"_target_": ..., **model_kwargs}}}``, the Lightning ``.ckpt`` layout, model only.
-    * ``official``: ``{"model": official state dict, "args": Namespace(...)}``.
-    * ``hf``: a ``BeitForMaskedImageModeling`` folder.
     """
     if normalization is None:
         normalization = getattr(model, "bitrain_normalization", None)
@@ -153,7 +128,7 @@ def save_mim_model(
             "hyper_parameters": hparams,
         }
     elif format == "official":
-        obj = {"model": to_official(state), "args": mim_args(model.model_kwargs, record)}
+        obj = {"model": to_official(state), "args": mim_args(model, record)}
     else:
         raise ValueError(f"unknown checkpoint format {format!r}; choose one of {FORMATS}")
     return atomic_save(obj, path)

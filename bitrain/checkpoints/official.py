@@ -53,12 +53,14 @@ log = logging.getLogger(__name__)
 # Official model names (modeling_pretrain.py / modeling_finetune.py) -> (embed_dim, depth, heads).
 OFFICIAL_SIZES = {"base": (768, 12, 12), "large": (1024, 24, 16)}
 TIMM_BEIT = "beit_base_patch16_224"
+# unilm's --imagenet_default_mean_and_std: the (mean, std) each value means (beit/datasets.py).
+_UNILM_NORMALIZATION = {(IMAGENET_MEAN, IMAGENET_STD): True, (INCEPTION_MEAN, INCEPTION_STD): False}
 
 
-def some_keys(mapping: Mapping[str, Any], n: int = 6) -> list[str]:
-    """The first ``n`` keys of a mapping, for error messages."""
-    keys = [str(k) for k in mapping]
-    return keys[:n] + (["..."] if len(keys) > n else [])
+def some_keys(keys: Any, n: int = 6) -> str:
+    """The first ``n`` keys of a mapping or list, for messages."""
+    keys = [str(k) for k in keys]
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
 def from_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -119,11 +121,7 @@ def infer_architecture(
     shared = "rel_pos_bias.relative_position_bias_table" in state
     per_layer = "blocks.0.attn.relative_position_bias_table" in state
     if shared or per_layer:
-        key = (
-            "blocks.0.attn.relative_position_bias_table"
-            if per_layer
-            else "rel_pos_bias.relative_position_bias_table"
-        )
+        key = f"{'blocks.0.attn' if per_layer else 'rel_pos_bias'}.relative_position_bias_table"
         num_heads = int(state[key].shape[1])
         grid = grid_from_table(state[key].shape[0], key)
     else:
@@ -200,13 +198,17 @@ def classifier_spec(state: Mapping[str, torch.Tensor], args: Any = None) -> dict
     return spec
 
 
-def _model_name(dim: int, depth: int, heads: int, patch: int, img: int, suffix: str) -> str:
-    size = next((tag for tag, s in OFFICIAL_SIZES.items() if s == (dim, depth, heads)), None)
-    return f"beit_{size}_patch{patch}_{img}{suffix}" if size else ""
+def _model_name(model: nn.Module, suffix: str, default: str) -> str:
+    """The official model name of a BEiT's size (``beit_base_patch16_224``), else ``default``."""
+    blocks, patch = model.blocks, model.patch_embed
+    sizes = (int(model.embed_dim), len(blocks), int(blocks[0].attn.num_heads))
+    size = next((tag for tag, s in OFFICIAL_SIZES.items() if s == sizes), None)
+    name = f"beit_{size}_patch{patch.patch_size[0]}_{patch.img_size[0]}{suffix}"
+    return name if size else default
 
 
 def mim_args(
-    kwargs: Mapping[str, Any], normalization: Mapping[str, Any] | None = None
+    model: nn.Module, normalization: Mapping[str, Any] | None = None
 ) -> argparse.Namespace:
     """The model fields of ``run_beit_pretraining.py``'s args, plus the exact bitrain records.
 
@@ -216,16 +218,12 @@ def mim_args(
     extra: dict[str, Any] = {}
     if normalization is not None:
         pair = (tuple(normalization["mean"]), tuple(normalization["std"]))
-        known = {(IMAGENET_MEAN, IMAGENET_STD): True, (INCEPTION_MEAN, INCEPTION_STD): False}
-        if pair in known:
-            extra["imagenet_default_mean_and_std"] = known[pair]
+        if pair in _UNILM_NORMALIZATION:
+            extra["imagenet_default_mean_and_std"] = _UNILM_NORMALIZATION[pair]
         extra["bitrain_normalization"] = dict(normalization)
-    name = _model_name(
-        kwargs["embed_dim"], kwargs["depth"], kwargs["num_heads"], kwargs["patch_size"],
-        kwargs["img_size"], "_8k_vocab",
-    )  # fmt: skip
+    kwargs = model.model_kwargs
     return argparse.Namespace(
-        model=name or "bitrain_beit_mim",
+        model=_model_name(model, "_8k_vocab", "bitrain_beit_mim"),
         input_size=kwargs["img_size"],
         drop_path=kwargs["drop_path_rate"],
         layer_scale_init_value=kwargs["init_values"] or 0.0,
@@ -247,15 +245,11 @@ def classifier_args(
     ``imagenet_default_mean_and_std``) when they can say it: a bicubic shortest-edge resize and a
     square centre crop of ``input_size``, normalised with ImageNet's or the 0.5 mean/std.
     """
-    blocks = model.blocks
-    patch, img = int(model.patch_embed.patch_size[0]), int(model.patch_embed.img_size[0])
+    blocks, img = model.blocks, int(model.patch_embed.img_size[0])
     table = getattr(blocks[0].attn, "relative_position_bias_table", None)
     gamma = getattr(blocks[0], "gamma_1", None)
-    name = _model_name(
-        int(model.embed_dim), len(blocks), int(blocks[0].attn.num_heads), patch, img, ""
-    )
     return argparse.Namespace(
-        model=name or "bitrain_beit",
+        model=_model_name(model, "", "bitrain_beit"),
         nb_classes=int(spec["num_classes"]),
         input_size=img,
         drop_path=float(spec.get("drop_path_rate", 0.0)),
@@ -275,8 +269,7 @@ def _unilm_preprocessing(spec: EvalPreprocessing | None, size: int) -> dict[str,
     """``crop_pct`` / ``imagenet_default_mean_and_std`` that make unilm build ``spec``, or {}."""
     if spec is None or spec.resize is None or spec.resize[0] != "shortest_edge" or size <= 32:
         return {}  # unilm does not resize at 32 px and below
-    normalizations = {(IMAGENET_MEAN, IMAGENET_STD): True, (INCEPTION_MEAN, INCEPTION_STD): False}
-    imagenet = normalizations.get((tuple(spec.mean), tuple(spec.std)))
+    imagenet = _UNILM_NORMALIZATION.get((tuple(spec.mean), tuple(spec.std)))
     if spec.crop != (size, size) or spec.interpolation != "bicubic" or imagenet is None:
         return {}
     # int(input_size / crop_pct) == resize (beit/datasets.py build_transform)

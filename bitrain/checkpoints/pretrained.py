@@ -1,19 +1,13 @@
 """Initialise a classifier from any checkpoint, as the official fine-tuning script does.
 
 :func:`load_encoder_state` reads the weights of any supported checkpoint in timm key names;
-:func:`adapt_state_dict` makes them fit the classifier (``run_class_finetuning.py``):
-
-* drop what only pretraining has: ``mask_token``, ``lm_head.*``, ``relative_position_index``
-  buffers, and the final ``norm.*`` when the classifier pools by mean (its ``fc_norm`` is new);
-* expand a shared relative position bias (``rel_pos_bias.relative_position_bias_table``) into a
-  copy per block when the classifier has one table per block;
-* resize relative position tables (timm's ``resize_rel_pos_bias_table``: the official geometric
-  interpolation without scipy's ``interp2d``; the 3 cls-token entries are kept) and absolute
-  position embeddings (``resample_abs_pos_embed``) when the patch grid changes;
-* keep the head only if its shape matches the classifier's (same classes), else leave it fresh.
-
-:func:`load_pretrained` loads the result: anything else that does not fit is an error listing the
-keys (``strict=False`` warns instead, and a checkpoint of which nothing fits is still an error).
+:func:`adapt_state_dict` makes them fit the classifier as ``run_class_finetuning.py`` does: drop
+``mask_token``, ``lm_head.*``, ``relative_position_index`` buffers (and the final ``norm.*`` when
+the classifier pools by mean), copy a shared relative position bias into every block, resize
+relative position tables (timm's ``resize_rel_pos_bias_table``: the official geometric
+interpolation without scipy) and absolute position embeddings when the patch grid changes, keep
+the head only when its shape matches. :func:`load_pretrained` loads the result; anything else that
+does not fit is an error listing the keys (``strict=False`` warns instead).
 """
 
 from __future__ import annotations
@@ -27,11 +21,13 @@ from typing import Any
 
 import timm
 import torch
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from bitrain.checkpoints.hf import read_folder
 from bitrain.checkpoints.huggingface import read_hf_classifier, read_hf_mim
-from bitrain.checkpoints.sniff import bitrain_state, is_tensor_mapping, sniff, tensors_of
+from bitrain.checkpoints.official import some_keys
+from bitrain.checkpoints.sniff import sniff, state_of
 from bitrain.io import CheckpointError
 from bitrain.models.classifier import create_classifier
 
@@ -49,31 +45,22 @@ def load_encoder_state(
 ) -> tuple[dict[str, torch.Tensor], str]:
     """Weights of any supported checkpoint in timm key names: ``(state_dict, format)``.
 
-    Formats: a bitrain ``.ckpt`` (pretraining: the ``BeitMIM``; fine-tuning: the classifier, or
-    its EMA with ``use_ema``), an official unilm ``.pth`` (``{"model": ...}``, with or without
-    ``args``; pretraining or fine-tuned), a timm state dict (``.pth``/``.bin``/``.safetensors``, or
-    a timm hub folder), a Hugging Face folder (``BeitForMaskedImageModeling``, a BEiT / ViT / BiT
-    classifier or head-less model). The result still carries pretraining-only keys; see
-    :func:`adapt_state_dict`.
+    bitrain (pretraining or fine-tuning, its EMA with ``use_ema``), official (``model_ema`` with
+    ``use_ema`` when it has one), timm (file or hub folder), Hugging Face (MIM, classifier or
+    head-less). Pretraining-only keys stay (:func:`adapt_state_dict`).
 
     Raises:
         FileNotFoundError: nothing at the path.
         CheckpointError: unreadable, unsafe, or not a model checkpoint.
     """
     found = sniff(path_or_dir)
-    path, obj = found.path, found.obj
     if found.format == "hf":
-        state = read_hf_mim(path)[0] if found.kind == "mim" else read_hf_classifier(path)[1]
-        return state, "hf"
-    if found.format == "timm" and path.is_dir():
-        return read_folder(path)[0], "timm"
-    if found.format == "bitrain":
-        return bitrain_state(found, use_ema), "bitrain"
-    if found.format == "official":
-        key = "model_ema" if use_ema and is_tensor_mapping(obj.get("model_ema")) else None
-        key = key or next(k for k in ("model", "module") if is_tensor_mapping(obj.get(k)))
-        return dict(obj[key]), "official"
-    return tensors_of(found), "timm"
+        if found.kind == "mim":
+            return read_hf_mim(found.path)[0], "hf"
+        return read_hf_classifier(found.path)[1], "hf"
+    if found.format == "timm" and found.path.is_dir():
+        return read_folder(found.path)[0], "timm"
+    return state_of(found, use_ema), found.format
 
 
 def _head_keys(model: nn.Module) -> set[str]:
@@ -83,13 +70,6 @@ def _head_keys(model: nn.Module) -> set[str]:
         return {k for k in model.state_dict() if _HEAD.match(k)}
     ids = {id(p) for p in head.parameters()}
     return {k for k, p in model.named_parameters() if id(p) in ids}
-
-
-def _uses_mean_pooling(model: nn.Module) -> bool:
-    fc_norm = getattr(model, "fc_norm", None)
-    return isinstance(getattr(model, "norm", None), nn.Identity) and isinstance(
-        fc_norm, nn.LayerNorm
-    )
 
 
 def adapt_state_dict(
@@ -102,18 +82,16 @@ def adapt_state_dict(
     """
     notes: list[str] = []
     target = model.state_dict()
-    out: dict[str, torch.Tensor] = {}
-    dropped = []
-    for key, value in state.items():
-        key = key.removeprefix("module.")
-        if _PRETRAINING_ONLY.match(key):
-            dropped.append(key)
-            continue
-        out[key] = value
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    dropped = sorted(k for k in state if _PRETRAINING_ONLY.match(k))
+    out = {k: v for k, v in state.items() if k not in dropped}
     if dropped:
-        notes.append(f"dropped pretraining-only keys {_short(sorted(dropped))}")
+        notes.append(f"dropped pretraining-only keys {some_keys(dropped)}")
 
-    if _uses_mean_pooling(model) and "norm.weight" in out and "norm.weight" not in target:
+    mean_pooling = isinstance(getattr(model, "norm", None), nn.Identity) and isinstance(
+        getattr(model, "fc_norm", None), nn.LayerNorm
+    )
+    if mean_pooling and "norm.weight" in out and "norm.weight" not in target:
         out.pop("norm.weight")
         out.pop("norm.bias", None)
         notes.append("dropped the final norm (mean pooling uses a fresh fc_norm)")
@@ -127,41 +105,32 @@ def adapt_state_dict(
             out[key] = table.clone()
         notes.append(f"expanded the shared relative position bias to {len(per_block)} blocks")
 
+    pos = out.get("pos_embed")
     if isinstance(model, timm.models.beit.Beit):
         before = {k: tuple(v.shape) for k, v in out.items()}
         out = timm.models.beit.checkpoint_filter_fn(out, model)
         resized = sorted(k for k, v in out.items() if before.get(k) != tuple(v.shape))
         if resized:
-            notes.append(f"resized to the new patch grid: {_short(resized)}")
-    elif (
-        "pos_embed" in out
-        and "pos_embed" in target
-        and out["pos_embed"].shape != target["pos_embed"].shape
-    ):
-        from timm.layers import resample_abs_pos_embed
-
-        prefix = getattr(model, "num_prefix_tokens", 1)
+            notes.append(f"resized to the new patch grid: {some_keys(resized)}")
+    elif pos is not None and "pos_embed" in target and pos.shape != target["pos_embed"].shape:
         out["pos_embed"] = resample_abs_pos_embed(
-            out["pos_embed"], new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix
+            pos,
+            new_size=model.patch_embed.grid_size,
+            num_prefix_tokens=getattr(model, "num_prefix_tokens", 1),
         )
         notes.append("resampled pos_embed to the new patch grid")
 
     heads = _head_keys(model)
-    out_shapes = {k: out[k].shape for k in heads if k in out}
     mismatched = [k for k in heads if k in out and tuple(out[k].shape) != tuple(target[k].shape)]
     if mismatched:
-        for k in heads:
-            out.pop(k, None)
         key = mismatched[0]
         notes.append(
-            f"head left fresh: checkpoint {key} {tuple(out_shapes[key])} != model "
+            f"head left fresh: checkpoint {key} {tuple(out[key].shape)} != model "
             f"{tuple(target[key].shape)} (other classes)"
         )
+        for k in heads:
+            out.pop(k, None)
     return out, notes
-
-
-def _short(keys: list[str], n: int = 6) -> str:
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
 def build_classifier(
@@ -173,14 +142,9 @@ def build_classifier(
 ) -> nn.Module:
     """:func:`~bitrain.models.classifier.create_classifier`, initialised from ``pretrained``.
 
-    The fine-tuning configs' ``model`` node (``configs/model/cls/*.yaml``).
-
-    Args:
-        model_name: the timm architecture (``create_classifier``).
-        num_classes: classes of the head.
-        pretrained: a checkpoint of any format :func:`load_encoder_state` reads; None: random.
-        pretrained_strict: ``False`` loads what fits and warns about the rest.
-        **timm_kwargs: further ``create_classifier`` (timm) arguments.
+    The fine-tuning configs' ``model`` node (``configs/model/cls/*.yaml``). ``pretrained``: a
+    checkpoint of any format :func:`load_encoder_state` reads (None: random);
+    ``pretrained_strict=False`` loads what fits and warns about the rest.
     """
     model = create_classifier(model_name, num_classes, **timm_kwargs)
     if pretrained not in (None, ""):
@@ -193,25 +157,17 @@ def load_pretrained(
 ) -> dict[str, list[str]]:
     """Initialise ``model`` from the checkpoint at ``path`` (any supported format).
 
-    Args:
-        model: the classifier (a timm model).
-        path: checkpoint file or Hugging Face folder.
-        strict: raise :class:`CheckpointError` when encoder keys are missing or left over, or
-            shapes differ (the head excepted); ``False`` loads what fits and warns.
+    ``strict=False`` loads what fits and warns where encoder keys are missing, left over or of
+    another shape (the head excepted); a checkpoint of which nothing fits is always an error.
 
     Returns:
         ``{"missing": [...], "unexpected": [...], "notes": [...]}``.
-
-    Raises:
-        FileNotFoundError: nothing at ``path``.
-        CheckpointError: unreadable, unsafe, or (strict) not matching the model.
     """
     path = Path(path).expanduser()
     state, fmt = load_encoder_state(path)
     where = f"{fmt} checkpoint '{path}'"
     adapted, notes = adapt_state_dict(state, model)
     target = model.state_dict()
-    heads = _head_keys(model)
     wrong_shape = [
         f"{k} {tuple(v.shape)} != {tuple(target[k].shape)}"
         for k, v in sorted(adapted.items())
@@ -221,23 +177,24 @@ def load_pretrained(
     for key in reshaped:
         adapted.pop(key)
     result = model.load_state_dict(adapted, strict=False)
+    fresh = _head_keys(model) | reshaped
     missing = sorted(
-        k
-        for k in result.missing_keys
-        if k not in heads and k not in reshaped and not k.startswith("fc_norm.")
+        k for k in result.missing_keys if k not in fresh and not k.startswith("fc_norm.")
     )
     unexpected = sorted(result.unexpected_keys)
-    problems = []
-    if missing:
-        problems.append(f"missing from the checkpoint: {_short(missing)}")
-    if unexpected:
-        problems.append(f"not in the model: {_short(unexpected)}")
-    if wrong_shape:
-        problems.append(f"shape mismatch: {_short(wrong_shape)}")
+    problems = [
+        f"{what}: {some_keys(keys)}"
+        for what, keys in (
+            ("missing from the checkpoint", missing),
+            ("not in the model", unexpected),
+            ("shape mismatch", wrong_shape),
+        )
+        if keys
+    ]
+    name = getattr(model, "bitrain_spec", {}).get("model_name")
     if problems:
-        message = (
-            f"{where} does not fit {type(model).__name__}"
-            f"({getattr(model, 'bitrain_spec', {}).get('model_name', '?')}): " + "; ".join(problems)
+        message = f"{where} does not fit {type(model).__name__}({name or '?'}): " + "; ".join(
+            problems
         )
         if strict:
             raise CheckpointError(
@@ -248,10 +205,9 @@ def load_pretrained(
     loaded = sorted(k for k in adapted if k in target)
     if not loaded:
         raise CheckpointError(
-            f"{where}: none of its {len(state)} tensors fits "
-            f"{getattr(model, 'bitrain_spec', {}).get('model_name', type(model).__name__)} "
-            f"(checkpoint keys {_short(sorted(state))}; model keys {_short(sorted(target))}): "
-            "it is not this model's encoder. Check model.pretrained and model.model_name"
+            f"{where}: none of its {len(state)} tensors fits {name or type(model).__name__} "
+            f"(checkpoint keys {some_keys(sorted(state))}; model keys {some_keys(sorted(target))}):"
+            " it is not this model's encoder. Check model.pretrained and model.model_name"
         )
     for note in notes:
         log.info("%s: %s", where, note)

@@ -4,10 +4,8 @@ Formats: ``bitrain`` (a Lightning ``.ckpt`` of ``bitrain.pretrain`` / ``bitrain.
 export in that layout), ``official`` (unilm ``{"model": ..., "args": Namespace}``), ``hf`` (a
 Hugging Face folder), ``timm`` (a timm hub folder, or a bare state dict / ``.safetensors``).
 Kinds: ``mim`` (BEiT masked image modeling weights), ``classifier``, ``backbone`` (a head-less
-Hugging Face model) and ``weights`` (a bare state dict that does not say).
-
-The loaded object travels in the result, so a caller that goes on to read the weights does not
-load the file a second time.
+Hugging Face model) and ``weights`` (a bare state dict that does not say). The loaded object
+travels in the result, so the weights are not read a second time.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bitrain.checkpoints.hf import ARCHITECTURES, read_json, read_weights
+from bitrain.checkpoints.hf import architecture, read_json, read_weights
 from bitrain.checkpoints.official import some_keys
 from bitrain.io import CheckpointError, load_torch_file
 
@@ -41,14 +39,7 @@ _HELP = (
 
 @dataclass
 class Sniffed:
-    """What :func:`sniff` found.
-
-    Attributes:
-        path: the file or folder.
-        format: ``bitrain`` | ``official`` | ``hf`` | ``timm``.
-        kind: ``mim`` | ``classifier`` | ``backbone`` | ``weights``.
-        obj: the loaded file (a dict), or a folder's ``config.json``.
-    """
+    """What :func:`sniff` found: path, format, kind, and the loaded dict (a folder's config)."""
 
     path: Path
     format: str
@@ -65,22 +56,20 @@ def is_tensor_mapping(obj: Any) -> bool:
     )
 
 
-def _weights_kind(state: Mapping[str, Any]) -> str:
+def _weights_kind(state: Mapping[str, Any], heads: tuple[str, ...] = ()) -> str:
     keys = {str(k).removeprefix("module.") for k in state}
-    if "lm_head.weight" in keys:
-        return "mim"
-    return "weights"
+    return "mim" if "lm_head.weight" in keys else "classifier" if keys & set(heads) else "weights"
 
 
 def sniff(
     path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False
 ) -> Sniffed:
-    """The format and kind of the checkpoint at ``path`` (read once, weights-only).
+    """The format and kind of the checkpoint at ``path``, read once, weights-only.
 
-    ``mmap=True`` maps the tensors instead of reading them (for callers that only need records).
+    ``mmap=True`` maps the tensors (for callers that only need records).
 
     Raises:
-        FileNotFoundError: nothing at ``path``, or a folder without ``config.json``.
+        FileNotFoundError: nothing at ``path``.
         CheckpointError: unreadable, unsafe, or none of the known layouts.
     """
     path = Path(path).expanduser()
@@ -93,14 +82,7 @@ def sniff(
         config = read_json(cfg)
         if "architecture" in config and "architectures" not in config:
             return Sniffed(path, "timm", "classifier", config)  # timm's push_to_hub layout
-        names = [str(a) for a in config.get("architectures") or []]
-        known = [ARCHITECTURES[n] for n in names if n in ARCHITECTURES]
-        if not known:
-            raise CheckpointError(
-                f"'{cfg}' names architectures {names or '(none)'}; bitrain reads "
-                f"{', '.join(ARCHITECTURES)} (Hugging Face) and timm hub folders ('architecture')"
-            )
-        return Sniffed(path, "hf", known[0][1], config)
+        return Sniffed(path, "hf", architecture(config, f"'{cfg}'")[2], config)
     if path.suffix == ".safetensors":
         state = read_weights(path)
         return Sniffed(path, "timm", _weights_kind(state), state)
@@ -116,51 +98,40 @@ def sniff(
                 f"{some_keys(hparams) if isinstance(hparams, Mapping) else type(hparams).__name__})"
             )
         target = model_cfg.get("_target_", BEIT_MIM_TARGET)
-        if target == BEIT_MIM_TARGET:
-            return Sniffed(path, "bitrain", "mim", obj)
-        if target in CLASSIFIER_TARGETS:
-            return Sniffed(path, "bitrain", "classifier", obj)
-        raise CheckpointError(
-            f"bitrain checkpoint '{path}' holds a {target!r}, neither a BEiT MIM model "
-            f"({BEIT_MIM_TARGET}) nor a classifier ({CLASSIFIER_TARGETS[0]})"
-        )
+        if target not in (BEIT_MIM_TARGET, *CLASSIFIER_TARGETS):
+            raise CheckpointError(
+                f"bitrain checkpoint '{path}' holds a {target!r}, neither a BEiT MIM model "
+                f"({BEIT_MIM_TARGET}) nor a classifier ({CLASSIFIER_TARGETS[0]})"
+            )
+        return Sniffed(path, "bitrain", "mim" if target == BEIT_MIM_TARGET else "classifier", obj)
     for key in ("model", "module"):
         if is_tensor_mapping(obj.get(key)):
-            state = obj[key]
-            keys = {str(k).removeprefix("module.") for k in state}
-            kind = (
-                "mim"
-                if "lm_head.weight" in keys
-                else "classifier"
-                if "head.weight" in keys
-                else "weights"
-            )
-            return Sniffed(path, "official", kind, obj)
-    if is_tensor_mapping(obj.get("state_dict")):
-        return Sniffed(path, "timm", _weights_kind(obj["state_dict"]), obj)
-    if is_tensor_mapping(obj):
-        return Sniffed(path, "timm", _weights_kind(obj), obj)
+            return Sniffed(path, "official", _weights_kind(obj[key], ("head.weight",)), obj)
+    state = obj["state_dict"] if is_tensor_mapping(obj.get("state_dict")) else obj
+    if is_tensor_mapping(state):
+        return Sniffed(path, "timm", _weights_kind(state), obj)
     raise CheckpointError(
         f"'{path}' is not a model checkpoint ({_HELP}); found keys {some_keys(obj)}"
     )
 
 
-def bitrain_state(found: Sniffed, use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """The model (``model.*``) or its EMA (``ema.module.*``) of a sniffed bitrain checkpoint."""
-    prefix = "ema.module." if use_ema else "model."
-    items = found.obj["state_dict"].items()
-    state = {k[len(prefix) :]: v for k, v in items if k.startswith(prefix)}
-    if not state:
-        what = (
-            "EMA weights (ema.module.*): was the run trained with task.ema?"
-            if use_ema
-            else (f"model.* weights; found {some_keys(found.obj['state_dict'])}")
-        )
-        raise CheckpointError(f"bitrain checkpoint '{found.path}' has no {what}")
-    return state
+def state_of(found: Sniffed, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict of a sniffed file (not a folder).
 
-
-def tensors_of(found: Sniffed) -> dict[str, torch.Tensor]:
-    """The state dict of a sniffed ``timm`` file (bare, or under ``state_dict``)."""
+    bitrain: the model (``model.*``) or its EMA (``ema.module.*``); else the official ``model`` /
+    ``module`` (``model_ema`` first with ``use_ema``), a ``state_dict``, or the file itself.
+    """
     obj = found.obj
-    return dict(obj["state_dict"] if is_tensor_mapping(obj.get("state_dict")) else obj)
+    if found.format == "bitrain":
+        prefix = "ema.module." if use_ema else "model."
+        state = {k[len(prefix) :]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
+        if not state:
+            what = "EMA weights (ema.module.*): was the run trained with task.ema?"
+            what = what if use_ema else f"model.* weights; found {some_keys(obj['state_dict'])}"
+            raise CheckpointError(f"bitrain checkpoint '{found.path}' has no {what}")
+        return state
+    keys = ("model_ema",) if use_ema and found.format == "official" else ()
+    key = next(
+        (k for k in (*keys, "model", "module", "state_dict") if is_tensor_mapping(obj.get(k))), None
+    )
+    return dict(obj if key is None else obj[key])

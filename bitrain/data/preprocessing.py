@@ -1,34 +1,19 @@
 """A classifier's evaluation preprocessing as data: a small validated spec, one known builder.
 
-A checkpoint has to say how its images were preprocessed, and checkpoints come from strangers. So
-that record is never code -- no Hydra ``_target_``, import path or pickle read from a file reaches
-``instantiate`` or ``importlib`` -- but an :class:`EvalPreprocessing`::
+Checkpoints come from strangers, so the record of how their images were preprocessed is never
+code (no Hydra ``_target_``, import path or pickle from a file reaches ``instantiate`` or
+``importlib``) but an :class:`EvalPreprocessing`: resize (none, shortest edge, exact), PIL filter,
+centre crop (offset rounded as torchvision's ``CenterCrop``, or floored as transformers'
+``center_crop``), mean/std. :meth:`EvalPreprocessing.build` is the only way it becomes a
+transform (torchvision's ``Resize -> CenterCrop -> ToTensor -> Normalize``: timm's evaluation
+``create_transform`` for its ``center`` / ``squash`` modes, and a Hugging Face image processor).
 
-    resize         None | shortest edge n | exact height x width
-    interpolation  nearest | bilinear | bicubic | lanczos | box | hamming   (PIL filters)
-    crop           None | centre crop height x width
-    crop_offset    round | floor: torchvision's CenterCrop rounds the offset (timm), transformers'
-                   center_crop floors it -- one pixel apart when the margin is odd
-    mean, std      per-channel normalisation of the [0, 1] image tensor
-
-:meth:`EvalPreprocessing.build` is the only way it becomes a transform: torchvision's ``Resize ->
-CenterCrop -> ToTensor -> Normalize``, which is what timm's evaluation ``create_transform`` builds
-for its ``center`` and ``squash`` crop modes and what a Hugging Face image processor does.
-
-Readers, each with the semantics of the library that wrote the record:
-
-* :func:`from_timm_args` -- timm's ``create_transform(is_training=False, ...)`` arguments or a
-  ``pretrained_cfg`` (``input_size``, ``crop_pct``, ``crop_mode``, ``interpolation``, ``mean``,
-  ``std``), following ``timm/data/transforms_factory.py:transforms_imagenet_eval``;
-* :func:`from_processor_config` -- a Hugging Face ``preprocessor_config.json``, following
-  transformers' ``get_size_dict`` (an integer ``size`` is a square for BEiT / ViT / DeiT
-  processors and a shortest edge for BiT / CLIP ones) and each processor's defaults;
-* :func:`from_official_args` -- the ``args`` of an official unilm ``run_class_finetuning.py``
-  checkpoint, following ``beit/datasets.py:build_transform`` (unilm commit 03380c8);
-* :func:`from_transform` -- a torchvision transform built from the user's *own* config (trusted);
-* :func:`read_record` -- what a bitrain file stores: the spec's record, or a Hydra node written by
-  an older bitrain, read as data when it names one of the two builders bitrain used to write
-  (``timm.data.create_transform``, ``transform_from_processor_config``) and refused otherwise.
+Readers, each with the semantics of the library that wrote the record: :func:`from_timm_args`
+(``timm/data/transforms_factory.py:transforms_imagenet_eval``), :func:`from_processor_config`
+(transformers' ``get_size_dict`` and each processor's defaults), :func:`from_official_args`
+(unilm ``beit/datasets.py:build_transform``, commit 03380c8), :func:`from_transform` (a transform
+of the user's own, trusted config) and :func:`read_record` (bitrain's record, or an older
+bitrain's Hydra node read as data when it names one of the two builders bitrain wrote).
 """
 
 from __future__ import annotations
@@ -44,9 +29,11 @@ __all__ = [
     "EvalPreprocessing",
     "INTERPOLATIONS",
     "RECORD_FORMAT",
+    "channels",
     "from_official_args",
     "from_processor_config",
     "from_timm_args",
+    "from_timm_cfg",
     "from_transform",
     "read_record",
 ]
@@ -56,6 +43,8 @@ RECORD_VERSION = 1
 # PIL resampling filters (Hugging Face's "resample" numbers) <-> torchvision interpolation names.
 RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 INTERPOLATIONS = tuple(RESAMPLE_NAMES.values())
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+INCEPTION_MEAN, INCEPTION_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 _MAX_SIDE = 16384
 # The Hydra targets older bitrain versions wrote into checkpoints; read as data, never called.
 _LEGACY_TIMM = ("timm.data.create_transform", "timm.data.transforms_factory.create_transform")
@@ -90,8 +79,7 @@ class EvalPreprocessing:
         where = "evaluation preprocessing"
         if self.resize is not None:
             kind, *sizes = self.resize
-            count = 1 if kind == "shortest_edge" else 2
-            if kind not in ("shortest_edge", "exact") or len(sizes) != count:
+            if len(sizes) != {"shortest_edge": 1, "exact": 2}.get(str(kind)):
                 raise CheckpointError(f"{where}: resize {self.resize!r} is not understood")
             for s in sizes:
                 _side(s, f"{where}: resize")
@@ -106,12 +94,10 @@ class EvalPreprocessing:
                 _side(s, f"{where}: crop")
         if self.crop_offset not in ("round", "floor"):
             raise CheckpointError(f"{where}: crop_offset {self.crop_offset!r} is not round | floor")
-        _channels(self.mean, f"{where}: mean")
-        _channels(self.std, f"{where}: std", positive=True)
+        channels(self.mean, f"{where}: mean")
+        channels(self.std, f"{where}: std", positive=True)
         if len(self.mean) != len(self.std):
             raise CheckpointError(f"{where}: {len(self.mean)} means but {len(self.std)} stds")
-
-    # --- output ----------------------------------------------------------------------------------
 
     def build(self) -> Any:
         """The torchvision transform (PIL image -> normalised float tensor ``[C, H, W]``)."""
@@ -119,20 +105,16 @@ class EvalPreprocessing:
 
         steps: list[Any] = []
         if self.resize is not None:
-            mode = T.InterpolationMode(self.interpolation)
             size = self.resize[1] if self.resize[0] == "shortest_edge" else tuple(self.resize[1:])
-            steps.append(T.Resize(size, interpolation=mode))
+            steps.append(T.Resize(size, interpolation=T.InterpolationMode(self.interpolation)))
         if self.crop is not None:
-            crop = tuple(self.crop)
-            steps.append(
-                T.CenterCrop(crop) if self.crop_offset == "round" else FloorCenterCrop(crop)
-            )
-        steps += [T.ToTensor(), T.Normalize(list(self.mean), list(self.std))]
-        return T.Compose(steps)
+            crop = T.CenterCrop if self.crop_offset == "round" else FloorCenterCrop
+            steps.append(crop(tuple(self.crop)))
+        return T.Compose([*steps, T.ToTensor(), T.Normalize(list(self.mean), list(self.std))])
 
     def to_record(self) -> dict[str, Any]:
         """The plain-JSON record a checkpoint stores (read back by :func:`read_record`)."""
-        resize: dict[str, int] | None = None
+        resize = None
         if self.resize is not None:
             resize = (
                 {"shortest_edge": int(self.resize[1])}
@@ -153,20 +135,17 @@ class EvalPreprocessing:
     def to_processor_config(self) -> dict[str, Any]:
         """Hugging Face image-processor settings that preprocess the same way.
 
-        ``size`` is written as a dict (``shortest_edge`` or ``height``/``width``), which every
-        processor reads literally, so the meaning does not depend on the processor class.
-        transformers floors the centre-crop offset: with ``crop_offset="round"`` and an odd margin
-        its crop sits one pixel away from ours.
+        ``size`` is a dict, which every processor reads literally; a step that is off has no size
+        (transformers refuses an empty one). transformers floors the centre-crop offset: with
+        ``crop_offset="round"`` and an odd margin its crop sits one pixel away from ours.
         """
-        names = {v: k for k, v in RESAMPLE_NAMES.items()}
         record = self.to_record()
-        resize = record["resize"]
-        return {
-            "do_resize": resize is not None,
-            "size": resize or {},
-            "resample": names[self.interpolation],
+        config = {
+            "do_resize": record["resize"] is not None,
+            "size": record["resize"],
+            "resample": {v: k for k, v in RESAMPLE_NAMES.items()}[self.interpolation],
             "do_center_crop": self.crop is not None,
-            "crop_size": record["crop"] or {},
+            "crop_size": record["crop"],
             "do_rescale": True,
             "rescale_factor": 1 / 255,
             "do_normalize": True,
@@ -174,6 +153,7 @@ class EvalPreprocessing:
             "image_std": list(self.std),
             "do_convert_rgb": True,
         }
+        return {k: v for k, v in config.items() if v is not None}
 
     def to_timm_cfg(self, in_chans: int = 3) -> dict[str, Any] | None:
         """The ``pretrained_cfg`` data fields timm reads the same way; None when it has none.
@@ -189,11 +169,9 @@ class EvalPreprocessing:
                 return None
             mode, pct = "center", _crop_pct(height, int(self.resize[1]))
         else:
-            rh, rw = int(self.resize[1]), int(self.resize[2])
-            pct = _crop_pct(height, rh)
-            if math.floor(width / pct) != rw:
+            mode, pct = "squash", _crop_pct(height, int(self.resize[1]))
+            if math.floor(width / pct) != int(self.resize[2]):
                 return None
-            mode = "squash"
         return {
             "input_size": [int(in_chans), int(height), int(width)],
             "interpolation": self.interpolation,
@@ -205,10 +183,7 @@ class EvalPreprocessing:
 
 
 class FloorCenterCrop:
-    """Centre crop with the offset floored, as transformers' ``center_crop`` places it.
-
-    Pads with zeros, as transformers does, when the image is smaller than the crop.
-    """
+    """Centre crop with the offset floored (zero padded), as transformers' ``center_crop``."""
 
     def __init__(self, size: tuple[int, int]) -> None:
         self.size = (int(size[0]), int(size[1]))
@@ -246,7 +221,8 @@ def _number(value: Any, where: str) -> float:
     return float(value)
 
 
-def _channels(values: Any, where: str, positive: bool = False) -> tuple[float, ...]:
+def channels(values: Any, where: str, positive: bool = False) -> tuple[float, ...]:
+    """1 or 3 finite numbers (a number: the same for 3 channels), or a CheckpointError."""
     if isinstance(values, int | float) and not isinstance(values, bool):
         values = [values] * 3
     if not isinstance(values, Sequence) or isinstance(values, str) or len(values) not in (1, 3):
@@ -263,14 +239,14 @@ def _tensor_values(values: Any) -> Any:
     A float32 value is read back as the shortest decimal that float32 rounds to it, so the 0.485
     a config said is recorded as 0.485, not 0.48500001430511475.
     """
-    if hasattr(values, "tolist"):
-        import numpy as np
+    if not hasattr(values, "tolist"):
+        return values
+    import numpy as np
 
-        flat = values.detach().cpu().flatten()
-        if str(flat.dtype) == "torch.float32":
-            return [float(str(np.float32(v))) for v in flat.tolist()]
-        return [float(v) for v in flat.tolist()]
-    return values
+    flat = values.detach().cpu().flatten()
+    if str(flat.dtype) == "torch.float32":
+        return [float(str(np.float32(v))) for v in flat.tolist()]
+    return [float(v) for v in flat.tolist()]
 
 
 def _size_pair(value: Any, where: str) -> tuple[int, int]:
@@ -297,16 +273,11 @@ _TIMM_KEYS = {"input_size", "crop_pct", "crop_mode", "interpolation", "mean", "s
 def from_timm_args(args: Mapping[str, Any], where: str = "timm data config") -> EvalPreprocessing:
     """The evaluation transform timm builds from these data-config values.
 
-    ``timm.data.create_transform(is_training=False, input_size, crop_pct, crop_mode,
-    interpolation, mean, std)`` (``transforms_factory.transforms_imagenet_eval``): ``scale =
-    floor(size / crop_pct)`` per side (crop_pct defaults to 0.875); ``center`` (default) resizes
-    the shortest edge to ``scale`` then centre-crops ``size``; ``squash`` resizes to exactly
-    ``scale_h x scale_w`` then centre-crops. Interpolation defaults to bilinear, mean/std to
-    ImageNet's. Other keys of a ``pretrained_cfg`` are ignored by the caller, not here.
-
-    Raises:
-        CheckpointError: a value of the wrong type or range, or a mode whose resize this spec
-            cannot express (``border``, which pads; ``center`` with a non-square crop).
+    ``create_transform(is_training=False, ...)`` (``transforms_imagenet_eval``): ``scale =
+    floor(size / crop_pct)`` (crop_pct 0.875 by default); ``center`` (default) resizes the shortest
+    edge to ``scale`` then centre-crops ``size``, ``squash`` resizes to exactly ``scale`` then
+    centre-crops. Interpolation defaults to bilinear, mean/std to ImageNet's. A ``border`` mode
+    (which pads) or ``center`` with a non-square size is a CheckpointError.
     """
     _only(args, _TIMM_KEYS, where)
     if args.get("input_size") is None:
@@ -331,71 +302,33 @@ def from_timm_args(args: Mapping[str, Any], where: str = "timm data config") -> 
             f"{where}: crop_mode={mode!r} with input_size {height}x{width} is not supported "
             "(supported: 'center' with a square size, 'squash')"
         )
-    mean = args.get("mean", (0.485, 0.456, 0.406))
-    std = args.get("std", (0.229, 0.224, 0.225))
     return EvalPreprocessing(
         resize=resize,
         interpolation=str(interpolation),
         crop=(height, width),
-        mean=_channels(_tensor_values(mean), f"{where}: mean"),
-        std=_channels(_tensor_values(std), f"{where}: std", positive=True),
+        mean=channels(_tensor_values(args.get("mean", IMAGENET_MEAN)), f"{where}: mean"),
+        std=channels(_tensor_values(args.get("std", IMAGENET_STD)), f"{where}: std", True),
     )
+
+
+def from_timm_cfg(cfg: Mapping[str, Any], where: str = "timm pretrained_cfg") -> EvalPreprocessing:
+    """:func:`from_timm_args` of a timm ``pretrained_cfg`` or data config (other keys ignored)."""
+    return from_timm_args({k: cfg[k] for k in _TIMM_KEYS if cfg.get(k) is not None}, where)
 
 
 # --- Hugging Face image processors ----------------------------------------------------------------
 
-# transformers' defaults per processor class for the keys a config may leave out, and how an
-# integer ``size`` reads (``get_size_dict(size, default_to_square=...)`` in each processor).
-_PROCESSORS: dict[str, dict[str, Any]] = {
-    "BeitImageProcessor": {
-        "square": True,
-        "do_resize": True,
-        "size": {"height": 256, "width": 256},
-        "resample": 3,
-        "do_center_crop": True,
-        "crop_size": {"height": 224, "width": 224},
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
-    },
-    "ViTImageProcessor": {
-        "square": True,
-        "do_resize": True,
-        "size": {"height": 224, "width": 224},
-        "resample": 2,
-        "do_center_crop": False,
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
-    },
-    "DeiTImageProcessor": {
-        "square": True,
-        "do_resize": True,
-        "size": {"height": 256, "width": 256},
-        "resample": 3,
-        "do_center_crop": True,
-        "crop_size": {"height": 224, "width": 224},
-        "image_mean": [0.485, 0.456, 0.406],
-        "image_std": [0.229, 0.224, 0.225],
-    },
-    "BitImageProcessor": {
-        "square": False,
-        "do_resize": True,
-        "size": {"shortest_edge": 224},
-        "resample": 3,
-        "do_center_crop": True,
-        "crop_size": {"height": 224, "width": 224},
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-    },
-    "CLIPImageProcessor": {
-        "square": False,
-        "do_resize": True,
-        "size": {"shortest_edge": 224},
-        "resample": 3,
-        "do_center_crop": True,
-        "crop_size": {"height": 224, "width": 224},
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-    },
+_CLIP = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
+_HALF, _IMAGENET = (INCEPTION_MEAN, INCEPTION_STD), (IMAGENET_MEAN, IMAGENET_STD)
+# transformers' defaults per processor class for the keys a config may leave out: whether an
+# integer ``size`` is a square (``get_size_dict(size, default_to_square=...)``), size, resample,
+# a 224 x 224 centre crop or none, mean, std.
+_PROCESSORS: dict[str, tuple[Any, ...]] = {
+    "BeitImageProcessor": (True, {"height": 256, "width": 256}, 3, True, *_HALF),
+    "ViTImageProcessor": (True, {"height": 224, "width": 224}, 2, False, *_HALF),
+    "DeiTImageProcessor": (True, {"height": 256, "width": 256}, 3, True, *_IMAGENET),
+    "BitImageProcessor": (False, {"shortest_edge": 224}, 3, True, *_CLIP),
+    "CLIPImageProcessor": (False, {"shortest_edge": 224}, 3, True, *_CLIP),
 }
 _PROCESSOR_KEYS = {
     "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
@@ -437,29 +370,30 @@ def from_processor_config(
 ) -> EvalPreprocessing:
     """What a Hugging Face image processor with this config does to an RGB image.
 
-    Keys the config leaves out take its processor class's defaults (BEiT, ViT, DeiT, BiT, CLIP;
-    an unknown class: BiT's). A ``rescale_factor`` other than 1/255 folds into the normalisation.
-
-    Raises:
-        CheckpointError: a value of the wrong type, or a resize bitrain cannot rebuild
-            (``longest_edge``).
+    Keys the config leaves out take its processor class's defaults (BEiT, ViT, DeiT, BiT, CLIP; an
+    unknown class: BiT's); a ``rescale_factor`` other than 1/255 folds into the normalisation. A
+    ``longest_edge`` resize is a CheckpointError.
     """
     if not isinstance(config, Mapping):
         raise CheckpointError(f"{where} holds a {type(config).__name__}, not a JSON object")
-    kind = processor_class(config)
-    defaults = dict(_PROCESSORS.get(kind, _PROCESSORS["BitImageProcessor"]))
-    square = bool(defaults.pop("square"))
-    cfg = {"do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, **defaults}
+    square, size, resample, crop, mean, std = _PROCESSORS.get(
+        processor_class(config), _PROCESSORS["BitImageProcessor"]
+    )
+    cfg: dict[str, Any] = {"do_resize": True, "size": size, "resample": resample}
+    cfg.update(do_center_crop=crop, do_rescale=True, rescale_factor=1 / 255, do_normalize=True)
+    cfg.update(
+        image_mean=mean, image_std=std, crop_size={"height": 224, "width": 224} if crop else None
+    )
     cfg.update({k: v for k, v in config.items() if k in _PROCESSOR_KEYS})
     resize = None
     if cfg.get("do_resize"):
         resize = _processor_size(cfg.get("size"), square, f"{where}: size")
-    crop = None
+    crop_box = None
     if cfg.get("do_center_crop"):
-        kind_, *sides = _processor_size(cfg.get("crop_size"), True, f"{where}: crop_size")
-        if kind_ != "exact":
+        kind, *sides = _processor_size(cfg.get("crop_size"), True, f"{where}: crop_size")
+        if kind != "exact":
             raise CheckpointError(f"{where}: crop_size {cfg.get('crop_size')!r} is not a box")
-        crop = (sides[0], sides[1])
+        crop_box = (sides[0], sides[1])
     resample = cfg.get("resample", 3)
     if isinstance(resample, bool) or resample not in RESAMPLE_NAMES:
         raise CheckpointError(f"{where}: resample {resample!r} is not a PIL filter 0..5")
@@ -468,15 +402,14 @@ def from_processor_config(
         scale = _number(cfg["rescale_factor"], f"{where}: rescale_factor") * 255
     if scale <= 0:
         raise CheckpointError(f"{where}: rescale_factor must be positive")
+    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     if cfg.get("do_normalize"):
-        mean = _channels(cfg.get("image_mean"), f"{where}: image_mean")
-        std = _channels(cfg.get("image_std"), f"{where}: image_std", positive=True)
-    else:
-        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        mean = channels(cfg.get("image_mean"), f"{where}: image_mean")
+        std = channels(cfg.get("image_std"), f"{where}: image_std", positive=True)
     return EvalPreprocessing(
         resize=resize,
         interpolation=RESAMPLE_NAMES[resample],
-        crop=crop,
+        crop=crop_box,
         mean=tuple(m / scale for m in mean),
         std=tuple(s / scale for s in std),
         crop_offset="floor",
@@ -484,9 +417,6 @@ def from_processor_config(
 
 
 # --- official unilm args --------------------------------------------------------------------------
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-INCEPTION_MEAN, INCEPTION_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
 def official_normalization(args: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -502,13 +432,11 @@ def official_normalization(args: Mapping[str, Any]) -> tuple[tuple[float, ...], 
 def from_official_args(args: Mapping[str, Any], where: str = "official args") -> EvalPreprocessing:
     """The evaluation transform ``run_class_finetuning.py`` built from these ``args``.
 
-    ``beit/datasets.py:build_transform(is_train=False)``: for ``input_size > 32``, ``Resize(
-    int(input_size / crop_pct), interpolation=3)`` (bicubic, shortest edge) then
-    ``CenterCrop(input_size)``, with ``crop_pct`` 224/256 below 384 and 1.0 from 384 when the
-    args do not set it; then ``ToTensor`` and ``Normalize`` (:func:`official_normalization`).
-
-    Raises:
-        CheckpointError: no ``input_size``, or values of the wrong type.
+    ``beit/datasets.py:build_transform(is_train=False)``: for ``input_size > 32``,
+    ``Resize(int(input_size / crop_pct), interpolation=3)`` (bicubic, shortest edge) then
+    ``CenterCrop(input_size)``, ``crop_pct`` 224/256 below 384 and 1.0 from 384 unless set; then
+    ``ToTensor`` and ``Normalize`` (:func:`official_normalization`). No ``input_size`` is a
+    CheckpointError.
     """
     size = args.get("input_size")
     if size is None:
@@ -528,34 +456,28 @@ def from_official_args(args: Mapping[str, Any], where: str = "official args") ->
 
 
 def from_transform(transform: Any) -> EvalPreprocessing:
-    """The spec of ``Compose([Resize, CenterCrop, ToTensor, Normalize])`` (ToTensor required).
+    """The spec of a user's own (trusted) ``Compose([Resize, CenterCrop, ToTensor, Normalize])``.
 
-    This is what timm's evaluation ``create_transform`` builds for the ``center`` and ``squash``
-    crop modes. Only for transforms built from the user's own (trusted) config.
-
-    Raises:
-        ValueError: a step this spec cannot express (e.g. ``ColorJitter``), or steps out of order.
+    What timm's evaluation ``create_transform`` builds for the ``center`` and ``squash`` modes. A
+    step this spec cannot express (e.g. ``ColorJitter``), steps out of order or no ``ToTensor`` are
+    a ValueError.
     """
     from torchvision import transforms as T
 
-    steps = list(getattr(transform, "transforms", [transform]))
     resize: tuple[Any, ...] | None = None
-    interpolation = "bicubic"
-    crop, offset = None, "round"
+    crop: tuple[int, int] | None = None
+    interpolation, offset = "bicubic", "round"
     mean: Any = (0.0, 0.0, 0.0)
     std: Any = (1.0, 1.0, 1.0)
-    order = {"resize": 0, "crop": 1, "tensor": 2, "normalize": 3}
-    last, tensor = -1, False
-    for step in steps:
+    order = ("resize", "crop", "tensor", "normalize")
+    seen: list[str] = []
+    for step in getattr(transform, "transforms", [transform]):
         if isinstance(step, T.Resize):
             kind = "resize"
             if step.max_size is not None:
                 raise ValueError("Resize with max_size is not supported for evaluation")
-            size = step.size
-            if isinstance(size, int) or len(size) == 1:
-                resize = ("shortest_edge", int(size if isinstance(size, int) else size[0]))
-            else:
-                resize = ("exact", int(size[0]), int(size[1]))
+            size = [step.size] if isinstance(step.size, int) else list(step.size)
+            resize = ("shortest_edge" if len(size) == 1 else "exact", *map(int, size))
             interpolation = str(getattr(step.interpolation, "value", step.interpolation))
             if interpolation not in INTERPOLATIONS:
                 raise ValueError(f"interpolation {interpolation!r} has no PIL resampling filter")
@@ -565,7 +487,7 @@ def from_transform(transform: Any) -> EvalPreprocessing:
             crop = (int(h), int(w))
             offset = "floor" if isinstance(step, FloorCenterCrop) else "round"
         elif isinstance(step, T.ToTensor) or type(step).__name__ in ("MaybeToTensor", "ToTensor"):
-            kind, tensor = "tensor", True
+            kind = "tensor"
         elif isinstance(step, T.Normalize):
             kind = "normalize"
             mean, std = _tensor_values(step.mean), _tensor_values(step.std)
@@ -574,20 +496,14 @@ def from_transform(transform: Any) -> EvalPreprocessing:
                 f"the evaluation transform has a {type(step).__name__} step, which bitrain's "
                 "evaluation preprocessing (resize, centre crop, normalise) cannot express"
             )
-        if order[kind] <= last:
+        if seen and order.index(kind) <= order.index(seen[-1]):
             raise ValueError(f"the evaluation transform has {type(step).__name__} out of order")
-        last = order[kind]
-    if not tensor:
+        seen.append(kind)
+    if "tensor" not in seen:
         raise ValueError("the evaluation transform does not convert the image to a tensor")
     try:
-        return EvalPreprocessing(
-            resize=resize,
-            interpolation=interpolation,
-            crop=crop,
-            mean=_channels(mean, "Normalize mean"),
-            std=_channels(std, "Normalize std", positive=True),
-            crop_offset=offset,
-        )
+        mean, std = channels(mean, "Normalize mean"), channels(std, "Normalize std", True)
+        return EvalPreprocessing(resize, interpolation, crop, mean, std, offset)
     except CheckpointError as err:
         raise ValueError(str(err)) from None
 
@@ -598,14 +514,13 @@ def from_transform(transform: Any) -> EvalPreprocessing:
 def read_record(record: Any, where: str) -> EvalPreprocessing:
     """The spec a file records: bitrain's record, or an older bitrain's Hydra node read as data.
 
-    Nothing in the record is imported, called or interpolated. An older node is accepted only when
-    its ``_target_`` is one of the builders bitrain itself wrote (timm's ``create_transform``, the
-    processor-config reader) with plain-value arguments; any other target is refused.
+    Nothing in it is imported, called or interpolated: an older node is accepted only when its
+    ``_target_`` is one of the builders bitrain itself wrote (timm's ``create_transform``, the
+    processor-config reader) with plain-value arguments.
 
     Raises:
         CheckpointError: not a record, a target that would run other code, unknown fields, or
-            values of the wrong type or range. The message names ``where`` and never suggests
-            running the file's code.
+            values of the wrong type or range; the message names ``where``.
     """
     if not isinstance(record, Mapping):
         raise CheckpointError(
@@ -623,36 +538,26 @@ def read_record(record: Any, where: str) -> EvalPreprocessing:
             f"{where}: evaluation preprocessing version {record.get('version')!r} is not "
             f"supported (this bitrain reads version {RECORD_VERSION}); upgrade bitrain"
         )
-    _only(
-        record,
-        {"format", "version", "resize", "interpolation", "crop", "crop_offset", "mean", "std"},
-        where,
-    )
-    resize = record.get("resize")
-    if resize is not None:
-        if not isinstance(resize, Mapping):
-            raise CheckpointError(f"{where}: resize {resize!r} is not a mapping")
-        if set(resize) == {"shortest_edge"}:
-            resize = ("shortest_edge", resize["shortest_edge"])
-        elif set(resize) == {"height", "width"}:
-            resize = ("exact", resize["height"], resize["width"])
-        else:
-            raise CheckpointError(f"{where}: resize {dict(resize)!r} is not understood")
-    crop = record.get("crop")
+    _only(record, {*EvalPreprocessing.__dataclass_fields__, "format", "version"}, where)
+    resize, crop = record.get("resize"), record.get("crop")
+    keys = set(resize) if isinstance(resize, Mapping) else None
+    if keys == {"shortest_edge"}:
+        resize = ("shortest_edge", resize["shortest_edge"])
+    elif keys == {"height", "width"}:
+        resize = ("exact", resize["height"], resize["width"])
+    elif resize is not None:
+        raise CheckpointError(f"{where}: resize {resize!r} is not understood")
     if crop is not None:
         if not isinstance(crop, Mapping) or set(crop) != {"height", "width"}:
             raise CheckpointError(f"{where}: crop {crop!r} is not {{height, width}}")
         crop = (crop["height"], crop["width"])
-    interpolation = record.get("interpolation")
-    if not isinstance(interpolation, str):
-        raise CheckpointError(f"{where}: interpolation {interpolation!r} is not a name")
     try:
         return EvalPreprocessing(
             resize=resize,
-            interpolation=interpolation,
+            interpolation=record.get("interpolation"),
             crop=crop,
-            mean=_channels(record.get("mean"), f"{where}: mean"),
-            std=_channels(record.get("std"), f"{where}: std", positive=True),
+            mean=channels(record.get("mean"), f"{where}: mean"),
+            std=channels(record.get("std"), f"{where}: std", positive=True),
             crop_offset=record.get("crop_offset", "round"),
         )
     except CheckpointError as err:
@@ -665,8 +570,7 @@ def _legacy_node(node: Mapping[str, Any], where: str) -> EvalPreprocessing:
         _only(node, {"_target_", "_convert_", "is_training", *_TIMM_KEYS}, where)
         if node.get("is_training", False) is not False:
             raise CheckpointError(f"{where}: a training transform is not an evaluation transform")
-        args = {k: v for k, v in node.items() if k in _TIMM_KEYS}
-        return from_timm_args(args, where)
+        return from_timm_args({k: v for k, v in node.items() if k in _TIMM_KEYS}, where)
     if target in _LEGACY_PROCESSOR:
         _only(node, {"_target_", "_convert_", "config"}, where)
         return from_processor_config(node.get("config"), where)

@@ -109,6 +109,37 @@ def test_processor_config_written_for_a_spec_rebuilds_it(tmp_path):
         assert float((spec.build()(img) - theirs).abs().max()) <= 1e-5
 
 
+@pytest.mark.parametrize(
+    ("processor", "spec"),
+    [
+        (
+            "BeitImageProcessor",
+            EvalPreprocessing(("exact", 224, 224), "bicubic", None, *[(0.5,) * 3] * 2),
+        ),
+        (
+            "ViTImageProcessor",
+            EvalPreprocessing(("exact", 224, 224), "bilinear", None, *[(0.5,) * 3] * 2),
+        ),
+        ("BitImageProcessor", EvalPreprocessing(None, "bicubic", None, *[(0.5,) * 3] * 2)),
+    ],
+    ids=["beit_no_crop", "vit_no_crop", "bit_no_resize"],
+)
+def test_processor_config_of_a_spec_without_crop_or_resize_loads_in_transformers(
+    tmp_path, processor, spec
+):
+    """A step that is off is written without a size: transformers refuses an empty one."""
+    transformers = pytest.importorskip("transformers")
+    config = {**spec.to_processor_config(), "image_processor_type": processor}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    loaded = transformers.AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+    assert from_processor_config(config) == EvalPreprocessing(
+        **{**vars(spec), "crop_offset": "floor"}
+    )
+    for img in PHOTOS[:2]:
+        theirs = loaded(img, return_tensors="pt")["pixel_values"][0]
+        assert float((spec.build()(img) - theirs).abs().max()) <= 1e-5
+
+
 def test_border_mode_is_refused_clearly():
     with pytest.raises(CheckpointError, match="crop_mode='border'"):
         from_timm_args({"input_size": 224, "crop_mode": "border"})

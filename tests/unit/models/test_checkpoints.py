@@ -139,6 +139,7 @@ def test_round_trip_is_lossless(fmt, tmp_path, make_tiny):
     back = load_mim_model(path)
     assert_same_state(back, model)
     assert back.model_kwargs == model.model_kwargs
+    assert back.bitrain_source_format == fmt  # what convert() checks --src-format against
 
 
 def test_official_key_helpers(make_tiny):

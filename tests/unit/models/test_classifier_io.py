@@ -165,6 +165,31 @@ def test_hf_norm_eps_survives_every_export(tmp_path, beit):
         assert max_diff(source, back, x) <= TOL, fmt
 
 
+@pytest.mark.parametrize("fmt", ["bitrain", "timm", "official"])
+def test_norm_settings_of_older_files_are_still_read(tmp_path, fmt, beit):
+    """Files written before the norm settings joined the spec kept them in a record of their own."""
+    source = apply_norm_settings(beit(), layer_norm_eps=1e-12)
+    path = save_classifier(source, dst(tmp_path, fmt), fmt)
+    if fmt == "timm":
+        config = json.loads((path / "config.json").read_text())
+        config["bitrain_norm_settings"] = {
+            "layer_norm_eps": config["bitrain_spec"].pop("layer_norm_eps")
+        }
+        (path / "config.json").write_text(json.dumps(config))
+    else:
+        obj = torch.load(path, weights_only=False)
+        if fmt == "bitrain":
+            eps = obj["hyper_parameters"]["model"].pop("layer_norm_eps")
+            obj["norm_settings"] = {"layer_norm_eps": eps}
+        else:
+            eps = obj["args"].bitrain_spec.pop("layer_norm_eps")
+            obj["args"].bitrain_norm_settings = {"layer_norm_eps": eps}
+        torch.save(obj, path)
+    back = load_classifier(path)
+    assert {m.eps for m in back.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-12}
+    assert max_diff(source, back, batch(source)) <= TOL
+
+
 def test_finetune_ckpt_and_its_ema(tmp_path, beit):
     model, ema = beit(0), beit(1)
     path = finetune_ckpt(model, tmp_path / "last.ckpt", ema=ema)

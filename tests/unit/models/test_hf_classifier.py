@@ -8,12 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from bitrain.checkpoints.classifier import build_classifier_from_hf
 from bitrain.checkpoints.hf import label_names
-from bitrain.checkpoints.huggingface import (
-    build_classifier_from_hf,
-    read_hf_classifier,
-    save_hf_classifier,
-)
+from bitrain.checkpoints.huggingface import read_hf_classifier, save_hf_classifier
 from bitrain.io import CheckpointError
 from bitrain.models.classifier import apply_norm_settings, create_classifier
 
