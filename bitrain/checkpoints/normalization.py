@@ -7,7 +7,7 @@ recipe uses ImageNet's mean/std, the ImageNet-22k chain 0.5 / 0.5
 (:func:`~bitrain.data.preprocessing.read_record`) in ``hyper_parameters``, official ``args`` and
 timm ``config.json`` as ``bitrain_*``; else a format's own fields are read: unilm's ``args``, a
 Hugging Face ``preprocessor_config.json``, timm's ``pretrained_cfg``. Files that record nothing give
-None; fine-tuning then keeps the experiment's values (:func:`bitrain.runner.build`).
+None; fine-tuning then keeps the experiment's values (:func:`bitrain.training.runner.build`).
 """
 
 from __future__ import annotations
