@@ -4,7 +4,6 @@ import logging
 import os
 import re
 import signal
-import time
 
 import pytest
 import torch
@@ -48,20 +47,20 @@ def test_exit_code():
     assert exit_code_for(SIGTERMException(), signal.SIGINT) == 130  # Ctrl-C
 
 
-def _ckpt(path, step):
+def _ckpt(path, step, mtime):
+    """A checkpoint written at ``mtime`` (seconds since the epoch): the order is set, not slept."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": {}, "global_step": step}, path)
+    os.utime(path, (mtime, mtime))
 
 
 def test_auto_resume_prefers_the_newest_of_last_and_hpc_checkpoints(tmp_path):
     ckpts = tmp_path / "checkpoints"
-    _ckpt(ckpts / "step_0000010.ckpt", 10)
-    _ckpt(ckpts / "last.ckpt", 10)
-    time.sleep(0.05)
-    _ckpt(tmp_path / "hpc_ckpt_1.ckpt", 12)  # SLURM's SIGUSR1 checkpoint, written later
+    _ckpt(ckpts / "step_0000010.ckpt", 10, mtime=1_000)
+    _ckpt(ckpts / "last.ckpt", 10, mtime=1_000)
+    _ckpt(tmp_path / "hpc_ckpt_1.ckpt", 12, mtime=2_000)  # SLURM's SIGUSR1 checkpoint, later
     assert runner.resolve_ckpt_path("auto", ckpts) == str(tmp_path / "hpc_ckpt_1.ckpt")
-    time.sleep(0.05)
-    _ckpt(ckpts / "last.ckpt", 15)
+    _ckpt(ckpts / "last.ckpt", 15, mtime=3_000)
     assert runner.resolve_ckpt_path("auto", ckpts) == str(ckpts / "last.ckpt")
 
 
