@@ -129,8 +129,17 @@ def test_command_line_group_beats_experiment(tmp_path):
     assert "Synthetic" in cfg.data.source._target_
 
 
-def test_typo_in_override_fails(tmp_path):
-    with pytest.raises(ConfigCompositionException):
-        _compose("pretrain", ["trainer.max_stepz=1"], tmp_path)
+@pytest.mark.parametrize(
+    "typo", ["trainer.max_stepz=1", "data.batch_sise=8", "task.max_nonfinite=3"]
+)
+def test_typo_in_override_fails(tmp_path, typo):
+    """A misspelt key of a group (trainer, data) or of the primary config's own task node."""
+    path = typo.split("=")[0]
+    with pytest.raises(ConfigCompositionException, match=f"Could not override '{path}'") as err:
+        _compose("pretrain", [typo], tmp_path)
+    assert f"Key '{path.split('.')[-1]}' is not in struct" in str(err.value.__cause__)
+
+
+def test_unknown_config_group_option_fails(tmp_path):
     with pytest.raises(ConfigCompositionException):
         _compose("pretrain", ["model=does_not_exist"], tmp_path)
