@@ -113,6 +113,8 @@ def test_every_experiment_builds_its_task_on_the_meta_device(experiment, tmp_pat
         assert tuple(model.mask_token.shape) == (1, 1, model.embed_dim)
         assert tuple(model.lm_head.weight.shape) == (classes, model.embed_dim)
         assert task.tokenizer.vocab_size == classes and tuple(task.tokenizer.grid_size) == grid
+        # As dall_e.encoder.Encoder() (what wrote encoder.pkl): 53,786,240 parameters.
+        assert sum(p.numel() for p in task.tokenizer.parameters()) == 53_786_240
         masks = hydra.utils.instantiate(cfg.masking)
         assert masks.grid_size == grid == (14, 14) and masks.num_masking_patches == 75
         sizes = (cfg.data.transform.input_size, cfg.data.transform.second_input_size)
