@@ -1,5 +1,10 @@
-"""DDP on 2 CPU processes (gloo): disjoint data per rank; same weights as 1 process, same batch."""
+"""DDP on 2 CPU processes (gloo): disjoint data per rank; same weights as 1 process, same batch.
 
+The 2-process runs are the command line (Lightning starts the second rank); the 1-process
+reference runs in the test's process (``runner.train``, what the command calls).
+"""
+
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from bitrain.training import runner
 
 pytestmark = pytest.mark.slow
 
@@ -36,18 +43,9 @@ RECORDER = textwrap.dedent(
 )
 
 
-def _run(
-    tmp_path: Path, name: str, tokenizer: Path | None, overrides: list[str], entry="pretrain"
-) -> Path:
-    run = tmp_path / name
-    rec = tmp_path / f"{name}_samples"
-    rec.mkdir()
-    cmd = [
-        sys.executable,
-        "-m",
-        f"bitrain.{entry}",
+def _overrides(tokenizer: Path | None, entry: str) -> list[str]:
+    return [
         *([f"tokenizer.weights_path={tokenizer}"] if tokenizer else []),
-        f"hydra.run.dir={run}",
         "trainer.max_steps=6",
         "trainer.check_val_every_n_epoch=100",
         "trainer.precision=32-true",
@@ -57,6 +55,22 @@ def _run(
         "logger=csv",
         *(["callbacks.panels=null"] if entry == "pretrain" else []),
         "callbacks.progress_bar.style=lines",
+    ]
+
+
+def _run(
+    tmp_path: Path, name: str, tokenizer: Path | None, overrides: list[str], entry="pretrain"
+) -> Path:
+    """The command line (``trainer=ddp`` starts its processes), each rank recording its samples."""
+    run = tmp_path / name
+    rec = tmp_path / f"{name}_samples"
+    rec.mkdir()
+    cmd = [
+        sys.executable,
+        "-m",
+        f"bitrain.{entry}",
+        f"hydra.run.dir={run}",
+        *_overrides(tokenizer, entry),
         "+callbacks.record._target_=recorder.RecordSamples",
         f"+callbacks.record.out_dir={rec}",
         *overrides,
@@ -71,9 +85,23 @@ def _run(
     return run
 
 
-def test_two_gloo_processes_match_one_process(demo_tokenizer_file, tmp_path):
+def _run_one_process(
+    compose_cfg, tmp_path: Path, tokenizer: Path | None, overrides: list[str], entry="pretrain"
+) -> Path:
+    """The one-process reference, in this process (the same runner.train the command calls)."""
+    spec = importlib.util.spec_from_file_location("recorder", tmp_path / "recorder.py")
+    recorder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recorder)
+    run, rec = tmp_path / "one", tmp_path / "one_samples"
+    rec.mkdir()
+    cfg = compose_cfg(entry, [*_overrides(tokenizer, entry), *overrides], run)
+    runner.train(cfg, callbacks=[recorder.RecordSamples(str(rec))])
+    return run
+
+
+def test_two_gloo_processes_match_one_process(compose_cfg, demo_tokenizer_file, tmp_path):
     (tmp_path / "recorder.py").write_text(RECORDER)
-    one = _run(tmp_path, "one", demo_tokenizer_file, ["data.batch_size=16"])
+    one = _run_one_process(compose_cfg, tmp_path, demo_tokenizer_file, ["data.batch_size=16"])
     two = _run(
         tmp_path,
         "two",
@@ -108,10 +136,12 @@ def test_two_gloo_processes_match_one_process(demo_tokenizer_file, tmp_path):
     assert moved > 0
 
 
-def test_finetuning_on_two_gloo_processes_matches_one(tmp_path):
+def test_finetuning_on_two_gloo_processes_matches_one(compose_cfg, tmp_path):
     (tmp_path / "recorder.py").write_text(RECORDER)
     common = ["model.pretrained=null", "model.drop_path_rate=0.0"]
-    one = _run(tmp_path, "one", None, [*common, "data.batch_size=16"], entry="finetune")
+    one = _run_one_process(
+        compose_cfg, tmp_path, None, [*common, "data.batch_size=16"], entry="finetune"
+    )
     two = _run(
         tmp_path,
         "two",

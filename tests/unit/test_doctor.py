@@ -176,6 +176,7 @@ def test_an_override_that_does_not_compose_is_one_line(override, expected, caplo
     assert "\n" not in record.getMessage() and expected in record.getMessage()
 
 
+@pytest.mark.slow  # python -m bitrain.doctor in a subprocess (in-process: the test above)
 def test_the_command_line_prints_no_traceback_for_a_bad_override():
     import subprocess
     import sys

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,20 +126,28 @@ def test_hf_config_json_with_targets_runs_nothing(classifier, tmp_path, photos):
     assert not stolen.exists()
 
 
+class _Evil:
+    """Pickles as the call ``os.system(command)``: unpickling it would run the command."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
 def _evil_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
-    """A ``.ckpt`` whose unpickling would run ``touch MARKER``; ``(file, marker)``."""
+    """A ``.ckpt`` whose unpickling would run ``touch MARKER``; ``(file, marker)``.
+
+    The pickle names only ``os.system`` and its argument (``_Evil`` itself is not in the file).
+    """
     evil, marker = tmp_path / "evil.ckpt", tmp_path / "pwned"
-    script = (
-        "import os, torch\n"
-        "class Evil:\n"
-        "    def __reduce__(self):\n"
-        f"        return (os.system, ('touch {marker}',))\n"
-        f"torch.save({{'state_dict': Evil()}}, {str(evil)!r})\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True)
+    torch.save({"state_dict": _Evil(f"touch {marker}")}, evil)
+    assert b"_Evil" not in evil.read_bytes() and b"system" in evil.read_bytes()
     return evil, marker
 
 
+@pytest.mark.slow  # python -m bitrain.predict in a subprocess
 def test_refused_pickle_prints_one_line_and_never_suggests_weights_only_false(tmp_path, photos):
     evil, marker = _evil_checkpoint(tmp_path)
     proc = subprocess.run(
@@ -255,6 +264,7 @@ def test_predict_output_under_a_file_and_top_k_zero_are_refused_first(classifier
             predict(path, tmp_path, top_k=bad)
 
 
+@pytest.mark.slow  # python -m bitrain.predict in a subprocess
 def test_predict_cli_checks_output_before_inference(classifier, tmp_path, photos):
     path = save_classifier(classifier, tmp_path / "cls.ckpt", "bitrain", eval_transform=SPEC)
     blocker = tmp_path / "a_file"

@@ -24,13 +24,6 @@ def test_topk_counts_the_label_among_the_k_highest_and_k_is_clipped():
     assert float(topk_accuracy(3, 5)(logits, labels)) == 1.0  # top-5 of 3 classes: all
 
 
-def test_updates_accumulate_over_batches_by_image():
-    metric = topk_accuracy(4, 1)
-    metric.update(F.one_hot(torch.tensor([0, 0, 0]), 4).float(), torch.tensor([0, 0, 0]))
-    metric.update(F.one_hot(torch.tensor([1]), 4).float(), torch.tensor([3]))
-    assert float(metric.compute()) == pytest.approx(0.75)
-
-
 def test_image_rate_counts_every_rank_over_its_window():
 
     now = [10.0]
