@@ -63,6 +63,18 @@ def _to_numpy(images: torch.Tensor) -> np.ndarray:
     return images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def _save(fig: Any, path: str | Path) -> Path:
+    """Lay out ``fig``, write it as a PNG at ``path`` (folders made), close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def save_grid(
     columns: Mapping[str, torch.Tensor],
     path: str | Path,
@@ -102,12 +114,7 @@ def save_grid(
                 ax.set_xlabel(row_labels[r], fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def save_histogram(counts: torch.Tensor, path: str | Path, title: str = "") -> Path:
@@ -126,12 +133,7 @@ def save_histogram(counts: torch.Tensor, path: str | Path, title: str = "") -> P
     ax.set_ylabel("share of tokens")
     used = int((values > 0).sum())
     ax.set_title(title or f"{used}/{len(values)} codes used", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _log_to_wandb(trainer: L.Trainer, key: str, path: Path, caption: str) -> None:

@@ -51,18 +51,22 @@ def test_format_duration():
     assert format_duration(float("nan")) == "?"
 
 
-def test_line_progress_prints_one_line_per_n_steps(tmp_path, capsys):
-    trainer = L.Trainer(
-        max_steps=8,
+def _trainer(tmp_path, **kwargs) -> L.Trainer:
+    """A CPU Trainer with LineProgress every 2 steps and nothing else."""
+    return L.Trainer(
         callbacks=[LineProgress(every_n_steps=2)],
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
-        val_check_interval=4,
-        num_sanity_val_steps=0,
-        limit_val_batches=2,
         accelerator="cpu",
+        **kwargs,
+    )
+
+
+def test_line_progress_prints_one_line_per_n_steps(tmp_path, capsys):
+    trainer = _trainer(
+        tmp_path, max_steps=8, val_check_interval=4, num_sanity_val_steps=0, limit_val_batches=2
     )
     trainer.fit(_Tiny(), train_dataloaders=_loader(), val_dataloaders=_loader())
     out = capsys.readouterr().out.splitlines()
@@ -79,16 +83,7 @@ def test_line_progress_prints_one_line_per_n_steps(tmp_path, capsys):
 def test_line_progress_prints_the_rate_of_image_rate(tmp_path, capsys, monkeypatch):
     """The img/s of the lines is ImageRate's (the definition of train/images_per_sec)."""
     monkeypatch.setattr(ImageRate, "rate", lambda self: 4321.0)
-    trainer = L.Trainer(
-        max_steps=4,
-        callbacks=[LineProgress(every_n_steps=2)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        limit_val_batches=0,
-        accelerator="cpu",
-    )
+    trainer = _trainer(tmp_path, max_steps=4, limit_val_batches=0)
     trainer.fit(_Tiny(), train_dataloaders=_loader())
     steps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert len(steps) == 2 and all("| 4321 img/s |" in line for line in steps), steps
