@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from bitrain.tasks.tokenizer import batch_images
+
 __all__ = ["MIMPanels", "TokenizerPanels", "blank_masked", "save_grid", "save_histogram"]
 
 log = logging.getLogger(__name__)
@@ -247,8 +249,6 @@ class TokenizerPanels(_EveryNSteps):
     """
 
     def render(self, trainer, pl_module, batch: Any) -> list[tuple[str, Path, str]]:
-        from bitrain.tasks.tokenizer import batch_images
-
         x = batch_images(batch)[: self.num_images].float()
         model = pl_module.model
         ids = model.encode_logits(x).argmax(1)

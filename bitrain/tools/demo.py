@@ -28,7 +28,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from bitrain.io import load_torch_file
+from bitrain.tools.doctor import compose_config
 from bitrain.tools.report import write_report
 
 log = logging.getLogger("bitrain.demo")
@@ -64,10 +67,6 @@ def _tokenizer_is_stale(path: Path) -> bool:
     An older demo (e.g. one with another token grid) leaves a tokenizer that pretraining would
     refuse; the demo then trains the current one instead of stopping.
     """
-    from omegaconf import OmegaConf
-
-    from bitrain.tools.doctor import compose_config
-
     want = OmegaConf.to_container(
         compose_config([], config_name="train_tokenizer").tokenizer_model, resolve=True
     )

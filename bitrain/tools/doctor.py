@@ -40,7 +40,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import bitrain
+from bitrain.data.datamodule import default_num_workers
+from bitrain.data.decode import BadImageError, EncodedImage, decode_image
+from bitrain.data.shards import REMOTE_PREFIXES, expand_shard_urls
+from bitrain.data.sources import IMAGE_EXTENSIONS
+from bitrain.training.devices import apply_global_batch
 from bitrain.training.resolvers import register_resolvers
+from bitrain.training.rundir import earlier_run_files, run_dir_name
 
 log = logging.getLogger("bitrain.doctor")
 
@@ -177,7 +183,6 @@ def _check_file(name: str, key: str, path: Any) -> Check:
 
 
 def _count_images(root: Path) -> int:
-    from bitrain.data.sources import IMAGE_EXTENSIONS
 
     count = 0
     for _, _, files in os.walk(root, followlinks=True):
@@ -203,8 +208,6 @@ def _check_source(cfg: DictConfig, key: str) -> list[Check]:
             return [Check(key, False, f"no image files under '{root}' ({key}.root)")]
         return [Check(key, True, f"{n} images under {root}")]
     if kind == "WebDatasetSource":
-        from bitrain.data.shards import REMOTE_PREFIXES, expand_shard_urls
-
         urls = _get(cfg, f"{key}.urls")
         if urls is None:
             return [Check(key, False, f"{key}.urls is not set: {key}.urls='/data/s-{{0..9}}.tar'")]
@@ -262,8 +265,6 @@ def check_output(cfg: DictConfig) -> list[Check]:
 
 def check_run_dir(cfg: DictConfig) -> list[Check]:
     """A fresh start in a named run directory that holds an earlier run would be refused."""
-    from bitrain.training.rundir import earlier_run_files, run_dir_name
-
     try:
         name = run_dir_name(_get(cfg, "paths.run_name"))
     except ValueError as err:
@@ -290,8 +291,6 @@ def check_run_dir(cfg: DictConfig) -> list[Check]:
 def check_batch(cfg: DictConfig, world_size: int) -> list[Check]:
     """Per-device and global batch size (derived from ``data.global_batch_size`` when set)."""
     if _get(cfg, "data.global_batch_size") is not None:
-        from bitrain.training.devices import apply_global_batch
-
         cfg = cfg.copy()
         try:
             apply_global_batch(cfg)
@@ -322,8 +321,6 @@ def _sample_images(cfg: DictConfig) -> list[tuple[str, bytes]]:
     kind = str(_get(cfg, "data.source._target_", "")).rsplit(".", 1)[-1]
     found: list[tuple[str, bytes]] = []
     if kind == "ImageFolderSource":
-        from bitrain.data.sources import IMAGE_EXTENSIONS
-
         root = Path(str(_get(cfg, "data.source.root", ""))).expanduser()
         for dirpath, dirnames, files in os.walk(root, followlinks=True):
             dirnames.sort()
@@ -335,8 +332,6 @@ def _sample_images(cfg: DictConfig) -> list[tuple[str, bytes]]:
                         return found
     elif kind == "WebDatasetSource":
         import tarfile
-
-        from bitrain.data.shards import REMOTE_PREFIXES, expand_shard_urls
 
         urls = _get(cfg, "data.source.urls")
         urls = OmegaConf.to_object(urls) if OmegaConf.is_config(urls) else urls
@@ -362,8 +357,6 @@ def measure_worker_rate(cfg: DictConfig, images: list[tuple[str, bytes]]) -> flo
 
     import hydra
     import torch
-
-    from bitrain.data.decode import BadImageError, EncodedImage, decode_image
 
     transform = hydra.utils.instantiate(cfg.data.transform)
     masks = hydra.utils.instantiate(cfg.masking) if _get(cfg, "masking") is not None else None
@@ -394,8 +387,6 @@ def check_loader(cfg: DictConfig) -> list[Check]:
     if kind not in ("ImageFolderSource", "WebDatasetSource") or _get(cfg, "data.transform") is None:
         return []
     import torch
-
-    from bitrain.data.datamodule import default_num_workers
 
     need = _get(cfg, "doctor.img_s_per_device")
     accelerator = str(_get(cfg, "trainer.accelerator", "auto"))
