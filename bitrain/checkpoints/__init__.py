@@ -7,24 +7,27 @@ The public API (stable: scripts and users import from here)::
     load_classifier(path) / save_classifier(model, path, format)      # timm classifiers
     load_encoder_state(path) -> (state_dict, format)                  # weights for fine-tuning
     build_classifier(model_name, num_classes, pretrained=...)         # the fine-tuning model node
+    recorded_normalization(path) -> (mean, std) | None                # what a file says of pixels
     convert(src, dst, dst_format, force=False)                        # verified, never destructive
 
-One key table per foreign format, read backwards for export: :mod:`.official` (unilm ``.pth``),
-:mod:`.hf_beit` (Hugging Face BEiT, MIM and classifier from one table; ViT), :mod:`.hf_bit`;
-:mod:`.hf` holds the shared Hugging Face machinery, :mod:`.huggingface` the dispatch,
-:mod:`.classifier` the timm hub folder layout, :mod:`.normalization` what any file records about its
-pixels. Dependencies run one way (``checkpoints`` -> ``models``, ``data.preprocessing``, ``io``).
-Every file is data: read weights-only, and no content of a file picks code to run
+:mod:`.formats` reads and writes every format for both kinds, with one key table per foreign
+format, read backwards for export: :mod:`.official` (unilm ``.pth``) and :mod:`.hf` (Hugging Face
+BEiT, ViT and BiT). Dependencies run one way (``checkpoints`` -> ``models``, ``data.preprocessing``,
+``io``). Every file is data: read weights-only, and no content of a file picks code to run
 (docs/checkpoints.md).
 """
 
-from bitrain.checkpoints.classifier import CLASSIFIER_FORMATS, load_classifier, save_classifier
 from bitrain.checkpoints.conversion import ALL_FORMATS, ConversionError, Converted, convert
-from bitrain.checkpoints.mim import (
+from bitrain.checkpoints.formats import (
+    CLASSIFIER_FORMATS,
     FORMATS,
     build_mim_model,
+    load_classifier,
     load_mim_model,
     load_mim_state,
+    normalization_record,
+    recorded_normalization,
+    save_classifier,
     save_mim_model,
 )
 from bitrain.checkpoints.pretrained import (
@@ -53,6 +56,8 @@ __all__ = [
     "load_mim_model",
     "load_mim_state",
     "load_pretrained",
+    "normalization_record",
+    "recorded_normalization",
     "save_classifier",
     "save_mim_model",
     "sniff",

@@ -20,8 +20,14 @@ from typing import Any
 
 import torch
 
-from bitrain.checkpoints.classifier import CLASSIFIER_FORMATS, load_classifier, save_classifier
-from bitrain.checkpoints.mim import FORMATS, load_mim_model, save_mim_model
+from bitrain.checkpoints.formats import (
+    CLASSIFIER_FORMATS,
+    FORMATS,
+    load_classifier,
+    load_mim_model,
+    save_classifier,
+    save_mim_model,
+)
 from bitrain.checkpoints.sniff import sniff
 from bitrain.io import CheckpointError
 

@@ -193,3 +193,10 @@ def save_hf_mim(
             **spec.to_processor_config(),
         }
     return write_folder(folder, state, config, **extra)
+
+
+def to_hf(model, label_names=None, spelling="4.x"):
+    """(temporary) ``to_hf_mim`` / ``to_hf_classifier``."""
+    if isinstance(model, BeitMIM):
+        return to_hf_mim(model, spelling)
+    return to_hf_classifier(model, label_names)

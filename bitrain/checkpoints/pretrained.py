@@ -24,8 +24,8 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from bitrain.checkpoints.formats import read_hf
 from bitrain.checkpoints.hf import read_folder
-from bitrain.checkpoints.huggingface import read_hf_classifier, read_hf_mim
 from bitrain.checkpoints.official import some_keys
 from bitrain.checkpoints.sniff import sniff, state_of
 from bitrain.io import CheckpointError
@@ -55,9 +55,7 @@ def load_encoder_state(
     """
     found = sniff(path_or_dir)
     if found.format == "hf":
-        if found.kind == "mim":
-            return read_hf_mim(found.path)[0], "hf"
-        return read_hf_classifier(found.path)[1], "hf"
+        return read_hf(found.path)[0], "hf"
     if found.format == "timm" and found.path.is_dir():
         return read_folder(found.path)[0], "timm"
     return state_of(found, use_ema), found.format

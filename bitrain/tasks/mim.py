@@ -38,7 +38,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from bitrain.checkpoints.normalization import normalization_record
+from bitrain.checkpoints import normalization_record
 from bitrain.tasks import optim as optim_lib
 from bitrain.tasks.common import NonFiniteGuard, check_nonfinite_mode, plain
 from bitrain.tokenizers.base import Tokenizer

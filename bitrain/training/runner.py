@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bitrain.callbacks.preemption import PreemptionCheckpoint, exit_code_for
 from bitrain.callbacks.rng_state import RNGStateCheckpoint
-from bitrain.checkpoints.normalization import recorded_normalization
+from bitrain.checkpoints import recorded_normalization
 from bitrain.io import CheckpointError
 from bitrain.training.devices import apply_global_batch, check_devices
 from bitrain.training.hyperrule import apply_hyperrule
@@ -119,7 +119,7 @@ def _raise_problems(problems: list[tuple[str, Exception]]) -> None:
 def use_pretrained_normalization(cfg: DictConfig) -> tuple | None:
     """Fine-tuning: normalise pixels as the checkpoint in ``model.pretrained`` was trained to.
 
-    When the checkpoint records its normalisation (:mod:`bitrain.checkpoints.normalization`), it
+    When the checkpoint records its normalisation (:func:`bitrain.checkpoints.recorded_normalization`), it
     replaces ``data.transform`` / ``data.val_transform``'s ``mean`` and ``std``, with a warning
     naming both values where the config said otherwise; a checkpoint that records none (a released
     official ``.pth``) leaves the experiment's values. ``normalize_as_pretrained: false`` keeps the

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bitrain.checkpoints.classifier import build_classifier_from_hf
+from bitrain.checkpoints import build_classifier, load_classifier, save_classifier
+from bitrain.checkpoints.formats import read_hf
 from bitrain.checkpoints.hf import label_names
-from bitrain.checkpoints.huggingface import read_hf_classifier, save_hf_classifier
 from bitrain.io import CheckpointError
 from bitrain.models.classifier import apply_norm_settings, create_classifier
 
@@ -122,7 +122,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_hf_to_bitrain_logits(variant, tmp_path):
     hf, size = make_hf(variant)
     hf.save_pretrained(tmp_path / "hf")
-    model = build_classifier_from_hf(tmp_path / "hf")
+    model = load_classifier(tmp_path / "hf")
     assert not model.training
     x = images(size)
     with torch.no_grad():
@@ -139,7 +139,7 @@ def test_hf_to_bitrain_logits(variant, tmp_path):
         assert eps == {hf.config.layer_norm_eps}
 
     # the spec rebuilds the model through create_classifier, strict load
-    spec, state, config = read_hf_classifier(tmp_path / "hf")
+    state, spec, config = read_hf(tmp_path / "hf")
     assert spec["num_classes"] == len(LABELS)
     assert label_names(config, spec["num_classes"]) == LABELS
     create_classifier(**spec).load_state_dict(state, strict=True)
@@ -152,7 +152,7 @@ def test_hf_5x_spelling_and_default_labels(tmp_path):
     state = {k: v.contiguous() for k, v in hf.state_dict().items()}
     assert any(".layers.0.attention.q_proj." in k for k in state)  # really the 5.x names
     save_file(state, str(tmp_path / "hf" / "model.safetensors"))
-    model = build_classifier_from_hf(tmp_path / "hf")
+    model = load_classifier(tmp_path / "hf")
     assert model.label_names is None
     x = images(size)
     with torch.no_grad():
@@ -226,7 +226,7 @@ def test_bitrain_to_hf_logits(variant, tmp_path):
     model = create_classifier(num_classes=len(LABELS), **kwargs).eval()
     apply_norm_settings(model, **norm)
     _randomize(model, 3)
-    save_hf_classifier(model, tmp_path / "hf", label_names=LABELS)
+    save_classifier(model, tmp_path / "hf", "hf", label_names=LABELS)
 
     hf, info = transformers.AutoModelForImageClassification.from_pretrained(
         tmp_path / "hf", output_loading_info=True
@@ -238,7 +238,7 @@ def test_bitrain_to_hf_logits(variant, tmp_path):
         ref = model(x)
         assert max_diff(hf(pixel_values=x).logits, ref) <= TOL, variant
         # and back: the same model, labels included
-        again = build_classifier_from_hf(tmp_path / "hf")
+        again = load_classifier(tmp_path / "hf")
         assert max_diff(again(x), ref) <= TOL
     assert [hf.config.id2label[i] for i in range(len(LABELS))] == LABELS
     assert again.label_names == LABELS
@@ -249,13 +249,15 @@ def test_headless_folder_needs_num_classes(tmp_path):
     config = transformers.ViTConfig(**HF_VARIANTS["vit_patch32"][1])
     torch.manual_seed(0)
     transformers.ViTModel(config).save_pretrained(tmp_path / "hf")
-    spec, state, config = read_hf_classifier(tmp_path / "hf")
+    state, spec, config = read_hf(tmp_path / "hf")
     assert spec["num_classes"] is None and label_names(config, None) is None
     assert not any(k.startswith("head.") for k in state)
-    with pytest.raises(CheckpointError, match="no classification head: pass num_classes"):
-        build_classifier_from_hf(tmp_path / "hf")
-    model = build_classifier_from_hf(tmp_path / "hf", num_classes=3)
+    with pytest.raises(CheckpointError, match="head-less ViTModel, not a classifier: fine-tune"):
+        load_classifier(tmp_path / "hf")
+    # fine-tuning's way: the architecture named, the encoder from the folder, a fresh head
+    model = build_classifier(**{**spec, "num_classes": 3}, pretrained=tmp_path / "hf")
     assert model.head.out_features == 3
+    assert torch.equal(model.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
 
 
 def test_checkpoints_folder_state_uses_classifier_import(tmp_path):
@@ -280,9 +282,9 @@ def test_other_architecture_is_refused(tmp_path):
         {"architectures": ["ConvNextForImageClassification"], "model_type": "convnext"},
     )
     with pytest.raises(CheckpointError, match="ConvNextForImageClassification.*BeitForImage"):
-        read_hf_classifier(folder)
+        read_hf(folder)
     with pytest.raises(CheckpointError, match="ViTForImageClassification"):
-        build_classifier_from_hf(folder)
+        load_classifier(folder)
 
 
 @pytest.mark.parametrize(
@@ -296,13 +298,13 @@ def test_other_architecture_is_refused(tmp_path):
 def test_bit_config_timm_cannot_build_is_refused(tmp_path, overrides, match):
     config = {"architectures": ["BitForImageClassification"], "model_type": "bit", **overrides}
     with pytest.raises(CheckpointError, match=match):
-        read_hf_classifier(_fake_folder(tmp_path / "bit", config))
+        read_hf(_fake_folder(tmp_path / "bit", config))
 
 
 def test_label_names_must_fit(tmp_path):
     model = create_classifier(**BITRAIN_VARIANTS["vit_patch32"][0], num_classes=2)
     with pytest.raises(ValueError, match="3 label_names for a 2-class model"):
-        save_hf_classifier(model, tmp_path / "hf", label_names=["a", "b", "c"])
+        save_classifier(model, tmp_path / "hf", "hf", label_names=["a", "b", "c"])
 
 
 @pytest.mark.parametrize(

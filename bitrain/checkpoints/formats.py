@@ -1,0 +1,639 @@
+"""Models in and out of every checkpoint format: one reader and one writer for both kinds.
+
+A checkpoint holds a BEiT masked-image-modeling model (:class:`~bitrain.models.beit.BeitMIM`, in
+:data:`FORMATS`) or a timm classifier (:data:`CLASSIFIER_FORMATS`). :func:`read` turns any of them
+into :class:`Contents`: the model's arguments (``BeitMIM`` kwargs or the ``create_classifier``
+spec), its weights in our names, its label names and what it records about its pixels, each read
+as the library that wrote the file reads it:
+
+- ``bitrain``: ``hyper_parameters`` (``model``, ``normalization``, ``eval_transform``);
+- ``official`` (unilm ``.pth``): ``args``, bitrain's exact ``bitrain_*`` records first, else the
+  tensor shapes (:mod:`.official`) and unilm's ``input_size`` / ``crop_pct`` /
+  ``imagenet_default_mean_and_std``;
+- ``hf``: ``config.json`` (:mod:`.hf`) and ``preprocessor_config.json`` (transformers' semantics);
+- ``timm``: a hub folder's ``config.json`` (``bitrain_*`` records, else ``architecture``,
+  ``model_args`` and ``pretrained_cfg`` with timm's semantics), or a bare state dict whose
+  architecture the caller names.
+
+:func:`load_mim_model` / :func:`load_classifier` build the model, :func:`save_mim_model` /
+:func:`save_classifier` write it back. Nothing read picks code: a spec is plain values naming a
+registered timm architecture (:func:`build_classifier_spec`), records are data (docs/checkpoints.md).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.data import resolve_data_config
+
+from bitrain.checkpoints.huggingface import from_hf, to_hf
+from bitrain.checkpoints.hf import label_list, label_names, read_folder, read_json, write_folder
+from bitrain.checkpoints.official import (
+    classifier_args,
+    classifier_spec,
+    from_official,
+    mim_args,
+    mim_kwargs,
+    plain_args,
+    some_keys,
+    to_official,
+)
+from bitrain.checkpoints.sniff import BEIT_MIM_TARGET, Sniffed, is_tensor_mapping, sniff, state_of
+from bitrain.data.preprocessing import (
+    EvalPreprocessing,
+    channels,
+    from_official_args,
+    from_processor_config,
+    from_timm_cfg,
+    official_normalization,
+    read_record,
+)
+from bitrain.io import CheckpointError, atomic_save, plain_tree
+from bitrain.models.beit import BeitMIM
+from bitrain.models.classifier import CLASSIFIER_TARGET, create_classifier
+
+log = logging.getLogger(__name__)
+
+FORMATS: tuple[str, ...] = ("bitrain", "official", "hf")
+CLASSIFIER_FORMATS: tuple[str, ...] = ("bitrain", "timm", "official", "hf")
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]
+# timm.create_model arguments that would read or fetch weights from a place the file chooses.
+_LOADER_ARGS = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path"}
+_FINETUNE = "fine-tune it first with `python -m bitrain.finetune model.pretrained={}`"
+
+
+@dataclass
+class Contents:
+    """What :func:`read` found: the model's arguments and weights, and the file's records."""
+
+    format: str
+    kind: str  # "mim" | "classifier"
+    spec: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    label_names: Any = None
+    eval_transform: EvalPreprocessing | None = None
+    normalization: Normalization | None = None
+
+
+def _found(path: str | os.PathLike | Sniffed, map_location: Any = "cpu") -> Sniffed:
+    return path if isinstance(path, Sniffed) else sniff(path, map_location)
+
+
+def read(
+    found: Sniffed, use_ema: bool = False, model_name: str | None = None, **spec: Any
+) -> Contents:
+    """The contents of a sniffed checkpoint (see the module docstring).
+
+    ``use_ema``: bitrain ``ema.module.*`` or official ``model_ema``; ``model_name`` and ``spec``:
+    the ``create_classifier`` arguments of a bare classifier state dict.
+
+    Raises:
+        CheckpointError: no EMA weights, a bare classifier state dict without ``model_name``,
+            weights or records that do not fit their format.
+    """
+    path, fmt, obj = found.path, found.format, found.obj
+    kind = "mim" if found.kind == "mim" else "classifier"
+    records, where = _records(found)
+    ema = fmt == "bitrain" or (fmt == "official" and is_tensor_mapping(obj.get("model_ema")))
+    if use_ema and not ema:
+        raise CheckpointError(
+            f"'{path}' ({fmt}) has no EMA weights: use_ema is for bitrain .ckpt files of runs "
+            "trained with task.ema and official .pth files with 'model_ema'"
+        )
+    names = legacy = None  # legacy: norm settings files kept apart before they were arguments
+    if fmt == "hf":
+        state, args, config = read_hf(path)
+        names = None if kind == "mim" else label_names(config)
+    elif fmt == "bitrain":
+        state, args = state_of(found, use_ema), dict(records["model"])
+        names, legacy = obj.get("label_names"), obj.get("norm_settings")
+    elif fmt == "timm" and path.is_dir():
+        state, args = read_folder(path)[0], obj.get("bitrain_spec")
+        if not isinstance(args, Mapping):
+            args = {"model_name": obj["architecture"], **(obj.get("model_args") or {})}
+            args["num_classes"] = obj.get("num_classes", args.get("num_classes"))
+        names, legacy = obj.get("label_names"), obj.get("bitrain_norm_settings")
+    elif fmt == "timm" and kind == "classifier":
+        if model_name is None:
+            raise CheckpointError(
+                f"'{path}' is a bare state dict, which does not say its architecture: pass "
+                "model_name=<timm architecture> (and the other create_classifier arguments, e.g. "
+                "img_size, patch_size, embed_dim, depth, num_heads) to load_classifier, or "
+                "--model-name / --model-kwargs to scripts/convert_checkpoint.py"
+            )
+        state, args = state_of(found), {"model_name": model_name, **spec}
+    else:  # the official layout, or a bare pretraining state dict (official without args)
+        state = from_official(state_of(found, use_ema))
+        if kind == "mim" and "mask_token" not in state:
+            raise CheckpointError(
+                f"'{path}' is not a BEiT masked-image-modeling model (no mask_token); found keys "
+                f"{some_keys(state)}"
+            )
+        try:
+            args = (mim_kwargs if kind == "mim" else classifier_spec)(state, records)
+        except CheckpointError as err:
+            raise CheckpointError(
+                f"'{path}': {err}. A non-BEiT model loads from its state dict alone (saved on its "
+                "own) with model_name=<timm architecture>"
+            ) from None
+        names = obj.get("label_names") or records.get("bitrain_label_names")
+        legacy = records.get("bitrain_norm_settings")
+    args = {k: v for k, v in {**(legacy or {}), **args}.items() if k != "_target_"}
+    return Contents(fmt, kind, args, state, names, *_pixels(found, records, where))
+
+
+def read_hf(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """``(our state dict, our arguments, config)`` of a Hugging Face folder (:func:`.hf.from_hf`)."""
+    state, config, weights = read_folder(folder)
+    try:
+        return (*from_hf(state, config), config)
+    except CheckpointError as err:
+        raise CheckpointError(f"'{weights}': {err}") from None
+
+
+def _records(found: Sniffed) -> tuple[Mapping[str, Any], str]:
+    """The mapping a sniffed file keeps its records in, and its name for errors."""
+    if found.format == "bitrain":
+        return found.obj["hyper_parameters"], f"'{found.path}' hyper_parameters"
+    if found.format == "official":
+        return plain_args(found.obj.get("args")), f"'{found.path}' args"
+    if found.format == "timm" and found.path.is_dir():
+        return found.obj, f"'{found.path / 'config.json'}'"
+    return {}, f"'{found.path}'"
+
+
+def _pixels(
+    found: Sniffed, records: Mapping[str, Any], where: str
+) -> tuple[EvalPreprocessing | None, Normalization | None]:
+    """The evaluation preprocessing and the normalisation a file records (None: nothing)."""
+    if found.format == "hf":
+        file = found.path / "preprocessor_config.json"
+        spec = from_processor_config(read_json(file), str(file)) if file.is_file() else None
+        return spec, None if spec is None else (spec.mean, spec.std)
+    own = "" if found.format == "bitrain" else "bitrain_"
+    spec = None
+    cfg = records.get("pretrained_cfg") or {}
+    if records.get(f"{own}eval_transform") is not None:
+        key = f"{own}eval_transform"
+        spec = read_record(records[key], f"{where}.{key}")
+    elif found.format == "official" and records.get("input_size") is not None:
+        spec = from_official_args(records, where)
+    elif found.format == "timm" and records:
+        if not isinstance(cfg, Mapping):
+            raise CheckpointError(
+                f"{where}: pretrained_cfg is a {type(cfg).__name__}, not a mapping"
+            )
+        if cfg.get("input_size"):
+            spec = from_timm_cfg(cfg, f"{where} pretrained_cfg")
+    key = f"{own}normalization"
+    if records.get(key) is not None:
+        return spec, read_normalization(records[key], f"{where}.{key}")
+    if found.format == "bitrain" or records.get(f"{own}eval_transform") is not None:
+        return spec, None if spec is None else (spec.mean, spec.std)
+    if found.format == "official" and "imagenet_default_mean_and_std" in records:
+        return spec, official_normalization(records)  # unilm's own args
+    if found.format == "timm" and cfg.get("mean") is not None and cfg.get("std") is not None:
+        return spec, read_normalization({k: cfg[k] for k in ("mean", "std")}, f"{where} pretrained_cfg")
+    return spec, None
+
+
+def normalization_record(mean: Any, std: Any) -> dict[str, list[float]]:
+    """``{"mean": [...], "std": [...]}``, validated (1 or 3 finite numbers, std > 0)."""
+    mean_, std_ = read_normalization({"mean": mean, "std": std}, "normalization")
+    return {"mean": list(mean_), "std": list(std_)}
+
+
+def read_normalization(record: Any, where: str) -> Normalization:
+    """A ``{"mean", "std"}`` record as data; anything else is a CheckpointError naming ``where``."""
+    if not isinstance(record, Mapping) or set(record) != {"mean", "std"}:
+        raise CheckpointError(f"{where}: {record!r} is not a {{mean, std}} record")
+    mean = channels(record["mean"], f"{where}: mean")
+    std = channels(record["std"], f"{where}: std", positive=True)
+    if max(map(abs, mean + std)) > 1e6:
+        raise CheckpointError(f"{where}: {record!r} holds values beyond 1e6")
+    return mean, std
+
+
+def recorded_normalization(path: str | os.PathLike) -> Normalization | None:
+    """``(mean, std)`` the checkpoint at ``path`` records (read memory-mapped), or None.
+
+    Fine-tuning normalises with it (:func:`bitrain.training.runner.build`); the released official
+    ``.pth`` files record nothing, and the experiment's values stay.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        CheckpointError: unreadable or unsafe, or a record that is not plain numbers.
+    """
+    found = sniff(path, mmap=True)
+    return _pixels(found, *_records(found))[1]
+
+
+# --- pretraining (MIM) models ---------------------------------------------------------------------
+
+
+def load_mim_state(
+    path_or_found: str | os.PathLike | Sniffed, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """Read any supported MIM checkpoint: ``(BeitMIM state_dict, BeitMIM kwargs, format)``.
+
+    Raises:
+        FileNotFoundError: nothing at the path.
+        CheckpointError: unknown format, unsafe pickle, or not a BEiT MIM model.
+    """
+    got = _read_mim(_found(path_or_found, map_location))
+    return got.state, got.spec, got.format
+
+
+def _read_mim(found: Sniffed) -> Contents:
+    if found.kind != "mim":
+        obj = found.obj
+        keys = obj.get("architectures") if found.format == "hf" else some_keys(state_of(found))
+        raise CheckpointError(
+            f"'{found.path}' is not a BEiT masked-image-modeling model (a {found.format} "
+            f"{found.kind} checkpoint: no lm_head.weight); found {keys}"
+        )
+    return read(found)
+
+
+def build_mim_model(
+    state: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any], where: str = "checkpoint"
+) -> BeitMIM:
+    """``BeitMIM(**kwargs)`` with ``state`` loaded strictly.
+
+    Raises:
+        CheckpointError: the arguments are invalid or the weights do not fit them.
+    """
+    try:
+        model = BeitMIM(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: cannot build BeitMIM({dict(kwargs)}): {err}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{where} does not match BeitMIM({dict(kwargs)}): {err}") from None
+    return model
+
+
+def load_mim_model(
+    path_or_dir: str | os.PathLike | Sniffed, map_location: str | torch.device = "cpu"
+) -> BeitMIM:
+    """A :class:`BeitMIM` from a bitrain ``.ckpt``, an official ``.pth`` or a HF folder (strict).
+
+    It carries ``bitrain_source_format`` and ``bitrain_normalization`` (the ``(mean, std)`` the file
+    records, else None).
+
+    Raises:
+        FileNotFoundError: nothing at ``path_or_dir``.
+        CheckpointError: unknown format, unsafe file, wrong model, or mismatched weights.
+    """
+    found = _found(path_or_dir, map_location)
+    got = _read_mim(found)
+    model = build_mim_model(got.state, got.spec, f"{got.format} checkpoint '{found.path}'")
+    model.bitrain_source_format = got.format
+    model.bitrain_normalization = got.normalization
+    return model.to(map_location)
+
+
+def save_mim_model(
+    model: BeitMIM,
+    path: str | os.PathLike,
+    format: str = "bitrain",
+    normalization: Normalization | None = None,
+) -> Path:
+    """Save ``model`` as ``format`` (one of :data:`FORMATS`); returns the path.
+
+    ``normalization`` (default: ``model.bitrain_normalization``) is recorded in every format:
+    ``hyper_parameters["normalization"]``, the official ``args`` (also as unilm's
+    ``imagenet_default_mean_and_std`` when it can say it), a HF ``preprocessor_config.json`` (a
+    ``BeitImageProcessor`` resizing to the model's size, as the Hub's BEiT pretraining folders).
+    """
+    if normalization is None:
+        normalization = getattr(model, "bitrain_normalization", None)
+    record = None if normalization is None else normalization_record(*normalization)
+    if format == "hf":
+        state, config = to_hf(model)
+        extra = {}
+        if record is not None:
+            size = int(model.model_kwargs["img_size"])
+            spec = EvalPreprocessing(("exact", size, size), "bicubic", None, *record.values())
+            processor = {"image_processor_type": "BeitImageProcessor"}
+            extra["preprocessor_config"] = {**processor, **spec.to_processor_config()}
+        return write_folder(path, state, config, **extra)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if format == "bitrain":
+        spec = {"_target_": BEIT_MIM_TARGET, **model.model_kwargs}
+        obj = _bitrain_file(spec, state, normalization=record)
+    elif format == "official":
+        obj = {"model": to_official(state), "args": mim_args(model, record)}
+    else:
+        raise ValueError(f"unknown checkpoint format {format!r}; choose one of {FORMATS}")
+    return atomic_save(obj, path)
+
+
+def _bitrain_file(model: Mapping[str, Any], state: Mapping, **records: Any) -> dict[str, Any]:
+    """The layout of a bitrain ``.ckpt`` with the model only (records left out when None)."""
+    hparams = {"model": dict(model), **{k: v for k, v in records.items() if v is not None}}
+    return {"state_dict": {f"model.{k}": v for k, v in state.items()}, "hyper_parameters": hparams}
+
+
+# --- classifiers ----------------------------------------------------------------------------------
+
+
+def load_classifier(
+    path_or_dir: str | os.PathLike | Sniffed,
+    map_location: str | torch.device = "cpu",
+    use_ema: bool = False,
+    model_name: str | None = None,
+    **spec: Any,
+) -> torch.nn.Module:
+    """A fine-tuned classifier of any of :data:`CLASSIFIER_FORMATS` as a timm model in eval mode.
+
+    An official ``.pth`` without ``args`` is read from its tensor shapes; a bare state dict needs
+    ``model_name`` and the other ``create_classifier`` arguments (``spec``; ``num_classes`` is read
+    from the head). ``use_ema``: bitrain ``ema.module.*`` or official ``model_ema``. The model
+    carries ``label_names``, ``bitrain_spec``, ``bitrain_source_format`` and
+    ``bitrain_eval_transform`` (the preprocessing the file records, or None), which timm's
+    ``pretrained_cfg`` also says wherever its fields can.
+
+    Raises:
+        FileNotFoundError: nothing at the path.
+        CheckpointError: an unknown layout, a pretraining (MIM) or head-less checkpoint, a bare
+            state dict without ``model_name``, a record that names code, or weights that do not
+            fit.
+        ValueError: ``spec`` without ``model_name``, or either for a checkpoint that names its own
+            architecture.
+    """
+    found = _found(path_or_dir)
+    path, fmt = found.path, found.format
+    if spec and model_name is None:
+        raise ValueError(
+            f"load_classifier: {sorted(spec)} given without model_name; pass model_name=<timm "
+            "architecture> with the other create_classifier arguments"
+        )
+    if found.kind == "mim":
+        raise CheckpointError(
+            f"'{path}' is a pretraining (MIM) checkpoint ({fmt}), not a classifier: "
+            + _FINETUNE.format(path)
+        )
+    if found.kind == "backbone":
+        raise CheckpointError(
+            f"Hugging Face folder '{path}' holds a head-less "
+            f"{', '.join(map(str, found.obj.get('architectures') or []))}, not a classifier: "
+            + _FINETUNE.format(path)
+        )
+    if model_name is not None and (fmt != "timm" or path.is_dir()):
+        raise ValueError(
+            f"'{path}' is a {fmt} checkpoint that names its own architecture; model_name and "
+            "spec are only for bare state dicts"
+        )
+    got = read(found, use_ema, model_name, **spec)
+    model = build_classifier_spec(got.spec, got.state, f"{fmt} checkpoint '{path}'")
+    num_classes = int(model.bitrain_spec["num_classes"])
+    model.label_names = label_list(got.label_names, f"{fmt} checkpoint '{path}'", num_classes)
+    model.bitrain_source_format = fmt
+    model.bitrain_eval_transform = got.eval_transform
+    # timm's own metadata says the same, so timm's resolve_data_config(model=...) preprocesses
+    # as the checkpoint records wherever timm's fields can express it
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    if got.eval_transform is not None:
+        in_chans = int(model.bitrain_spec.get("in_chans", 3))
+        cfg.update(got.eval_transform.to_timm_cfg(in_chans) or {})
+    if model.label_names is not None:
+        cfg["label_names"] = list(model.label_names)
+    model.pretrained_cfg = cfg
+    return model.to(map_location).eval()
+
+
+def build_classifier_spec(
+    spec: Mapping[str, Any], state: Mapping[str, torch.Tensor], where: str
+) -> torch.nn.Module:
+    """``create_classifier(**spec)`` with ``state`` loaded strictly.
+
+    The spec is data that chooses no code and no file: a registered timm ``model_name`` (no
+    ``hf-hub:`` name, which would fetch a config), plain values (no ``${...}`` interpolation),
+    and no argument that makes timm load weights.
+    """
+
+    def plain(value: Any, key: str) -> Any:
+        if isinstance(value, list | tuple):
+            return [plain(v, key) for v in value]
+        if isinstance(value, str) and "${" in value:
+            raise CheckpointError(f"{where}: model argument {key}={value!r} is an interpolation")
+        if value is not None and not isinstance(value, bool | int | float | str):
+            raise CheckpointError(
+                f"{where}: model argument {key} is a {type(value).__name__}, not a plain value"
+            )
+        return value
+
+    skip = ("_target_", "pretrained", "pretrained_strict")
+    spec = {str(k): plain(v, str(k)) for k, v in spec.items() if k not in skip}
+    name = spec.get("model_name")
+    if not isinstance(name, str) or ":" in name or not timm.is_model(name):
+        raise CheckpointError(f"{where}: model_name {name!r} is not a timm architecture")
+    if loaders := sorted(_LOADER_ARGS & spec.keys()):
+        raise CheckpointError(f"{where}: model arguments {loaders} would load other weights")
+    if spec.get("num_classes") is None:
+        spec["num_classes"] = _head_classes(state, where)
+    try:
+        model = create_classifier(**spec)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{where}: cannot build create_classifier({spec}): {err}") from None
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.endswith("relative_position_index")}
+    try:
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise RuntimeError(
+                f"missing {result.missing_keys[:6]}, unexpected {result.unexpected_keys[:6]}"
+            )
+    except RuntimeError as err:
+        hint = " Check model_name and the other arguments against the checkpoint."
+        hint = hint if where.startswith(("timm", "official")) else ""
+        raise CheckpointError(f"{where} does not fit {name}({spec}): {err}.{hint}") from None
+    return model
+
+
+def _head_classes(state: Mapping[str, torch.Tensor], where: str) -> int:
+    for key in ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight"):
+        if key in state:
+            return int(state[key].shape[0])
+    raise CheckpointError(
+        f"{where}: no classification head (head.weight / head.fc.weight) to read num_classes "
+        "from; pass num_classes"
+    )
+
+
+def save_classifier(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    format: str = "bitrain",
+    label_names: list[str] | None = None,
+    eval_transform: EvalPreprocessing | Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a timm classifier in one of :data:`CLASSIFIER_FORMATS`; returns the path written.
+
+    The layouts are :func:`load_classifier`'s (docs/checkpoints.md); ``official`` holds BEiT only,
+    ``hf`` BEiT / ViT / BiT. ``label_names`` default to ``model.label_names``, ``eval_transform`` (a
+    spec or its record) to ``model.bitrain_eval_transform``; a timm or HF folder without one gets
+    timm's data config of the model.
+
+    Raises:
+        ValueError: an unknown format, or label names of the wrong length.
+        CheckpointError: a model the format cannot hold, or one without ``bitrain_spec`` (but hf).
+    """
+    if format not in CLASSIFIER_FORMATS:
+        raise ValueError(
+            f"unknown classifier format {format!r}; choose one of {CLASSIFIER_FORMATS}"
+        )
+    if label_names is None:
+        label_names = getattr(model, "label_names", None)
+    label_names = list(label_names) if label_names else None
+    num_classes = getattr(model, "num_classes", 0) or _head_classes(model.state_dict(), "model")
+    if label_names is not None and len(label_names) != int(num_classes):
+        raise ValueError(
+            f"save_classifier: {len(label_names)} label_names for a {num_classes}-class model; "
+            "give one name per class, in class-index order"
+        )
+    if eval_transform is None:
+        eval_transform = getattr(model, "bitrain_eval_transform", None)
+    if isinstance(eval_transform, Mapping):
+        eval_transform = read_record(eval_transform, "save_classifier(eval_transform=...)")
+    node: EvalPreprocessing | None = eval_transform
+    if format == "hf":
+        return _save_hf(model, path, label_names, node)
+    spec = _spec_of(model)
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    if format == "timm":
+        return _save_timm(model, path, spec, state, label_names, node)
+    if format == "bitrain":
+        record = None if node is None else node.to_record()
+        obj = _bitrain_file({"_target_": CLASSIFIER_TARGET, **spec}, state, eval_transform=record)
+        return atomic_save({**obj, "label_names": label_names}, path)
+    if not isinstance(model, timm.models.beit.Beit):
+        raise CheckpointError(
+            f"the official unilm layout holds BEiT classifiers only; this is a "
+            f"{type(model).__name__}: export it as 'timm' or 'hf' instead"
+        )
+    args = classifier_args(model, spec, node)
+    return atomic_save(
+        {"model": to_official(state), "args": args, "label_names": label_names}, path
+    )
+
+
+def _spec_of(model: torch.nn.Module) -> dict[str, Any]:
+    """The model's ``bitrain_spec`` as plain data, with the norm settings its modules have."""
+    spec = getattr(model, "bitrain_spec", None)
+    if not isinstance(spec, Mapping) or "model_name" not in spec:
+        raise CheckpointError(
+            f"save_classifier: the {type(model).__name__} has no bitrain_spec (the "
+            "create_classifier arguments that rebuild it); build it with create_classifier or "
+            "load_classifier"
+        )
+    out = plain_tree({k: v for k, v in spec.items() if k not in ("pretrained", "pretrained_strict")})
+    out["num_classes"] = int(out["num_classes"])
+    # create_classifier's layer_norm_eps / group_norm_groups when all layers share one value (a
+    # Hugging Face model may use other values than timm's), also if set after the build
+    for key, kind, attr, cast in (
+        ("layer_norm_eps", torch.nn.LayerNorm, "eps", float),
+        ("group_norm_groups", torch.nn.GroupNorm, "num_groups", int),
+    ):
+        values = {getattr(m, attr) for m in model.modules() if isinstance(m, kind)}
+        if len(values) == 1:
+            out[key] = cast(values.pop())
+    return out
+
+
+def _save_timm(
+    model: torch.nn.Module,
+    folder: str | os.PathLike,
+    spec: Mapping[str, Any],
+    state: Mapping[str, torch.Tensor],
+    label_names: list[str] | None,
+    node: EvalPreprocessing | None,
+) -> Path:
+    """A timm hub folder, as ``timm.models.push_to_hf_hub`` lays it out (``save_for_hf``)."""
+    preprocessing = _preprocessing_or_default(model, spec, node)
+    base = dict(getattr(model, "pretrained_cfg", None) or {})
+    keep = ("first_conv", "classifier", "fixed_input_size", "pool_size")
+    pretrained_cfg = {k: base[k] for k in keep if base.get(k) is not None}
+    if preprocessing is not None:
+        pretrained_cfg.update(preprocessing.to_timm_cfg(int(spec.get("in_chans", 3))) or {})
+    pretrained_cfg.update(num_classes=int(spec["num_classes"]), custom_load=False)
+    config: dict[str, Any] = {
+        "architecture": spec["model_name"],
+        "num_classes": int(spec["num_classes"]),
+        "num_features": int(getattr(model, "num_features", 0)),
+    }
+    pool = getattr(model, "global_pool", None)
+    pool = getattr(pool, "pool_type", pool)  # ResNets: a SelectAdaptivePool2d
+    if isinstance(pool, str) and pool:
+        config["global_pool"] = pool
+    if label_names:
+        config["label_names"] = list(label_names)
+    # timm.create_model's arguments (the norm settings are create_classifier's); img_size only
+    # where the constructor takes it (a record only for ResNets: timm would refuse it)
+    args = {
+        k: v
+        for k, v in spec.items()
+        if k not in ("model_name", "layer_norm_eps", "group_norm_groups")
+    }
+    params = inspect.signature(type(model).__init__).parameters
+    if "img_size" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        args.pop("img_size", None)
+    config.update(
+        model_args=plain_tree(args), pretrained_cfg=pretrained_cfg, bitrain_spec=dict(spec)
+    )
+    if node is not None:
+        config["bitrain_eval_transform"] = node.to_record()
+    return write_folder(folder, state, config)
+
+
+def _save_hf(
+    model: torch.nn.Module,
+    folder: str | os.PathLike,
+    label_names: list[str] | None,
+    node: EvalPreprocessing | None,
+) -> Path:
+    """A HF classifier folder with ``preprocessor_config.json`` (``size`` always a dict)."""
+    state, config = to_hf(model, label_names)
+    spec = dict(getattr(model, "bitrain_spec", None) or {})
+    preprocessing = _preprocessing_or_default(model, spec, node)
+    if preprocessing is None:
+        return write_folder(folder, state, config)
+    processor = preprocessing.to_processor_config()
+    family = type(model).__name__
+    exact = "height" in processor.get("size", {})
+    kind = "BitImageProcessor"  # shortest-edge resize + centre crop (timm's eval transform)
+    if family == "Beit" and exact:
+        kind = "BeitImageProcessor"
+    elif family == "VisionTransformer" and exact and not processor["do_center_crop"]:
+        kind = "ViTImageProcessor"
+    processor["image_processor_type"] = kind
+    return write_folder(folder, state, config, preprocessor_config=processor)
+
+
+def _preprocessing_or_default(
+    model: torch.nn.Module, spec: Mapping[str, Any], node: EvalPreprocessing | None
+) -> EvalPreprocessing | None:
+    """``node``, else timm's default evaluation transform (None, warned, if it cannot be one)."""
+    if node is not None:
+        return node
+    args: dict[str, Any] = {}
+    if spec.get("img_size"):
+        size = spec["img_size"]
+        size = size if isinstance(size, list | tuple) else (size, size)
+        args["input_size"] = (int(spec.get("in_chans", 3)), *map(int, size))
+    data = resolve_data_config(args, model=model)
+    try:
+        return from_timm_cfg(data, "timm data config")
+    except CheckpointError as err:
+        log.warning("no preprocessing written for the export: %s", err)
+        return None
