@@ -22,9 +22,9 @@ registered timm architecture (:func:`build_classifier_spec`), records are data (
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +33,10 @@ from typing import Any
 import timm
 import torch
 from timm.data import resolve_data_config
+from timm.models._hub import save_config_for_hf
 
-from bitrain.checkpoints.huggingface import from_hf, to_hf
 from bitrain.checkpoints.hf import label_list, label_names, read_folder, read_json, write_folder
+from bitrain.checkpoints.huggingface import from_hf, to_hf
 from bitrain.checkpoints.official import (
     classifier_args,
     classifier_spec,
@@ -81,10 +82,6 @@ class Contents:
     label_names: Any = None
     eval_transform: EvalPreprocessing | None = None
     normalization: Normalization | None = None
-
-
-def _found(path: str | os.PathLike | Sniffed, map_location: Any = "cpu") -> Sniffed:
-    return path if isinstance(path, Sniffed) else sniff(path, map_location)
 
 
 def read(
@@ -201,7 +198,9 @@ def _pixels(
     if found.format == "official" and "imagenet_default_mean_and_std" in records:
         return spec, official_normalization(records)  # unilm's own args
     if found.format == "timm" and cfg.get("mean") is not None and cfg.get("std") is not None:
-        return spec, read_normalization({k: cfg[k] for k in ("mean", "std")}, f"{where} pretrained_cfg")
+        return spec, read_normalization(
+            {k: cfg[k] for k in ("mean", "std")}, f"{where} pretrained_cfg"
+        )
     return spec, None
 
 
@@ -239,49 +238,6 @@ def recorded_normalization(path: str | os.PathLike) -> Normalization | None:
 # --- pretraining (MIM) models ---------------------------------------------------------------------
 
 
-def load_mim_state(
-    path_or_found: str | os.PathLike | Sniffed, map_location: str | torch.device = "cpu"
-) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
-    """Read any supported MIM checkpoint: ``(BeitMIM state_dict, BeitMIM kwargs, format)``.
-
-    Raises:
-        FileNotFoundError: nothing at the path.
-        CheckpointError: unknown format, unsafe pickle, or not a BEiT MIM model.
-    """
-    got = _read_mim(_found(path_or_found, map_location))
-    return got.state, got.spec, got.format
-
-
-def _read_mim(found: Sniffed) -> Contents:
-    if found.kind != "mim":
-        obj = found.obj
-        keys = obj.get("architectures") if found.format == "hf" else some_keys(state_of(found))
-        raise CheckpointError(
-            f"'{found.path}' is not a BEiT masked-image-modeling model (a {found.format} "
-            f"{found.kind} checkpoint: no lm_head.weight); found {keys}"
-        )
-    return read(found)
-
-
-def build_mim_model(
-    state: Mapping[str, torch.Tensor], kwargs: Mapping[str, Any], where: str = "checkpoint"
-) -> BeitMIM:
-    """``BeitMIM(**kwargs)`` with ``state`` loaded strictly.
-
-    Raises:
-        CheckpointError: the arguments are invalid or the weights do not fit them.
-    """
-    try:
-        model = BeitMIM(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{where}: cannot build BeitMIM({dict(kwargs)}): {err}") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{where} does not match BeitMIM({dict(kwargs)}): {err}") from None
-    return model
-
-
 def load_mim_model(
     path_or_dir: str | os.PathLike | Sniffed, map_location: str | torch.device = "cpu"
 ) -> BeitMIM:
@@ -294,11 +250,25 @@ def load_mim_model(
         FileNotFoundError: nothing at ``path_or_dir``.
         CheckpointError: unknown format, unsafe file, wrong model, or mismatched weights.
     """
-    found = _found(path_or_dir, map_location)
-    got = _read_mim(found)
-    model = build_mim_model(got.state, got.spec, f"{got.format} checkpoint '{found.path}'")
-    model.bitrain_source_format = got.format
-    model.bitrain_normalization = got.normalization
+    found = path_or_dir if isinstance(path_or_dir, Sniffed) else sniff(path_or_dir, map_location)
+    if found.kind != "mim":
+        keys = found.obj.get("architectures") if found.format == "hf" else None
+        raise CheckpointError(
+            f"'{found.path}' is not a BEiT masked-image-modeling model (a {found.format} "
+            f"{found.kind} checkpoint: no lm_head.weight); found "
+            f"{keys or some_keys(state_of(found))}"
+        )
+    got = read(found)
+    where = f"{got.format} checkpoint '{found.path}'"
+    try:
+        model = BeitMIM(**got.spec)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: cannot build BeitMIM({got.spec}): {err}") from None
+    try:
+        model.load_state_dict(got.state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{where} does not match BeitMIM({got.spec}): {err}") from None
+    model.bitrain_source_format, model.bitrain_normalization = got.format, got.normalization
     return model.to(map_location)
 
 
@@ -371,7 +341,7 @@ def load_classifier(
         ValueError: ``spec`` without ``model_name``, or either for a checkpoint that names its own
             architecture.
     """
-    found = _found(path_or_dir)
+    found = path_or_dir if isinstance(path_or_dir, Sniffed) else sniff(path_or_dir)
     path, fmt = found.path, found.format
     if spec and model_name is None:
         raise ValueError(
@@ -537,7 +507,9 @@ def _spec_of(model: torch.nn.Module) -> dict[str, Any]:
             "create_classifier arguments that rebuild it); build it with create_classifier or "
             "load_classifier"
         )
-    out = plain_tree({k: v for k, v in spec.items() if k not in ("pretrained", "pretrained_strict")})
+    out = plain_tree(
+        {k: v for k, v in spec.items() if k not in ("pretrained", "pretrained_strict")}
+    )
     out["num_classes"] = int(out["num_classes"])
     # create_classifier's layer_norm_eps / group_norm_groups when all layers share one value (a
     # Hugging Face model may use other values than timm's), also if set after the build
@@ -559,40 +531,16 @@ def _save_timm(
     label_names: list[str] | None,
     node: EvalPreprocessing | None,
 ) -> Path:
-    """A timm hub folder, as ``timm.models.push_to_hf_hub`` lays it out (``save_for_hf``)."""
-    preprocessing = _preprocessing_or_default(model, spec, node)
-    base = dict(getattr(model, "pretrained_cfg", None) or {})
-    keep = ("first_conv", "classifier", "fixed_input_size", "pool_size")
-    pretrained_cfg = {k: base[k] for k in keep if base.get(k) is not None}
-    if preprocessing is not None:
-        pretrained_cfg.update(preprocessing.to_timm_cfg(int(spec.get("in_chans", 3))) or {})
-    pretrained_cfg.update(num_classes=int(spec["num_classes"]), custom_load=False)
-    config: dict[str, Any] = {
-        "architecture": spec["model_name"],
-        "num_classes": int(spec["num_classes"]),
-        "num_features": int(getattr(model, "num_features", 0)),
-    }
-    pool = getattr(model, "global_pool", None)
-    pool = getattr(pool, "pool_type", pool)  # ResNets: a SelectAdaptivePool2d
-    if isinstance(pool, str) and pool:
-        config["global_pool"] = pool
-    if label_names:
-        config["label_names"] = list(label_names)
-    # timm.create_model's arguments (the norm settings are create_classifier's); img_size only
-    # where the constructor takes it (a record only for ResNets: timm would refuse it)
-    args = {
-        k: v
-        for k, v in spec.items()
-        if k not in ("model_name", "layer_norm_eps", "group_norm_groups")
-    }
-    params = inspect.signature(type(model).__init__).parameters
-    if "img_size" not in params and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        args.pop("img_size", None)
-    config.update(
-        model_args=plain_tree(args), pretrained_cfg=pretrained_cfg, bitrain_spec=dict(spec)
-    )
+    """A timm hub folder: ``config.json`` by timm's own ``save_config_for_hf``, bitrain's exact
+    records beside timm's fields, each file written atomically."""
+    records = {"label_names": label_names, "bitrain_spec": dict(spec)}
     if node is not None:
-        config["bitrain_eval_transform"] = node.to_record()
+        records["bitrain_eval_transform"] = node.to_record()
+    data = None if node is None else node.to_timm_cfg(int(spec.get("in_chans", 3)))
+    with tempfile.TemporaryDirectory() as tmp:
+        model_config = {k: v for k, v in records.items() if v is not None}
+        save_config_for_hf(model, f"{tmp}/config.json", model_config, data_config=data)
+        config = read_json(Path(tmp) / "config.json")
     return write_folder(folder, state, config)
 
 

@@ -1,18 +1,11 @@
 """The official unilm BEiT layout: ``{"model": state_dict, ..., "args": Namespace}``.
 
-``run_beit_pretraining.py`` and ``run_class_finetuning.py`` save this (``utils.save_model``).
-``modeling_pretrain.py`` and ``modeling_finetune.py`` are built on timm, so the key table is the
-identity, except that the official models keep ``relative_position_index`` buffers in their state
-dicts (dropped on import, regenerated on export) and DDP-wrapped saves carry a ``module.`` prefix.
-
-The architecture is read from ``args`` when bitrain wrote it (``bitrain_model_kwargs`` /
-``bitrain_spec``: exact), else from the tensor shapes (:func:`infer_architecture`), one inference
-for pretraining and fine-tuned files: width from ``cls_token``, depth from the block indices,
-patch size and channels from ``patch_embed.proj.weight``, heads (columns) and patch grid (rows)
-from a relative position table (else heads from the model name or ``embed_dim // 64`` and grid
-from ``pos_embed``), absolute positions from ``pos_embed``, LayerScale from ``gamma_1``. ``args``
-(the official command line) supplies what the weights cannot tell: drop path and the LayerScale
-init value.
+What ``run_beit_pretraining.py`` / ``run_class_finetuning.py`` save (``utils.save_model``). Their
+models are timm's, so the key table is the identity but for ``relative_position_index`` buffers
+(dropped on import, regenerated on export) and a DDP ``module.`` prefix. The architecture is
+bitrain's exact record in ``args`` when it wrote the file, else one inference from the tensor
+shapes (:func:`infer_architecture`), with ``args`` for what weights cannot tell (drop path, the
+LayerScale init value).
 """
 
 from __future__ import annotations
@@ -37,16 +30,6 @@ from bitrain.data.preprocessing import (
     EvalPreprocessing,
 )
 from bitrain.io import CheckpointError
-
-__all__ = [
-    "classifier_args",
-    "classifier_spec",
-    "from_official",
-    "infer_architecture",
-    "mim_args",
-    "mim_kwargs",
-    "to_official",
-]
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +56,7 @@ def from_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def to_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our keys -> official keys: add each table's ``relative_position_index`` buffer.
-
-    The window (patch grid) of a table is recovered from its length ``(2g - 1)^2 + 3``.
-    """
+    """Our keys -> official keys: each relative position table gets its index buffer back."""
     out = dict(state_dict)
     for key, table in state_dict.items():
         if key.endswith("relative_position_bias_table"):
@@ -105,10 +85,11 @@ def plain_args(args: Any) -> dict[str, Any]:
 def infer_architecture(
     state: Mapping[str, torch.Tensor], args: Mapping[str, Any], required: tuple[str, ...]
 ) -> dict[str, Any]:
-    """The BEiT architecture of an official state dict (see the module docstring).
+    """The BEiT architecture of an official state dict.
 
-    Raises:
-        CheckpointError: a tensor the inference needs is missing.
+    Width from ``cls_token``, depth from the block indices, patch and channels from
+    ``patch_embed.proj``, heads and grid from a relative position table (else heads from the model
+    name or ``embed_dim // 64``, grid from ``pos_embed``), LayerScale from ``gamma_1``.
     """
     for key in ("cls_token", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight", *required):
         if key not in state:
@@ -210,11 +191,8 @@ def _model_name(model: nn.Module, suffix: str, default: str) -> str:
 def mim_args(
     model: nn.Module, normalization: Mapping[str, Any] | None = None
 ) -> argparse.Namespace:
-    """The model fields of ``run_beit_pretraining.py``'s args, plus the exact bitrain records.
-
-    ``normalization`` (``{"mean", "std"}``) is also written as unilm's
-    ``imagenet_default_mean_and_std`` when it is ImageNet's or the 0.5 one.
-    """
+    """``run_beit_pretraining.py``'s model args, bitrain's exact records, and ``normalization``
+    also as unilm's ``imagenet_default_mean_and_std`` when it is ImageNet's or the 0.5 one."""
     extra: dict[str, Any] = {}
     if normalization is not None:
         pair = (tuple(normalization["mean"]), tuple(normalization["std"]))
@@ -239,12 +217,8 @@ def classifier_args(
     spec: Mapping[str, Any],
     preprocessing: EvalPreprocessing | None,
 ) -> argparse.Namespace:
-    """The fields of ``run_class_finetuning.py``'s args, plus the exact bitrain records.
-
-    The evaluation preprocessing is also written in unilm's own fields (``crop_pct``,
-    ``imagenet_default_mean_and_std``) when they can say it: a bicubic shortest-edge resize and a
-    square centre crop of ``input_size``, normalised with ImageNet's or the 0.5 mean/std.
-    """
+    """``run_class_finetuning.py``'s model args, bitrain's exact records, and the evaluation
+    preprocessing also in unilm's fields where they can say it (:func:`_unilm_preprocessing`)."""
     blocks, img = model.blocks, int(model.patch_embed.img_size[0])
     table = getattr(blocks[0].attn, "relative_position_bias_table", None)
     gamma = getattr(blocks[0], "gamma_1", None)
@@ -266,7 +240,11 @@ def classifier_args(
 
 
 def _unilm_preprocessing(spec: EvalPreprocessing | None, size: int) -> dict[str, Any]:
-    """``crop_pct`` / ``imagenet_default_mean_and_std`` that make unilm build ``spec``, or {}."""
+    """``crop_pct`` / ``imagenet_default_mean_and_std`` with which unilm builds ``spec``, or {}.
+
+    unilm's evaluation transform: a bicubic shortest-edge resize to ``int(input_size / crop_pct)``
+    and a centre crop of ``input_size``, no resize at 32 px and below (``datasets.py``).
+    """
     if spec is None or spec.resize is None or spec.resize[0] != "shortest_edge" or size <= 32:
         return {}  # unilm does not resize at 32 px and below
     imagenet = _UNILM_NORMALIZATION.get((tuple(spec.mean), tuple(spec.std)))

@@ -1,11 +1,10 @@
 """Tell a checkpoint's format and kind with one read: :func:`sniff`.
 
 Formats: ``bitrain`` (a Lightning ``.ckpt`` of ``bitrain.pretrain`` / ``bitrain.finetune``, or an
-export in that layout), ``official`` (unilm ``{"model": ..., "args": Namespace}``), ``hf`` (a
-Hugging Face folder), ``timm`` (a timm hub folder, or a bare state dict / ``.safetensors``).
-Kinds: ``mim`` (BEiT masked image modeling weights), ``classifier``, ``backbone`` (a head-less
-Hugging Face model) and ``weights`` (a bare state dict that does not say). The loaded object
-travels in the result, so the weights are not read a second time.
+export in that layout), ``official`` (unilm ``{"model": ..., "args": Namespace}``), ``hf``, ``timm``
+(a hub folder, or a bare state dict / ``.safetensors``). Kinds: ``mim``, ``classifier``,
+``backbone`` (a head-less HF model), ``weights`` (a bare state dict that does not say). The loaded
+object travels in the result, so the weights are not read a second time.
 """
 
 from __future__ import annotations
@@ -22,8 +21,6 @@ from bitrain.checkpoints.hf import architecture, read_json, read_weights
 from bitrain.checkpoints.official import some_keys
 from bitrain.io import CheckpointError, load_torch_file
 
-__all__ = ["BEIT_MIM_TARGET", "CLASSIFIER_TARGETS", "Sniffed", "is_tensor_mapping", "sniff"]
-
 # The ``_target_`` of ``hyper_parameters["model"]`` in bitrain checkpoints, compared as strings:
 # a checkpoint never chooses the class that is built.
 BEIT_MIM_TARGET = "bitrain.models.beit.BeitMIM"
@@ -39,7 +36,7 @@ _HELP = (
 
 @dataclass
 class Sniffed:
-    """What :func:`sniff` found: path, format, kind, and the loaded dict (a folder's config)."""
+    """What :func:`sniff` found; ``obj``: the loaded dict, or a folder's ``config.json``."""
 
     path: Path
     format: str

@@ -267,8 +267,6 @@ def test_convert_checkpoint_cli_round_trip(tmp_path, make_tiny):
     import importlib.util
     from pathlib import Path
 
-    from bitrain.checkpoints import load_mim_state
-
     script = Path(__file__).resolve().parents[3] / "scripts" / "convert_checkpoint.py"
     spec = importlib.util.spec_from_file_location("convert_checkpoint", script)
     cli = importlib.util.module_from_spec(spec)
@@ -286,7 +284,7 @@ def test_convert_checkpoint_cli_round_trip(tmp_path, make_tiny):
         if src_fmt:
             argv += ["--src-format", src_fmt]
         assert cli.main(argv) == 0
-    assert load_mim_state(tmp_path / "b.pth")[2] == "official"
+    assert load_mim_model(tmp_path / "b.pth").bitrain_source_format == "official"
     assert_same_state(load_mim_model(tmp_path / "d.ckpt"), model)
     wrong = [
         "--src",

@@ -15,8 +15,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from bitrain.checkpoints import load_mim_model, save_classifier, save_mim_model
-from bitrain.checkpoints import recorded_normalization
+from bitrain.checkpoints import (
+    load_mim_model,
+    recorded_normalization,
+    save_classifier,
+    save_mim_model,
+)
 from bitrain.data.preprocessing import from_timm_args
 from bitrain.models.classifier import create_classifier
 from bitrain.training.runner import use_pretrained_normalization
