@@ -499,7 +499,7 @@ def save_classifier(
 
 
 def _spec_of(model: torch.nn.Module) -> dict[str, Any]:
-    """The model's ``bitrain_spec`` as plain data, with the norm settings its modules have."""
+    """The model's ``bitrain_spec`` (its ``create_classifier`` arguments) as plain data."""
     spec = getattr(model, "bitrain_spec", None)
     if not isinstance(spec, Mapping) or "model_name" not in spec:
         raise CheckpointError(
@@ -510,17 +510,7 @@ def _spec_of(model: torch.nn.Module) -> dict[str, Any]:
     out = plain_tree(
         {k: v for k, v in spec.items() if k not in ("pretrained", "pretrained_strict")}
     )
-    out["num_classes"] = int(out["num_classes"])
-    # create_classifier's layer_norm_eps / group_norm_groups when all layers share one value (a
-    # Hugging Face model may use other values than timm's), also if set after the build
-    for key, kind, attr, cast in (
-        ("layer_norm_eps", torch.nn.LayerNorm, "eps", float),
-        ("group_norm_groups", torch.nn.GroupNorm, "num_groups", int),
-    ):
-        values = {getattr(m, attr) for m in model.modules() if isinstance(m, kind)}
-        if len(values) == 1:
-            out[key] = cast(values.pop())
-    return out
+    return {**out, "num_classes": int(out["num_classes"])}
 
 
 def _save_timm(

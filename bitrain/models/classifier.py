@@ -66,15 +66,8 @@ def create_classifier(
         model = _create(model_name, int(num_classes), kwargs)
     except RuntimeError as err:  # timm: unknown model name
         raise ValueError(f"model.model_name={model_name!r}: {err}") from err
-    norms = {"layer_norm_eps": layer_norm_eps, "group_norm_groups": group_norm_groups}
-    norms = {k: v for k, v in norms.items() if v is not None}
-    apply_norm_settings(model, **norms)
-    model.bitrain_spec = {
-        "model_name": model_name,
-        "num_classes": int(num_classes),
-        **timm_kwargs,
-        **norms,
-    }
+    model.bitrain_spec = {"model_name": model_name, "num_classes": int(num_classes), **timm_kwargs}
+    apply_norm_settings(model, layer_norm_eps, group_norm_groups)
     if zero_head:
         _zero_head(model)
     return model
@@ -86,7 +79,7 @@ def apply_norm_settings(
     """Set ``eps`` on every ``nn.LayerNorm`` / ``num_groups`` on every ``nn.GroupNorm``.
 
     timm's constructors do not take them, but both are plain attributes read in ``forward``, so
-    the parameters do not change.
+    the parameters do not change. The model's ``bitrain_spec`` (if any) records them.
 
     Raises:
         ValueError: a group norm's channels are not divisible by ``group_norm_groups``.
@@ -101,6 +94,9 @@ def apply_norm_settings(
                     f"group_norm_groups={group_norm_groups}"
                 )
             module.num_groups = int(group_norm_groups)
+    if isinstance(getattr(model, "bitrain_spec", None), dict):
+        norms = {"layer_norm_eps": layer_norm_eps, "group_norm_groups": group_norm_groups}
+        model.bitrain_spec.update({k: v for k, v in norms.items() if v is not None})
     return model
 
 
