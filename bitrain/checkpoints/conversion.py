@@ -1,11 +1,10 @@
 """Convert a checkpoint between formats, verified, without ever destroying the source or a file.
 
-:func:`convert` sniffs the source once and loads it with :mod:`.mim` or :mod:`.classifier`. The
-result is written beside ``dst``, reloaded and compared with the source there (a pretraining model
-tensor by tensor, bit exact; a classifier by its logits on a random batch, within :data:`LOGIT_TOL`,
-and its label names), and only then moved to ``dst``. An existing ``dst``, or one that is the source
-(or holds it, or lies in it), is refused unless ``force``; the old one is replaced only after the
-new one passed its check. ``scripts/convert_checkpoint.py`` is its command line.
+:func:`convert` writes the conversion beside ``dst``, reloads it and compares it with the source (a
+pretraining model tensor by tensor, bit exact; a classifier by its logits on a random batch within
+:data:`LOGIT_TOL`, and its label names), and only then moves it to ``dst``. A ``dst`` that exists or
+is (holds, lies in) the source is refused unless ``force``. ``scripts/convert_checkpoint.py`` is
+its command line.
 """
 
 from __future__ import annotations
@@ -31,8 +30,6 @@ from bitrain.checkpoints.formats import (
 from bitrain.checkpoints.sniff import sniff
 from bitrain.io import CheckpointError
 
-__all__ = ["ALL_FORMATS", "ConversionError", "Converted", "LOGIT_TOL", "convert"]
-
 ALL_FORMATS: tuple[str, ...] = tuple(dict.fromkeys((*FORMATS, *CLASSIFIER_FORMATS)))
 LOGIT_TOL = 1e-5
 
@@ -54,11 +51,8 @@ class Converted:
 
 
 def check_destination(src: str | os.PathLike, dst: str | os.PathLike, force: bool) -> str | None:
-    """Why writing ``dst`` is refused (None when it is not): it exists, or it is the source.
-
-    The source counts as overwritten when ``dst`` is the same file or folder, a folder that holds
-    the source, or a path inside a source folder. ``force`` allows all of these.
-    """
+    """Why writing ``dst`` is refused (None: it is not): it exists, or it is, holds or lies in
+    the source (all allowed with ``force``)."""
     src_path, dst_path = Path(src).expanduser().resolve(), Path(dst).expanduser().resolve()
     if force:
         return None
