@@ -51,8 +51,10 @@ class Converted:
 
 
 def check_destination(src: str | os.PathLike, dst: str | os.PathLike, force: bool) -> str | None:
-    """Why writing ``dst`` is refused (None: it is not): it exists, or it is, holds or lies in
-    the source (all allowed with ``force``)."""
+    """Why writing ``dst`` is refused (None: it is not): it exists, or is, holds or lies in src.
+
+    ``force`` allows all of these.
+    """
     src_path, dst_path = Path(src).expanduser().resolve(), Path(dst).expanduser().resolve()
     if force:
         return None

@@ -1,23 +1,14 @@
 """Models in and out of every checkpoint format: one reader and one writer for both kinds.
 
-A checkpoint holds a BEiT masked-image-modeling model (:class:`~bitrain.models.beit.BeitMIM`, in
+A checkpoint holds a BEiT pretraining model (:class:`~bitrain.models.beit.BeitMIM`, in
 :data:`FORMATS`) or a timm classifier (:data:`CLASSIFIER_FORMATS`). :func:`read` turns any of them
-into :class:`Contents`: the model's arguments (``BeitMIM`` kwargs or the ``create_classifier``
-spec), its weights in our names, its label names and what it records about its pixels, each read
-as the library that wrote the file reads it:
-
-- ``bitrain``: ``hyper_parameters`` (``model``, ``normalization``, ``eval_transform``);
-- ``official`` (unilm ``.pth``): ``args``, bitrain's exact ``bitrain_*`` records first, else the
-  tensor shapes (:mod:`.official`) and unilm's ``input_size`` / ``crop_pct`` /
-  ``imagenet_default_mean_and_std``;
-- ``hf``: ``config.json`` (:mod:`.hf`) and ``preprocessor_config.json`` (transformers' semantics);
-- ``timm``: a hub folder's ``config.json`` (``bitrain_*`` records, else ``architecture``,
-  ``model_args`` and ``pretrained_cfg`` with timm's semantics), or a bare state dict whose
-  architecture the caller names.
-
-:func:`load_mim_model` / :func:`load_classifier` build the model, :func:`save_mim_model` /
-:func:`save_classifier` write it back. Nothing read picks code: a spec is plain values naming a
-registered timm architecture (:func:`build_classifier_spec`), records are data (docs/checkpoints.md).
+into :class:`Contents` (the model's arguments, its weights in our names, label names, what it
+records about pixels), reading each file as the library that wrote it does: bitrain's
+``hyper_parameters``; unilm's ``args`` (bitrain's exact ``bitrain_*`` records first, else the
+tensor shapes, :mod:`.official`); a Hugging Face ``config.json`` (:mod:`.hf`) and
+``preprocessor_config.json``; a timm hub ``config.json`` (``pretrained_cfg``), or a bare state dict
+whose architecture the caller names. Nothing read picks code: arguments are plain values for a
+class bitrain chooses and a registered timm name (:func:`_build`); records are data.
 """
 
 from __future__ import annotations
@@ -148,7 +139,7 @@ def read(
 
 
 def read_hf(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """``(our state dict, our arguments, config)`` of a Hugging Face folder (:func:`.hf.from_hf`)."""
+    """``(our state dict, our arguments, config)`` of a Hugging Face folder (``hf.from_hf``)."""
     state, config, weights = read_folder(folder)
     try:
         return (*from_hf(state, config), config)
@@ -259,15 +250,7 @@ def load_mim_model(
             f"{keys or some_keys(state_of(found))}"
         )
     got = read(found)
-    where = f"{got.format} checkpoint '{found.path}'"
-    try:
-        model = BeitMIM(**got.spec)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{where}: cannot build BeitMIM({got.spec}): {err}") from None
-    try:
-        model.load_state_dict(got.state, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(f"{where} does not match BeitMIM({got.spec}): {err}") from None
+    model = _build(got, f"{got.format} checkpoint '{found.path}'")
     model.bitrain_source_format, model.bitrain_normalization = got.format, got.normalization
     return model.to(map_location)
 
@@ -365,7 +348,7 @@ def load_classifier(
             "spec are only for bare state dicts"
         )
     got = read(found, use_ema, model_name, **spec)
-    model = build_classifier_spec(got.spec, got.state, f"{fmt} checkpoint '{path}'")
+    model = _build(got, f"{fmt} checkpoint '{path}'")
     num_classes = int(model.bitrain_spec["num_classes"])
     model.label_names = label_list(got.label_names, f"{fmt} checkpoint '{path}'", num_classes)
     model.bitrain_source_format = fmt
@@ -382,14 +365,12 @@ def load_classifier(
     return model.to(map_location).eval()
 
 
-def build_classifier_spec(
-    spec: Mapping[str, Any], state: Mapping[str, torch.Tensor], where: str
-) -> torch.nn.Module:
-    """``create_classifier(**spec)`` with ``state`` loaded strictly.
+def _build(got: Contents, where: str) -> torch.nn.Module:
+    """``BeitMIM(**spec)`` or ``create_classifier(**spec)``, with the weights loaded strictly.
 
-    The spec is data that chooses no code and no file: a registered timm ``model_name`` (no
-    ``hf-hub:`` name, which would fetch a config), plain values (no ``${...}`` interpolation),
-    and no argument that makes timm load weights.
+    A spec is data that chooses no code and no file: plain values (no ``${...}`` interpolation);
+    a classifier's names a registered timm architecture (no ``hf-hub:`` name, which would fetch a
+    config) and no argument that makes timm load weights.
     """
 
     def plain(value: Any, key: str) -> Any:
@@ -404,30 +385,30 @@ def build_classifier_spec(
         return value
 
     skip = ("_target_", "pretrained", "pretrained_strict")
-    spec = {str(k): plain(v, str(k)) for k, v in spec.items() if k not in skip}
-    name = spec.get("model_name")
-    if not isinstance(name, str) or ":" in name or not timm.is_model(name):
-        raise CheckpointError(f"{where}: model_name {name!r} is not a timm architecture")
-    if loaders := sorted(_LOADER_ARGS & spec.keys()):
-        raise CheckpointError(f"{where}: model arguments {loaders} would load other weights")
-    if spec.get("num_classes") is None:
-        spec["num_classes"] = _head_classes(state, where)
+    spec = {str(k): plain(v, str(k)) for k, v in got.spec.items() if k not in skip}
+    build: Any = BeitMIM
+    if got.kind == "classifier":
+        build, name = create_classifier, spec.get("model_name")
+        if not isinstance(name, str) or ":" in name or not timm.is_model(name):
+            raise CheckpointError(f"{where}: model_name {name!r} is not a timm architecture")
+        if loaders := sorted(_LOADER_ARGS & spec.keys()):
+            raise CheckpointError(f"{where}: model arguments {loaders} would load other weights")
+        if spec.get("num_classes") is None:
+            spec["num_classes"] = _head_classes(got.state, where)
+    what = f"{build.__name__}({spec})"
     try:
-        model = create_classifier(**spec)
+        model = build(**spec)
     except (TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{where}: cannot build create_classifier({spec}): {err}") from None
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.endswith("relative_position_index")}
+        raise CheckpointError(f"{where}: cannot build {what}: {err}") from None
+    state = {k.removeprefix("module."): v for k, v in got.state.items()}
     try:
-        result = model.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise RuntimeError(
-                f"missing {result.missing_keys[:6]}, unexpected {result.unexpected_keys[:6]}"
-            )
+        model.load_state_dict(
+            {k: v for k, v in state.items() if not k.endswith("relative_position_index")}
+        )
     except RuntimeError as err:
         hint = " Check model_name and the other arguments against the checkpoint."
-        hint = hint if where.startswith(("timm", "official")) else ""
-        raise CheckpointError(f"{where} does not fit {name}({spec}): {err}.{hint}") from None
+        hint = hint if got.format in ("timm", "official") and got.kind == "classifier" else ""
+        raise CheckpointError(f"{where} does not fit {what}: {err}{hint}") from None
     return model
 
 
@@ -521,8 +502,7 @@ def _save_timm(
     label_names: list[str] | None,
     node: EvalPreprocessing | None,
 ) -> Path:
-    """A timm hub folder: ``config.json`` by timm's own ``save_config_for_hf``, bitrain's exact
-    records beside timm's fields, each file written atomically."""
+    """A timm hub folder, ``config.json`` by timm's ``save_config_for_hf`` (+ bitrain's records)."""
     records = {"label_names": label_names, "bitrain_spec": dict(spec)}
     if node is not None:
         records["bitrain_eval_transform"] = node.to_record()

@@ -191,8 +191,10 @@ def _model_name(model: nn.Module, suffix: str, default: str) -> str:
 def mim_args(
     model: nn.Module, normalization: Mapping[str, Any] | None = None
 ) -> argparse.Namespace:
-    """``run_beit_pretraining.py``'s model args, bitrain's exact records, and ``normalization``
-    also as unilm's ``imagenet_default_mean_and_std`` when it is ImageNet's or the 0.5 one."""
+    """``run_beit_pretraining.py``'s model args, with bitrain's exact records.
+
+    ``normalization`` is also unilm's ``imagenet_default_mean_and_std`` where it can say it.
+    """
     extra: dict[str, Any] = {}
     if normalization is not None:
         pair = (tuple(normalization["mean"]), tuple(normalization["std"]))
@@ -217,8 +219,10 @@ def classifier_args(
     spec: Mapping[str, Any],
     preprocessing: EvalPreprocessing | None,
 ) -> argparse.Namespace:
-    """``run_class_finetuning.py``'s model args, bitrain's exact records, and the evaluation
-    preprocessing also in unilm's fields where they can say it (:func:`_unilm_preprocessing`)."""
+    """``run_class_finetuning.py``'s model args, with bitrain's exact records.
+
+    The evaluation preprocessing is also in unilm's fields where they can say it.
+    """
     blocks, img = model.blocks, int(model.patch_embed.img_size[0])
     table = getattr(blocks[0].attn, "relative_position_bias_table", None)
     gamma = getattr(blocks[0], "gamma_1", None)

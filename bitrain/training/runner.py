@@ -119,10 +119,10 @@ def _raise_problems(problems: list[tuple[str, Exception]]) -> None:
 def use_pretrained_normalization(cfg: DictConfig) -> tuple | None:
     """Fine-tuning: normalise pixels as the checkpoint in ``model.pretrained`` was trained to.
 
-    When the checkpoint records its normalisation (:func:`bitrain.checkpoints.recorded_normalization`), it
+    When the checkpoint records its normalisation (``checkpoints.recorded_normalization``), it
     replaces ``data.transform`` / ``data.val_transform``'s ``mean`` and ``std``, with a warning
-    naming both values where the config said otherwise; a checkpoint that records none (a released
-    official ``.pth``) leaves the experiment's values. ``normalize_as_pretrained: false`` keeps the
+    naming both values where the config said otherwise; a checkpoint that records none (a
+    released official ``.pth``) leaves the experiment's values. ``normalize_as_pretrained: false`` keeps the
     config's. Returns the ``(mean, std)`` used from the checkpoint, or None.
     """
     pretrained = OmegaConf.select(cfg, "model.pretrained")
