@@ -122,8 +122,8 @@ def use_pretrained_normalization(cfg: DictConfig) -> tuple | None:
     When the checkpoint records its normalisation (``checkpoints.recorded_normalization``), it
     replaces ``data.transform`` / ``data.val_transform``'s ``mean`` and ``std``, with a warning
     naming both values where the config said otherwise; a checkpoint that records none (a
-    released official ``.pth``) leaves the experiment's values. ``normalize_as_pretrained: false`` keeps the
-    config's. Returns the ``(mean, std)`` used from the checkpoint, or None.
+    released official ``.pth``) leaves the experiment's values. ``normalize_as_pretrained: false``
+    keeps the config's. Returns the ``(mean, std)`` used from the checkpoint, or None.
     """
     pretrained = OmegaConf.select(cfg, "model.pretrained")
     if not pretrained or not cfg.get("normalize_as_pretrained", True):
