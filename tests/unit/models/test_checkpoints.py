@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from bitrain.checkpoints import load_mim_model, save_mim_model
-from bitrain.checkpoints.huggingface import from_hf_mim as from_hf_beit
-from bitrain.checkpoints.huggingface import to_hf_mim as to_hf_beit
+from bitrain.checkpoints.hf import from_hf, to_hf
 from bitrain.checkpoints.official import from_official as from_official_beit
 from bitrain.checkpoints.official import to_official as to_official_beit
 from bitrain.io import CheckpointError
@@ -83,7 +82,8 @@ def test_hf_in_memory_spelling_loads(images, make_mask):
     hf = make_hf("shared_relpos_layerscale")
     new_keys = hf.state_dict()
     assert any(".q_proj." in k for k in new_keys)
-    state, kwargs = from_hf_beit(new_keys, hf.config.to_dict())
+    config = {**hf.config.to_dict(), "architectures": ["BeitForMaskedImageModeling"]}
+    state, kwargs = from_hf(new_keys, config)
     from bitrain.models.beit import BeitMIM
 
     model = BeitMIM(**kwargs).eval()
@@ -96,7 +96,7 @@ def test_hf_in_memory_spelling_loads(images, make_mask):
 def test_hf_legacy_spelling_with_index_buffers_loads(tmp_path, make_tiny):
     """A 4.x-era state dict (attention.attention.query, relative_position_index) loads."""
     model = make_tiny()
-    state, config = to_hf_beit(model, spelling="4.x")
+    state, config = to_hf(model, spelling="4.x")
     assert "beit.encoder.layer.0.attention.attention.query.weight" in state
     state["beit.encoder.relative_position_bias.relative_position_index"] = torch.zeros(17, 17)
     torch.save(state, tmp_path / "pytorch_model.bin")

@@ -309,7 +309,7 @@ def test_label_names_must_fit(tmp_path):
     "architecture", ["BeitForImageClassification", "ViTForImageClassification", "BitModel"]
 )
 def test_a_non_square_image_size_is_refused_by_name(architecture):
-    from bitrain.checkpoints.huggingface import from_hf as from_hf_classifier
+    from bitrain.checkpoints.hf import from_hf as from_hf_classifier
     from bitrain.io import CheckpointError
 
     config = {"architectures": [architecture], "image_size": [224, 192]}
