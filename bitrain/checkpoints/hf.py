@@ -1,25 +1,14 @@
-"""Hugging Face model folders <-> bitrain / timm: files, configs and one rename table per family.
+"""Hugging Face model folders <-> bitrain / timm: files, configs, one rename table per family.
 
-Folders (``config.json`` + ``model.safetensors``, or ``pytorch_model.bin`` / a sharded
-``*.index.json``) are read and written with our own code: ``transformers`` is never imported by
-bitrain, it is only the reference of the parity tests.
-
-Weights: each family is ONE list of ``(hf, ours)`` rules in :data:`RULES` (BEiT's MIM model and
-classifier share theirs up to the end), whose ``{slot}`` placeholders (:data:`SLOTS`) compile to
-regexes. :func:`from_hf` applies a list HF -> ours, :func:`to_hf` the same list backwards, in the
-manner of transformers' ``create_rename_keys`` + ``read_in_q_k_v`` and timm's
-``checkpoint_filter_fn``. Around the engine, one step each: HF's separate q/k/v projections <->
-timm's ``attn.qkv`` (BEiT: ``q_bias`` / ``v_bias`` and a key bias that must be zero; ViT: one
-concatenated bias), and BiT's head (``classifier.1``, a Linear ``[C, F]`` <-> ``head.fc``, a 1x1
-conv ``[C, F, 1, 1]``). The rules use transformers 5.x's key spelling; the 4.x one (the Hub's
-files, which transformers 4 and 5 both load and bitrain writes) is converted at the edge
-(:data:`SPELLING`, one list read both ways).
-
-Configs: ``BeitForMaskedImageModeling`` <-> :class:`~bitrain.models.beit.BeitMIM` kwargs; BEiT /
-ViT / BiT ``*ForImageClassification`` and head-less ``*Model`` folders <-> ``create_classifier``
-specs for timm's ``beit_base_patch16_224``, ``vit_base_patch32_224`` (class token, token pooling,
-final norm, no ``fc_norm``) and ``resnetv2_*_bit``. HF's ``layer_norm_eps`` (1e-12; timm 1e-6) and
-BiT's ``num_groups`` (timm 32) travel in the spec both ways. A config or model the other side cannot
+Folders are read and written with our own code (``transformers`` is only the parity tests'
+reference). Each family's weights are ONE list of ``(hf, ours)`` rules (:data:`RULES`, BEiT's MIM
+model and classifier share theirs up to the end) whose ``{slot}`` placeholders (:data:`SLOTS`)
+compile to regexes: :func:`from_hf` applies it HF -> ours, :func:`to_hf` backwards (after
+transformers' ``create_rename_keys`` and timm's ``checkpoint_filter_fn``). Around it, one step
+each: HF's q/k/v projections <-> timm's ``attn.qkv`` (``read_in_q_k_v``), BiT's Linear head
+``[C, F]`` <-> timm's 1x1 conv ``[C, F, 1, 1]``. The rules are in transformers 5.x's spelling; the
+Hub's 4.x one (which bitrain writes) is converted at the edge (:data:`SPELLING`). Configs map to
+``BeitMIM`` kwargs or ``create_classifier`` specs and back; a config or model the other side cannot
 be exactly is a :class:`CheckpointError` that says why.
 """
 
@@ -131,12 +120,7 @@ _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def read_folder(path: str | os.PathLike) -> tuple[State, dict[str, Any], Path]:
-    """``(state_dict, config, weights file)`` of a Hugging Face (or timm hub) model folder.
-
-    Raises:
-        FileNotFoundError: no ``config.json`` or no weights file in the folder.
-        CheckpointError: ``config.json`` or an index is not valid JSON, or a shard is unreadable.
-    """
+    """``(state_dict, config, weights file)`` of a Hugging Face (or timm hub) model folder."""
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"model folder '{folder}' has no config.json")
@@ -195,11 +179,7 @@ def architecture(config: Mapping[str, Any], where: str = "Hugging Face config") 
 
 
 def label_list(names: Any, where: str, num_classes: int | None = None) -> list[str] | None:
-    """Class names from a list or an ``{index: name}`` mapping; None when there are none.
-
-    Raises:
-        CheckpointError: keys that are not ``0 .. n-1``, or not ``num_classes`` names.
-    """
+    """Class names from a list or an ``{index: name}`` mapping (keys 0 .. n-1); None if none."""
     if not names:
         return None
     if isinstance(names, Mapping):
@@ -250,16 +230,8 @@ def _one_value(model: nn.Module, kind: type[nn.Module], attr: str) -> Any:
 # --- the rename engine ----------------------------------------------------------------------------
 
 # What each {slot} of a rule matches; a rule's two sides name the same slots.
-SLOTS = {
-    "i": r"\d+",
-    "j": r"\d+",
-    "n": "[12]",
-    "p": "[qkv]",
-    "w": "weight|bias",
-    "fc": "fc[12]",
-    "conv": r"conv[123]|downsample\.conv",
-    "norm": "norm[123]",
-}
+SLOTS = {"i": r"\d+", "j": r"\d+", "n": "[12]", "k": "[123]", "p": "[qkv]", "w": "weight|bias"}
+_TABLE = "relative_position_bias_table"
 _ENCODER = [  # BEiT and ViT alike, after their "beit." / "vit." prefix
     ("embeddings.cls_token", "cls_token"),
     ("embeddings.position_embeddings", "pos_embed"),
@@ -268,19 +240,13 @@ _ENCODER = [  # BEiT and ViT alike, after their "beit." / "vit." prefix
     ("layers.{i}.layernorm_after.{w}", "blocks.{i}.norm2.{w}"),
     ("layers.{i}.attention.{p}_proj.{w}", "blocks.{i}.attn.{p}_proj.{w}"),  # <-> attn.qkv: _qkv_*
     ("layers.{i}.attention.o_proj.{w}", "blocks.{i}.attn.proj.{w}"),
-    ("layers.{i}.mlp.{fc}.{w}", "blocks.{i}.mlp.{fc}.{w}"),
+    ("layers.{i}.mlp.fc{n}.{w}", "blocks.{i}.mlp.fc{n}.{w}"),
 ]
 _BEIT = [
     *((f"beit.{hf}", ours) for hf, ours in _ENCODER),
     ("beit.layers.{i}.lambda_{n}", "blocks.{i}.gamma_{n}"),
-    (
-        "beit.layers.{i}.relative_position_bias.relative_position_bias_table",
-        "blocks.{i}.attn.relative_position_bias_table",
-    ),
-    (
-        "beit.shared_position_bias.relative_position_bias_table",
-        "rel_pos_bias.relative_position_bias_table",
-    ),
+    ("beit.layers.{i}.relative_position_bias." + _TABLE, "blocks.{i}.attn." + _TABLE),
+    ("beit.shared_position_bias." + _TABLE, "rel_pos_bias." + _TABLE),
 ]
 # (hf, ours) per table; None on one side: keys of the other side that have no counterpart and are
 # dropped on the way in. HF's BeitModel has its own final beit.layernorm unless use_mean_pooling;
@@ -308,8 +274,15 @@ RULES: dict[str, list[tuple[str, str | None]]] = {
     ],
     "bit": [
         ("bit.embedder.convolution.weight", "stem.conv.weight"),
-        ("bit.encoder.stages.{i}.layers.{j}.{conv}.weight", "stages.{i}.blocks.{j}.{conv}.weight"),
-        ("bit.encoder.stages.{i}.layers.{j}.{norm}.{w}", "stages.{i}.blocks.{j}.{norm}.{w}"),
+        (
+            "bit.encoder.stages.{i}.layers.{j}.conv{k}.weight",
+            "stages.{i}.blocks.{j}.conv{k}.weight",
+        ),
+        ("bit.encoder.stages.{i}.layers.{j}.norm{k}.{w}", "stages.{i}.blocks.{j}.norm{k}.{w}"),
+        (
+            "bit.encoder.stages.{i}.layers.{j}.downsample.conv.weight",
+            "stages.{i}.blocks.{j}.downsample.conv.weight",
+        ),
         ("bit.norm.{w}", "norm.{w}"),
         ("classifier.1.{w}", "head.fc.{w}"),  # weight [C, F] <-> [C, F, 1, 1]
     ],
@@ -328,11 +301,10 @@ def _regex(rule_side: str) -> re.Pattern:
 def rename(
     state: Mapping[str, torch.Tensor], rules: list[tuple[str | None, str | None]], backwards: bool
 ) -> tuple[State, list[str]]:
-    """``state`` renamed by the first rule whose source side matches, and the keys none matched.
+    """``(state renamed by the first rule that matches, keys none matched)``; targets None dropped.
 
-    Forwards the source side is a rule's first (HF), backwards its second (ours). A match whose
-    target side is None is dropped; so are ``relative_position_index`` buffers (each model
-    rebuilds its own).
+    A rule's source side is its HF one, ``backwards`` its ours; ``relative_position_index``
+    buffers are dropped too (each model rebuilds its own).
     """
     pairs = [(ours, hf) if backwards else (hf, ours) for hf, ours in rules]
     out, unknown = {}, []
@@ -356,11 +328,9 @@ _QKV = re.compile(
 
 
 def _qkv_in(state: State, beit: bool, where: str) -> State:
-    """HF's q/k/v parts (renamed ``blocks.i.attn.{q,k,v}_proj.*``) joined into timm's ``attn.qkv``.
+    """HF's q/k/v parts (as ``blocks.i.attn.{q,k,v}_proj.*``) joined into timm's ``attn.qkv``.
 
-    Raises:
-        CheckpointError: a missing or mis-shaped q/k/v weight, a non-zero BEiT key bias, or (ViT)
-            biases on only some of q/k/v.
+    BEiT keeps separate q and v biases (its key bias must be zero), ViT one concatenated bias.
     """
     out: State = {}
     layers: dict[str, dict[str, torch.Tensor]] = {}
@@ -397,10 +367,7 @@ def _qkv_in(state: State, beit: bool, where: str) -> State:
 
 
 def _qkv_out(state: State, dim: int, beit: bool) -> State:
-    """The split of timm's ``attn.qkv`` (and BEiT's ``q_bias`` / ``v_bias``) into ``{q,k,v}_proj``.
-
-    HF's BEiT always has q and v biases: zeros where the model has none.
-    """
+    """The split of ``attn.qkv`` (BEiT: and ``{q,v}_bias``, zeros if none) into ``{q,k,v}_proj``."""
     out: State = {}
     for key, value in state.items():
         match = _QKV.fullmatch(key)
@@ -425,15 +392,11 @@ def from_hf(
     """HF weights (4.x or 5.x spelling) -> ``(our state dict, our arguments)``, by architecture.
 
     ``BeitMIM`` keys and kwargs for ``BeitForMaskedImageModeling``; else timm keys and the
-    ``create_classifier`` spec (``num_classes`` None without a head). Head-less models' keys may
-    lack the ``beit.`` / ``vit.`` / ``bit.`` prefix.
-
-    Raises:
-        CheckpointError: another architecture, a config our models cannot be (checked before the
-            weights), or weights that do not fit the rules.
+    ``create_classifier`` spec (``num_classes`` None without a head; head-less models' keys may
+    lack the family prefix). The config is checked before the weights.
     """
     _, family, kind = architecture(config)
-    args = _mim_args(config) if kind == "mim" else _spec(config, family)
+    args = _args(config, family, kind)
     sd = {}
     for key, value in state_dict.items():
         if kind != "mim" and not key.startswith((f"{family}.", "classifier.")):
@@ -462,33 +425,22 @@ def from_hf(
 def to_hf(
     model: nn.Module, label_names: list[str] | None = None, spelling: str = "4.x"
 ) -> tuple[State, dict[str, Any]]:
-    """A ``BeitMIM``, or a timm Beit / VisionTransformer / ResNetV2 (BiT) classifier, as HF files.
+    """A ``BeitMIM`` or a timm Beit / VisionTransformer / ResNetV2 (BiT) classifier as HF files.
 
-    ``BeitForMaskedImageModeling`` or ``*ForImageClassification`` weights and a complete config
-    (classifiers: ``id2label`` / ``label2id`` from ``label_names``, else ``LABEL_i``).
-    ``spelling``: ``"4.x"`` (the Hub's files; transformers 4 and 5 load it) or ``"5.x"``
-    (transformers 5's in-memory state dicts).
-
-    Raises:
-        CheckpointError: a model Hugging Face's classes cannot represent, or a classifier without
-            a head.
-        ValueError: an unknown ``spelling``; ``label_names`` of the wrong length or with duplicates.
+    ``BeitForMaskedImageModeling`` or ``*ForImageClassification`` weights and config (classifiers:
+    ``id2label`` from ``label_names``, else ``LABEL_i``; wrong length or duplicates: ValueError).
+    ``spelling``: ``"4.x"`` (the Hub's files) or ``"5.x"`` (transformers 5's in-memory names).
     """
     if spelling not in ("4.x", "5.x"):
         raise ValueError(f"spelling must be '4.x' or '5.x', got {spelling!r}")
-    if isinstance(model, BeitMIM):
-        table, config = "mim", _beit_config(model, "mim")
-    elif isinstance(model, Beit):
-        table, config = "beit", _beit_config(model, "classifier")
-    elif isinstance(model, VisionTransformer):
-        table, config = "vit", _vit_config(model)
-    elif isinstance(model, ResNetV2):
-        table, config = "bit", _bit_config(model)
-    else:
+    kinds = ((BeitMIM, "mim"), (Beit, "beit"), (VisionTransformer, "vit"), (ResNetV2, "bit"))
+    table = next((name for cls, name in kinds if isinstance(model, cls)), None)
+    if table is None:
         raise CheckpointError(
             f"a {type(model).__name__} has no Hugging Face counterpart; supported: bitrain's "
             "BeitMIM and timm Beit, VisionTransformer and ResNetV2 (BiT) classifiers"
         )
+    config = _bit_config(model) if table == "bit" else _encoder_config(model, table)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if table == "bit" and "head.fc.weight" in state:
         state["head.fc.weight"] = state["head.fc.weight"].flatten(1)
@@ -529,12 +481,21 @@ TIMM_BEIT = "beit_base_patch16_224"
 TIMM_VIT = "vit_base_patch32_224"
 
 
-def _encoder_args(config: Mapping[str, Any], family: str) -> dict[str, Any]:
-    """Sizes of a BEiT / ViT config in timm's argument names (exact GELU, a buildable MLP)."""
+def _args(config: Mapping[str, Any], family: str, kind: str) -> dict[str, Any]:
+    """``BeitMIM`` kwargs (``kind="mim"``), else the ``create_classifier`` spec less num_classes."""
+    if family == "bit":
+        return _bit_spec(config)
+    if family == "beit" and config.get("model_type", "beit") != "beit":
+        raise CheckpointError(f"Hugging Face config has model_type {config['model_type']!r}")
+    if kind == "mim" and not config.get("use_mask_token", False):
+        raise CheckpointError(
+            "Hugging Face BEiT config has use_mask_token=false: this is not a masked-image-"
+            "modeling model (BeitForMaskedImageModeling)"
+        )
     if config.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(
-            f"Hugging Face {family} config uses hidden_act={config['hidden_act']!r}; timm's model "
-            "uses exact GELU ('gelu')"
+            f"Hugging Face {_NAMES[family]} config uses hidden_act={config['hidden_act']!r}; "
+            "timm's model uses exact GELU ('gelu')"
         )
     hidden = int(config.get("hidden_size", 768))
     inner = int(config.get("intermediate_size", 4 * hidden))
@@ -543,7 +504,7 @@ def _encoder_args(config: Mapping[str, Any], family: str) -> dict[str, Any]:
             f"Hugging Face config: intermediate_size={inner} is not int(hidden_size * r) for "
             f"r = {inner / hidden}; timm cannot build this MLP width"
         )
-    return {
+    args = {
         "img_size": _square(config, "image_size", 224),
         "patch_size": _square(config, "patch_size", 16),
         "in_chans": int(config.get("num_channels", 3)),
@@ -553,30 +514,24 @@ def _encoder_args(config: Mapping[str, Any], family: str) -> dict[str, Any]:
         "mlp_ratio": inner / hidden,
         "layer_norm_eps": float(config.get("layer_norm_eps", 1e-12)),  # BeitConfig / ViTConfig
     }
-
-
-def _beit_args(config: Mapping[str, Any]) -> dict[str, Any]:
-    """What a ``BeitConfig`` says about the network, in our argument names."""
-    if config.get("model_type", "beit") != "beit":
-        raise CheckpointError(f"Hugging Face config has model_type {config['model_type']!r}")
-    return {
-        **_encoder_args(config, "BEiT"),
-        "use_abs_pos_emb": bool(config.get("use_absolute_position_embeddings", False)),
-        "use_rel_pos_bias": bool(config.get("use_relative_position_bias", False)),
-        "use_shared_rel_pos_bias": bool(config.get("use_shared_relative_position_bias", False)),
-    }
-
-
-def _mim_args(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``BeitMIM`` kwargs of a ``BeitForMaskedImageModeling`` config."""
-    if not config.get("use_mask_token", False):
-        raise CheckpointError(
-            "Hugging Face BEiT config has use_mask_token=false: this is not a masked-image-"
-            "modeling model (BeitForMaskedImageModeling)"
-        )
+    if family == "vit":
+        qkv_bias = bool(config.get("qkv_bias", True))
+        return {"model_name": TIMM_VIT, **args, "global_pool": "token", "qkv_bias": qkv_bias}
+    args["use_abs_pos_emb"] = bool(config.get("use_absolute_position_embeddings", False))
+    args["use_rel_pos_bias"] = bool(config.get("use_relative_position_bias", False))
+    args["use_shared_rel_pos_bias"] = bool(config.get("use_shared_relative_position_bias", False))
     layer_scale = float(config.get("layer_scale_init_value", 0.1))
+    if kind != "mim":
+        pool = "avg" if config.get("use_mean_pooling", True) else "token"
+        # init_values 0: no LayerScale (timm drops None)
+        return {
+            "model_name": TIMM_BEIT,
+            **args,
+            "global_pool": pool,
+            "init_values": max(layer_scale, 0.0),
+        }
     return {
-        **_beit_args(config),
+        **args,
         "vocab_size": int(config.get("vocab_size", 8192)),
         "qkv_bias": True,
         "drop_path_rate": float(config.get("drop_path_rate", 0.1)),
@@ -585,33 +540,19 @@ def _mim_args(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _spec(config: Mapping[str, Any], family: str) -> dict[str, Any]:
-    """``create_classifier`` spec (less ``num_classes``) of a classifier or head-less config."""
-    if family == "bit":
-        return _bit_spec(config)
-    if family == "vit":
-        return {
-            "model_name": TIMM_VIT,
-            **_encoder_args(config, "ViT"),
-            "global_pool": "token",
-            "qkv_bias": bool(config.get("qkv_bias", True)),
-        }
-    return {
-        "model_name": TIMM_BEIT,
-        **_beit_args(config),
-        "global_pool": "avg" if config.get("use_mean_pooling", True) else "token",
-        # 0: no LayerScale (timm drops None)
-        "init_values": max(float(config.get("layer_scale_init_value", 0.1)), 0.0),
-    }
+def _encoder_config(model: Beit | VisionTransformer, table: str) -> dict[str, Any]:
+    """The ``BeitConfig`` (``table`` "mim" or "beit") or ``ViTConfig`` of our model.
 
-
-def _encoder_config(model: nn.Module) -> dict[str, Any]:
-    """The ``BeitConfig`` / ``ViTConfig`` sizes of a timm BEiT or ViT (square images only)."""
+    Raises:
+        CheckpointError: non-square images or patches; a Beit classifier's pooling that HF's
+            cannot express; a ViT that HF's cannot be (no class token in ``pos_embed``, register
+            tokens, another pooling, ``fc_norm``, no final norm).
+    """
     blocks, patch = model.blocks, model.patch_embed
     img, grid = tuple(patch.img_size), tuple(patch.patch_size)
     if img[0] != img[1] or grid[0] != grid[1]:
         raise CheckpointError(f"to Hugging Face: image {img} / patch {grid} are not square")
-    return {
+    config = {
         "hidden_size": int(model.embed_dim),
         "num_hidden_layers": len(blocks),
         "num_attention_heads": int(blocks[0].attn.num_heads),
@@ -625,31 +566,34 @@ def _encoder_config(model: nn.Module) -> dict[str, Any]:
         "patch_size": int(grid[0]),
         "num_channels": int(patch.proj.in_channels),
     }
-
-
-def _beit_config(model: Beit, kind: str) -> dict[str, Any]:
-    """The ``BeitConfig`` of a ``BeitMIM`` (``kind="mim"``) or a timm ``Beit`` classifier.
-
-    Raises:
-        CheckpointError: a classifier whose pooling HF's BEiT cannot express.
-    """
-    kwargs = model.model_kwargs if kind == "mim" else {}
+    if table == "vit":
+        no_cls = getattr(model, "no_embed_class", False) or model.cls_token is None
+        if no_cls or getattr(model, "num_reg_tokens", 0) or model.global_pool != "token":
+            raise CheckpointError(
+                "Hugging Face ViT needs a timm VisionTransformer with a class token in pos_embed, "
+                f"no register tokens and global_pool='token'; got global_pool={model.global_pool!r}"
+            )
+        if not isinstance(model.fc_norm, nn.Identity) or not isinstance(model.norm, nn.LayerNorm):
+            raise CheckpointError(
+                "Hugging Face ViT has no fc_norm and a final norm; this model differs"
+            )
+        qkv_bias = blocks[0].attn.qkv.bias is not None
+        config.update(qkv_bias=qkv_bias, encoder_stride=config["patch_size"])
+        return {"architectures": ["ViTForImageClassification"], "model_type": "vit", **config}
+    kwargs = model.model_kwargs if table == "mim" else {}
     init_values = (kwargs or getattr(model, "bitrain_spec", None) or {}).get("init_values")
-    block = model.blocks[0]
+    layer_scale = getattr(blocks[0], "gamma_1", None) is not None
     config = {
         "model_type": "beit",
-        **_encoder_config(model),
+        **config,
         "initializer_range": float(kwargs.get("init_std", 0.02)),
         "use_absolute_position_embeddings": model.pos_embed is not None,
-        "use_relative_position_bias": getattr(block.attn, "relative_position_bias_table", None)
-        is not None,
+        "use_relative_position_bias": blocks[0].attn.relative_position_bias_table is not None,
         "use_shared_relative_position_bias": model.rel_pos_bias is not None,
-        "layer_scale_init_value": float(init_values or 0.1)
-        if getattr(block, "gamma_1", None) is not None
-        else 0.0,
+        "layer_scale_init_value": float(init_values or 0.1) if layer_scale else 0.0,
         "drop_path_rate": float(kwargs.get("drop_path_rate", 0.0)),
     }
-    if kind == "mim":
+    if table == "mim":
         return {
             **config,
             "architectures": ["BeitForMaskedImageModeling"],
@@ -677,38 +621,13 @@ def _beit_config(model: Beit, kind: str) -> dict[str, Any]:
             f"{type(model.fc_norm).__name__}; Hugging Face BEiT pools by mean + fc_norm "
             "(global_pool='avg') or by the normed CLS token (global_pool='token')"
         )
-    config.update(
-        architectures=["BeitForImageClassification"],
-        use_mask_token=False,
-        use_mean_pooling=mean_pooling,
-    )
-    return config
-
-
-def _vit_config(model: VisionTransformer) -> dict[str, Any]:
-    """The ``ViTConfig`` of a timm ViT classifier.
-
-    Raises:
-        CheckpointError: a ViT that HF's cannot be (no class token in ``pos_embed``, register
-            tokens, another pooling, ``fc_norm``, no final norm, non-square patches).
-    """
-    no_cls = getattr(model, "no_embed_class", False) or model.cls_token is None
-    if no_cls or getattr(model, "num_reg_tokens", 0) or model.global_pool != "token":
-        raise CheckpointError(
-            "Hugging Face ViT needs a timm VisionTransformer with a class token in pos_embed, "
-            f"no register tokens and global_pool='token'; got global_pool={model.global_pool!r}"
-        )
-    if not isinstance(model.fc_norm, nn.Identity) or not isinstance(model.norm, nn.LayerNorm):
-        raise CheckpointError(
-            "Hugging Face ViT has no fc_norm and a final norm; this model differs"
-        )
-    config = {
-        "architectures": ["ViTForImageClassification"],
-        "model_type": "vit",
-        **_encoder_config(model),
-        "qkv_bias": model.blocks[0].attn.qkv.bias is not None,
+    arch = ["BeitForImageClassification"]
+    return {
+        **config,
+        "architectures": arch,
+        "use_mask_token": False,
+        "use_mean_pooling": mean_pooling,
     }
-    return {**config, "encoder_stride": config["patch_size"]}
 
 
 # --- BiT configs ----------------------------------------------------------------------------------
