@@ -64,8 +64,6 @@ SPELLING: list[tuple[str, str]] = [
     (r"\.mlp\.fc1\.", r"\.intermediate\.dense\."),
     (r"\.mlp\.fc2\.", r"\.output\.dense\."),
 ]
-# An input-only alias: the pre-release spelling of BEiT's layer-scale vectors.
-_ALIASES = [(re.compile(r"\.gamma_([12])$"), r".lambda_\1")]
 
 
 def _replacement(fragment: str) -> str:
@@ -77,9 +75,7 @@ def to_5x(key: str) -> str:
     """A transformers 4.x (or 5.x) key in the 5.x spelling."""
     for five, four in SPELLING:
         key = re.sub(four, _replacement(five), key)
-    for pattern, repl in _ALIASES:
-        key = pattern.sub(repl, key)
-    return key
+    return re.sub(r"\.gamma_([12])$", r".lambda_\1", key)  # BEiT's pre-release layer scale
 
 
 def to_4x(key: str) -> str:
@@ -230,7 +226,8 @@ def _one_value(model: nn.Module, kind: type[nn.Module], attr: str) -> Any:
 # --- the rename engine ----------------------------------------------------------------------------
 
 # What each {slot} of a rule matches; a rule's two sides name the same slots.
-SLOTS = {"i": r"\d+", "j": r"\d+", "n": "[12]", "k": "[123]", "p": "[qkv]", "w": "weight|bias"}
+SLOTS = {"i": r"\d+", "j": r"\d+", "n": "[12]", "p": "[qkv]", "w": "weight|bias"}
+SLOTS["bit"] = r"(?:conv[123]|downsample\.conv)\.weight|norm[123]\.(?:weight|bias)"  # BiT block
 _TABLE = "relative_position_bias_table"
 _ENCODER = [  # BEiT and ViT alike, after their "beit." / "vit." prefix
     ("embeddings.cls_token", "cls_token"),
@@ -274,15 +271,7 @@ RULES: dict[str, list[tuple[str, str | None]]] = {
     ],
     "bit": [
         ("bit.embedder.convolution.weight", "stem.conv.weight"),
-        (
-            "bit.encoder.stages.{i}.layers.{j}.conv{k}.weight",
-            "stages.{i}.blocks.{j}.conv{k}.weight",
-        ),
-        ("bit.encoder.stages.{i}.layers.{j}.norm{k}.{w}", "stages.{i}.blocks.{j}.norm{k}.{w}"),
-        (
-            "bit.encoder.stages.{i}.layers.{j}.downsample.conv.weight",
-            "stages.{i}.blocks.{j}.downsample.conv.weight",
-        ),
+        ("bit.encoder.stages.{i}.layers.{j}.{bit}", "stages.{i}.blocks.{j}.{bit}"),
         ("bit.norm.{w}", "norm.{w}"),
         ("classifier.1.{w}", "head.fc.{w}"),  # weight [C, F] <-> [C, F, 1, 1]
     ],
@@ -541,12 +530,9 @@ def _args(config: Mapping[str, Any], family: str, kind: str) -> dict[str, Any]:
 
 
 def _encoder_config(model: Beit | VisionTransformer, table: str) -> dict[str, Any]:
-    """The ``BeitConfig`` (``table`` "mim" or "beit") or ``ViTConfig`` of our model.
+    """The ``BeitConfig`` (``table`` "mim" / "beit") or ``ViTConfig`` of a model HF's can be.
 
-    Raises:
-        CheckpointError: non-square images or patches; a Beit classifier's pooling that HF's
-            cannot express; a ViT that HF's cannot be (no class token in ``pos_embed``, register
-            tokens, another pooling, ``fc_norm``, no final norm).
+    Checked: square images and patches; BEiT's pooling; ViT's class token, pooling and norms.
     """
     blocks, patch = model.blocks, model.patch_embed
     img, grid = tuple(patch.img_size), tuple(patch.patch_size)
@@ -621,13 +607,8 @@ def _encoder_config(model: Beit | VisionTransformer, table: str) -> dict[str, An
             f"{type(model.fc_norm).__name__}; Hugging Face BEiT pools by mean + fc_norm "
             "(global_pool='avg') or by the normed CLS token (global_pool='token')"
         )
-    arch = ["BeitForImageClassification"]
-    return {
-        **config,
-        "architectures": arch,
-        "use_mask_token": False,
-        "use_mean_pooling": mean_pooling,
-    }
+    config.update(architectures=["BeitForImageClassification"], use_mask_token=False)
+    return {**config, "use_mean_pooling": mean_pooling}
 
 
 # --- BiT configs ----------------------------------------------------------------------------------
@@ -708,11 +689,7 @@ def _bit_spec(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _bit_config(model: ResNetV2) -> dict[str, Any]:
-    """The ``BitConfig`` of a timm BiT ``ResNetV2`` (labels are added by :func:`to_hf`).
-
-    Raises:
-        CheckpointError: a ResNetV2 that is not HF's BiT network (stem, convs, blocks, norms).
-    """
+    """The ``BitConfig`` of a timm ``ResNetV2`` that is HF's BiT network (stem, convs, norms)."""
     stem = model.stem
     problems = []
     if not isinstance(getattr(stem, "conv", None), StdConv2d):
