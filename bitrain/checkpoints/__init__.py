@@ -10,8 +10,8 @@ The public API (stable: scripts and users import from here)::
     convert(src, dst, dst_format, force=False)                        # verified, never destructive
 
 One key table per foreign format, read backwards for export: :mod:`.official` (unilm ``.pth``),
-:mod:`.hf_beit` (Hugging Face BEiT, MIM and classifier from one table; ViT), :mod:`.hf_bit`;
-:mod:`.hf` holds the shared Hugging Face machinery, :mod:`.huggingface` the dispatch,
+:mod:`.hf` (Hugging Face BEiT, MIM and classifier from one table; ViT; BiT; folders and configs),
+:mod:`.huggingface` Hugging Face folders in and out,
 :mod:`.classifier` the timm hub folder layout, :mod:`.normalization` what any file records about its
 pixels. Dependencies run one way (``checkpoints`` -> ``models``, ``data.preprocessing``, ``io``).
 Every file is data: read weights-only, and no content of a file picks code to run

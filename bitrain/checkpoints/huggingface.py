@@ -1,4 +1,4 @@
-"""Hugging Face folders in and out: dispatch by architecture to the BEiT, ViT and BiT tables.
+"""Hugging Face folders in and out, through :func:`.hf.from_hf` and :func:`.hf.to_hf`.
 
 ``BeitForMaskedImageModeling`` <-> :class:`~bitrain.models.beit.BeitMIM`; ``Beit`` / ``ViT`` /
 ``BitForImageClassification`` (and the head-less ``*Model``, whose keys may lack the ``beit.`` /

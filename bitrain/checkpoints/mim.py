@@ -4,7 +4,7 @@
 ...}, "hyper_parameters": {"model": {"_target_": ..., **kwargs}}, ...}``), which
 :func:`save_mim_model` writes with the model only, so one reader serves both; ``official``: what
 ``unilm/beit/run_beit_pretraining.py`` saves (:mod:`.official`), or a bare state dict; ``hf``: a
-``BeitForMaskedImageModeling`` folder (:mod:`.hf_beit`).
+``BeitForMaskedImageModeling`` folder (:mod:`.hf`).
 """
 
 from __future__ import annotations
