@@ -26,8 +26,15 @@ import torch
 from timm.data import resolve_data_config
 from timm.models._hub import save_config_for_hf
 
-from bitrain.checkpoints.hf import label_list, label_names, read_folder, read_json, write_folder
-from bitrain.checkpoints.huggingface import from_hf, to_hf
+from bitrain.checkpoints.hf import (
+    from_hf,
+    label_list,
+    label_names,
+    read_folder,
+    read_json,
+    to_hf,
+    write_folder,
+)
 from bitrain.checkpoints.official import (
     classifier_args,
     classifier_spec,

@@ -1,17 +1,20 @@
-"""Hugging Face model folders: reading, writing, key spelling, and the layer-table machinery.
+"""Hugging Face model folders <-> bitrain / timm: files, configs, one rename table per family.
 
-Folders (``config.json`` + ``model.safetensors``, or ``pytorch_model.bin`` / a sharded
-``*.index.json``) are read and written with our own code: ``transformers`` is never imported by
-bitrain, it is only the reference of the parity tests. The key tables live with their model family
-(:mod:`.hf_beit` for BEiT and ViT, :mod:`.hf_bit`); this module holds what they share: the
-transformers 4.x <-> 5.x key spelling (:data:`SPELLING`, one list read both ways; the Hub's BEiT /
-ViT checkpoints use 4.x, which transformers 4 and 5 both load and 5 still writes), and
-:func:`from_layer_table` / :func:`to_layer_table`, a family's ``{hf: ours}`` tables applied both
-ways, with q/k/v stacked into timm's ``attn.qkv``.
+Folders are read and written with our own code (``transformers`` is only the parity tests'
+reference). Each family's weights are ONE list of ``(hf, ours)`` rules (:data:`RULES`, BEiT's MIM
+model and classifier share theirs up to the end) whose ``{slot}`` placeholders (:data:`SLOTS`)
+compile to regexes: :func:`from_hf` applies it HF -> ours, :func:`to_hf` backwards (after
+transformers' ``create_rename_keys`` and timm's ``checkpoint_filter_fn``). Around it, one step
+each: HF's q/k/v projections <-> timm's ``attn.qkv`` (``read_in_q_k_v``), BiT's Linear head
+``[C, F]`` <-> timm's 1x1 conv ``[C, F, 1, 1]``. The rules are in transformers 5.x's spelling; the
+Hub's 4.x one (which bitrain writes) is converted at the edge (:data:`SPELLING`). Configs map to
+``BeitMIM`` kwargs or ``create_classifier`` specs and back; a config or model the other side cannot
+be exactly is a :class:`CheckpointError` that says why.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -22,24 +25,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
+from timm.layers import StdConv2d
+from timm.models.beit import Beit
+from timm.models.resnetv2 import PreActBottleneck, ResNetV2
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from bitrain.io import CheckpointError, atomic_write_bytes, load_torch_file
+from bitrain.models.beit import BeitMIM
 
-__all__ = [
-    "ARCHITECTURES",
-    "SPELLING",
-    "architecture",
-    "from_layer_table",
-    "label_list",
-    "label_names",
-    "read_folder",
-    "read_weights",
-    "to_4x",
-    "to_5x",
-    "to_layer_table",
-    "write_folder",
-]
+State = dict[str, torch.Tensor]
 
 # HF architecture -> (family, kind): "mim" (masked image modeling), "classifier", "backbone".
 ARCHITECTURES: dict[str, tuple[str, str]] = {
@@ -51,7 +46,9 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "BitForImageClassification": ("bit", "classifier"),
     "BitModel": ("bit", "backbone"),
 }
-HF_LAYER_NORM_EPS = 1e-12  # BeitConfig / ViTConfig default
+_NAMES = {"beit": "BEiT", "vit": "ViT", "bit": "BiT"}
+
+# --- key spelling ---------------------------------------------------------------------------------
 
 # transformers 5.x <-> 4.x key spelling (BEiT and ViT), as (5.x, 4.x) regex fragments. Read
 # forwards for 4.x -> 5.x, backwards (reversed order, sides swapped) for 5.x -> 4.x; the order
@@ -67,8 +64,6 @@ SPELLING: list[tuple[str, str]] = [
     (r"\.mlp\.fc1\.", r"\.intermediate\.dense\."),
     (r"\.mlp\.fc2\.", r"\.output\.dense\."),
 ]
-# An input-only alias: the pre-release spelling of BEiT's layer-scale vectors.
-_ALIASES = [(re.compile(r"\.gamma_([12])$"), r".lambda_\1")]
 
 
 def _replacement(fragment: str) -> str:
@@ -80,9 +75,7 @@ def to_5x(key: str) -> str:
     """A transformers 4.x (or 5.x) key in the 5.x spelling."""
     for five, four in SPELLING:
         key = re.sub(four, _replacement(five), key)
-    for pattern, repl in _ALIASES:
-        key = pattern.sub(repl, key)
-    return key
+    return re.sub(r"\.gamma_([12])$", r".lambda_\1", key)  # BEiT's pre-release layer scale
 
 
 def to_4x(key: str) -> str:
@@ -106,7 +99,7 @@ def read_json(path: Path) -> dict[str, Any]:
     return value
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path) -> State:
     """Tensors of a ``.safetensors`` file or a weights-only torch file (a state dict)."""
     if path.suffix == ".safetensors":
         try:
@@ -122,13 +115,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-def read_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
-    """``(state_dict, config, weights file)`` of a Hugging Face (or timm hub) model folder.
-
-    Raises:
-        FileNotFoundError: no ``config.json`` or no weights file in the folder.
-        CheckpointError: ``config.json`` or an index is not valid JSON, or a shard is unreadable.
-    """
+def read_folder(path: str | os.PathLike) -> tuple[State, dict[str, Any], Path]:
+    """``(state_dict, config, weights file)`` of a Hugging Face (or timm hub) model folder."""
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"model folder '{folder}' has no config.json")
@@ -144,7 +132,7 @@ def read_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
     weight_map = read_json(weights).get("weight_map")
     if not isinstance(weight_map, Mapping):
         raise CheckpointError(f"'{weights}' has no weight_map")
-    state: dict[str, torch.Tensor] = {}
+    state: State = {}
     for shard in sorted({str(v) for v in weight_map.values()}):
         shard_path = (folder / shard).resolve()
         if shard_path.parent != folder.resolve():
@@ -171,7 +159,7 @@ def write_folder(
     return folder
 
 
-# --- configs --------------------------------------------------------------------------------------
+# --- configs and labels ---------------------------------------------------------------------------
 
 
 def architecture(config: Mapping[str, Any], where: str = "Hugging Face config") -> tuple[str, ...]:
@@ -186,70 +174,8 @@ def architecture(config: Mapping[str, Any], where: str = "Hugging Face config") 
     )
 
 
-def config_square(config: Mapping[str, Any], name: str, default: int) -> int:
-    """The side of the square size ``config[name]`` (an int or a list/tuple of equal ints)."""
-    value = config.get(name, default)
-    if isinstance(value, list | tuple):
-        if len(set(value)) != 1:
-            raise CheckpointError(f"Hugging Face config: {name}={value} is not square")
-        value = value[0]
-    return int(value)
-
-
-def transformer_sizes(config: Mapping[str, Any], family: str) -> dict[str, Any]:
-    """Sizes of a BEiT / ViT config in timm's argument names (exact GELU, a buildable MLP)."""
-    if config.get("hidden_act", "gelu") != "gelu":
-        raise CheckpointError(
-            f"Hugging Face {family} config uses hidden_act={config['hidden_act']!r}; timm's model "
-            "uses exact GELU ('gelu')"
-        )
-    hidden = int(config.get("hidden_size", 768))
-    inner = int(config.get("intermediate_size", 4 * hidden))
-    if int(hidden * (inner / hidden)) != inner:
-        raise CheckpointError(
-            f"Hugging Face config: intermediate_size={inner} is not int(hidden_size * r) for "
-            f"r = {inner / hidden}; timm cannot build this MLP width"
-        )
-    return {
-        "img_size": config_square(config, "image_size", 224),
-        "patch_size": config_square(config, "patch_size", 16),
-        "in_chans": int(config.get("num_channels", 3)),
-        "embed_dim": hidden,
-        "depth": int(config.get("num_hidden_layers", 12)),
-        "num_heads": int(config.get("num_attention_heads", 12)),
-        "mlp_ratio": inner / hidden,
-        "layer_norm_eps": float(config.get("layer_norm_eps", HF_LAYER_NORM_EPS)),
-    }
-
-
-def transformer_config(model: nn.Module) -> dict[str, Any]:
-    """The ``BeitConfig`` / ``ViTConfig`` sizes of a timm BEiT or ViT (square images only)."""
-    blocks, patch = model.blocks, model.patch_embed
-    img, grid = tuple(patch.img_size), tuple(patch.patch_size)
-    if img[0] != img[1] or grid[0] != grid[1]:
-        raise CheckpointError(f"to Hugging Face: image {img} / patch {grid} are not square")
-    return {
-        "hidden_size": int(model.embed_dim),
-        "num_hidden_layers": len(blocks),
-        "num_attention_heads": int(blocks[0].attn.num_heads),
-        "intermediate_size": int(blocks[0].mlp.fc1.out_features),
-        "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0,
-        "initializer_range": 0.02,
-        "layer_norm_eps": float(one_value(model, nn.LayerNorm, "eps")),
-        "image_size": int(img[0]),
-        "patch_size": int(grid[0]),
-        "num_channels": int(patch.proj.in_channels),
-    }
-
-
 def label_list(names: Any, where: str, num_classes: int | None = None) -> list[str] | None:
-    """Class names from a list or an ``{index: name}`` mapping; None when there are none.
-
-    Raises:
-        CheckpointError: keys that are not ``0 .. n-1``, or not ``num_classes`` names.
-    """
+    """Class names from a list or an ``{index: name}`` mapping (keys 0 .. n-1); None if none."""
     if not names:
         return None
     if isinstance(names, Mapping):
@@ -276,12 +202,17 @@ def label_names(config: Mapping[str, Any], num_classes: int | None = None) -> li
     return label_list(names, "Hugging Face config id2label", num_classes)
 
 
-def weight_bias(hf: str, ours: str) -> dict[str, str]:
-    """``{hf.weight: ours.weight, hf.bias: ours.bias}``: one table entry per parameter."""
-    return {f"{hf}.weight": f"{ours}.weight", f"{hf}.bias": f"{ours}.bias"}
+def _square(config: Mapping[str, Any], name: str, default: int) -> int:
+    """The side of the square size ``config[name]`` (an int or a list/tuple of equal ints)."""
+    value = config.get(name, default)
+    if isinstance(value, list | tuple):
+        if len(set(value)) != 1:
+            raise CheckpointError(f"Hugging Face config: {name}={value} is not square")
+        value = value[0]
+    return int(value)
 
 
-def one_value(model: nn.Module, kind: type[nn.Module], attr: str) -> Any:
+def _one_value(model: nn.Module, kind: type[nn.Module], attr: str) -> Any:
     """The single value of ``attr`` over the model's ``kind`` modules (HF configs hold one)."""
     values = {getattr(m, attr) for m in model.modules() if isinstance(m, kind)}
     if len(values) != 1:
@@ -292,118 +223,510 @@ def one_value(model: nn.Module, kind: type[nn.Module], attr: str) -> Any:
     return values.pop()
 
 
-# --- layer tables ---------------------------------------------------------------------------------
+# --- the rename engine ----------------------------------------------------------------------------
 
-_QKV = re.compile(r"attention\.([qkv])_proj\.(weight|bias)")
-_OUR_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+# What each {slot} of a rule matches; a rule's two sides name the same slots.
+SLOTS = {"i": r"\d+", "j": r"\d+", "n": "[12]", "p": "[qkv]", "w": "weight|bias"}
+SLOTS["bit"] = r"(?:conv[123]|downsample\.conv)\.weight|norm[123]\.(?:weight|bias)"  # BiT block
+_TABLE = "relative_position_bias_table"
+_ENCODER = [  # BEiT and ViT alike, after their "beit." / "vit." prefix
+    ("embeddings.cls_token", "cls_token"),
+    ("embeddings.position_embeddings", "pos_embed"),
+    ("embeddings.patch_embeddings.projection.{w}", "patch_embed.proj.{w}"),
+    ("layers.{i}.layernorm_before.{w}", "blocks.{i}.norm1.{w}"),
+    ("layers.{i}.layernorm_after.{w}", "blocks.{i}.norm2.{w}"),
+    ("layers.{i}.attention.{p}_proj.{w}", "blocks.{i}.attn.{p}_proj.{w}"),  # <-> attn.qkv: _qkv_*
+    ("layers.{i}.attention.o_proj.{w}", "blocks.{i}.attn.proj.{w}"),
+    ("layers.{i}.mlp.fc{n}.{w}", "blocks.{i}.mlp.fc{n}.{w}"),
+]
+_BEIT = [
+    *((f"beit.{hf}", ours) for hf, ours in _ENCODER),
+    ("beit.layers.{i}.lambda_{n}", "blocks.{i}.gamma_{n}"),
+    ("beit.layers.{i}.relative_position_bias." + _TABLE, "blocks.{i}.attn." + _TABLE),
+    ("beit.shared_position_bias." + _TABLE, "rel_pos_bias." + _TABLE),
+]
+# (hf, ours) per table; None on one side: keys of the other side that have no counterpart and are
+# dropped on the way in. HF's BeitModel has its own final beit.layernorm unless use_mean_pooling;
+# BeitMIM (as the official model) has one final norm, the MIM head's.
+RULES: dict[str, list[tuple[str, str | None]]] = {
+    "mim": [
+        *_BEIT,
+        ("beit.embeddings.mask_token", "mask_token"),
+        ("layernorm.{w}", "norm.{w}"),
+        ("lm_head.{w}", "lm_head.{w}"),
+    ],
+    "beit": [
+        *_BEIT,
+        ("beit.embeddings.mask_token", None),
+        ("beit.layernorm.{w}", "norm.{w}"),
+        ("beit.pooler.layernorm.{w}", "fc_norm.{w}"),
+        ("classifier.{w}", "head.{w}"),
+    ],
+    "vit": [  # a timm classifier pools by the class token and has no pooler
+        *((f"vit.{hf}", ours) for hf, ours in _ENCODER),
+        ("vit.embeddings.mask_token", None),
+        ("vit.pooler.dense.{w}", None),
+        ("vit.layernorm.{w}", "norm.{w}"),
+        ("classifier.{w}", "head.{w}"),
+    ],
+    "bit": [
+        ("bit.embedder.convolution.weight", "stem.conv.weight"),
+        ("bit.encoder.stages.{i}.layers.{j}.{bit}", "stages.{i}.blocks.{j}.{bit}"),
+        ("bit.norm.{w}", "norm.{w}"),
+        ("classifier.1.{w}", "head.fc.{w}"),  # weight [C, F] <-> [C, F, 1, 1]
+    ],
+}
 
 
-def from_layer_table(
-    sd: Mapping[str, torch.Tensor],
-    family: str,
-    top: Mapping[str, str],
-    block: Mapping[str, str],
-    separate_qv_bias: bool,
-    drop: set[str] = frozenset(),
-) -> dict[str, torch.Tensor]:
-    """HF (5.x) weights of a BEiT / ViT in our names, by the family's ``{hf: ours}`` tables.
+@functools.cache
+def _regex(rule_side: str) -> re.Pattern:
+    """One side of a rule as a regex: literal text escaped, each ``{slot}`` a named group."""
+    parts = re.split(r"\{(\w+)\}", rule_side)
+    return re.compile(
+        "".join(f"(?P<{p}>{SLOTS[p]})" if k % 2 else re.escape(p) for k, p in enumerate(parts))
+    )
 
-    ``top`` maps whole-model names, ``block`` the names after ``{family}.layers.i.`` (ours after
-    ``blocks.i.``); keys in ``drop`` have no place in our model. ``separate_qv_bias``: BEiT's
-    ``attn.{q,v}_bias`` (a key bias must be zero), else ViT's one ``attn.qkv.bias``.
 
-    Raises:
-        CheckpointError: keys with no name, a missing or mis-shaped q/k/v part, a non-zero BEiT
-            key bias, or biases on only some of q/k/v.
+def rename(
+    state: Mapping[str, torch.Tensor], rules: list[tuple[str | None, str | None]], backwards: bool
+) -> tuple[State, list[str]]:
+    """``(state renamed by the first rule that matches, keys none matched)``; targets None dropped.
+
+    A rule's source side is its HF one, ``backwards`` its ours; ``relative_position_index``
+    buffers are dropped too (each model rebuilds its own).
     """
-    where = f"Hugging Face {'BEiT' if family == 'beit' else 'ViT'} weights"
-    layer = re.compile(rf"^{family}\.layers\.(\d+)\.(.+)$")
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[int, dict[str, torch.Tensor]] = {}
-    unknown = []
-    for key, value in sd.items():
-        if key in drop or key.endswith("relative_position_index"):
-            continue
-        if key in top:
-            out[top[key]] = value
-            continue
-        match = layer.match(key)
-        rest = match.group(2) if match else ""
-        if match and (proj := _QKV.fullmatch(rest)):
-            qkv.setdefault(int(match.group(1)), {})[f"{proj.group(1)}.{proj.group(2)}"] = value
-        elif match and rest in block:
-            out[f"blocks.{match.group(1)}.{block[rest]}"] = value
-        else:
-            unknown.append(key)
-    if unknown:
-        raise CheckpointError(f"{where} have keys with no timm name: {sorted(unknown)[:6]}")
-    for i, parts in sorted(qkv.items()):
-        out[f"blocks.{i}.attn.qkv.weight"] = _stack_qkv(parts, f"{where}, layer {i}")
-        biases = [parts.get(f"{n}.bias") for n in "qkv"]
-        if separate_qv_bias:
-            if biases[1] is not None and bool(biases[1].any()):
-                raise CheckpointError(f"{where}, layer {i} has a non-zero key bias; BEiT has none")
-            out.update(
-                {f"blocks.{i}.attn.{n}_bias": b for n, b in zip("qv", biases[::2]) if b is not None}
-            )
-        elif all(b is not None for b in biases):
-            out[f"blocks.{i}.attn.qkv.bias"] = torch.cat(biases)
-        elif any(b is not None for b in biases):
-            raise CheckpointError(f"{where}, layer {i} has biases on only some of q/k/v")
-    return out
-
-
-def _stack_qkv(parts: Mapping[str, torch.Tensor], where: str) -> torch.Tensor:
-    """The ``attn.qkv.weight`` of one layer's q/k/v weights."""
-    missing = {"q.weight", "k.weight", "v.weight"} - parts.keys()
-    if missing:
-        raise CheckpointError(f"{where} lacks attention {sorted(missing)}")
-    shapes = {n: tuple(parts[f"{n}.weight"].shape) for n in "qkv"}
-    if len(set(shapes.values())) != 1 or len(shapes["q"]) != 2:
-        names = {"q": "query", "k": "key", "v": "value"}
-        detail = ", ".join(f"{names[n]}.weight {list(s)}" for n, s in shapes.items())
-        raise CheckpointError(
-            f"{where}: the attention weights do not fit together ({detail}); each must be "
-            "[hidden_size, hidden_size]: the weights file is damaged or from another model"
-        )
-    return torch.cat([parts["q.weight"], parts["k.weight"], parts["v.weight"]], dim=0)
-
-
-def to_layer_table(
-    model: nn.Module, family: str, top: Mapping[str, str], block: Mapping[str, str]
-) -> dict[str, torch.Tensor]:
-    """A timm BEiT / ViT's weights in HF 5.x names: :func:`from_layer_table`'s tables backwards.
-
-    ``attn.qkv.*`` is split into ``attention.{q,k,v}_proj.*``; BEiT's ``attn.{q,v}_bias`` go to
-    ``attention.{q,v}_proj.bias``, zero-filled when the model has none (HF always has them);
-    ``relative_position_index`` buffers are left out.
-    """
-    dim = int(model.embed_dim)
-    top_back = {ours: hf for hf, ours in top.items()}
-    block_back = {ours: hf for hf, ours in block.items()}
-    out: dict[str, torch.Tensor] = {}
-    layers = set()
-    for key, value in model.state_dict().items():
-        value = value.detach()
+    pairs = [(ours, hf) if backwards else (hf, ours) for hf, ours in rules]
+    out, unknown = {}, []
+    for key, value in state.items():
         if key.endswith("relative_position_index"):
             continue
-        if key in top_back:
-            out[top_back[key]] = value
-            continue
-        match = _OUR_BLOCK.match(key)
-        pre, rest = (f"{family}.layers.{match.group(1)}.", match.group(2)) if match else ("", "")
-        layers.add(pre)
-        if rest in ("attn.qkv.weight", "attn.qkv.bias"):
-            for n, part in zip("qkv", value.split(dim, dim=0), strict=True):
-                out[f"{pre}attention.{n}_proj.{rest.rsplit('.', 1)[1]}"] = part
-        elif rest in ("attn.q_bias", "attn.v_bias"):
-            out[f"{pre}attention.{rest[5]}_proj.bias"] = value
-        elif rest in block_back:
-            out[pre + block_back[rest]] = value
+        for source, target in pairs:
+            if source is not None and (match := _regex(source).fullmatch(key)):
+                if target is not None:
+                    out[target.format(**match.groupdict())] = value
+                break
         else:
-            raise CheckpointError(f"to Hugging Face: no Hugging Face name for {key!r}")
-    if family == "beit":  # HF's BEiT always has q and v biases
-        for pre in layers:
-            out.setdefault(f"{pre}attention.q_proj.bias", torch.zeros(dim))
-            out.setdefault(f"{pre}attention.v_proj.bias", torch.zeros(dim))
+            unknown.append(key)
+    return out, unknown
+
+
+# blocks.i.attn. then: a q/k/v part (groups 2, 3), timm's fused qkv (4), BEiT's q_bias / v_bias (5)
+_QKV = re.compile(
+    r"(blocks\.\d+\.attn\.)(?:([qkv])_proj\.(weight|bias)|qkv\.(weight|bias)|([qv])_bias)"
+)
+
+
+def _qkv_in(state: State, beit: bool, where: str) -> State:
+    """HF's q/k/v parts (as ``blocks.i.attn.{q,k,v}_proj.*``) joined into timm's ``attn.qkv``.
+
+    BEiT keeps separate q and v biases (its key bias must be zero), ViT one concatenated bias.
+    """
+    out: State = {}
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        match = _QKV.fullmatch(key)
+        if match and match[2]:
+            layers.setdefault(match[1], {})[f"{match[2]}.{match[3]}"] = value
+        else:
+            out[key] = value
+    for pre, parts in layers.items():
+        here = f"{where}, layer {pre.split('.')[1]}"
+        missing = {"q.weight", "k.weight", "v.weight"} - parts.keys()
+        if missing:
+            raise CheckpointError(f"{here} lacks attention {sorted(missing)}")
+        shapes = {n: tuple(parts[f"{n}.weight"].shape) for n in "qkv"}
+        if len(set(shapes.values())) != 1 or len(shapes["q"]) != 2:
+            names = ("query", "key", "value")
+            detail = ", ".join(f"{name}.weight {list(shapes[name[0]])}" for name in names)
+            raise CheckpointError(
+                f"{here}: the attention weights do not fit together ({detail}); each must be "
+                "[hidden_size, hidden_size]: the weights file is damaged or from another model"
+            )
+        out[pre + "qkv.weight"] = torch.cat([parts[f"{n}.weight"] for n in "qkv"])
+        q, k, v = (parts.get(f"{n}.bias") for n in "qkv")
+        if beit:
+            if k is not None and bool(k.any()):
+                raise CheckpointError(f"{here} has a non-zero key bias; BEiT has none")
+            out.update({f"{pre}{n}_bias": b for n, b in (("q", q), ("v", v)) if b is not None})
+        elif all(b is not None for b in (q, k, v)):
+            out[pre + "qkv.bias"] = torch.cat([q, k, v])
+        elif any(b is not None for b in (q, k, v)):
+            raise CheckpointError(f"{here} has biases on only some of q/k/v")
     return out
+
+
+def _qkv_out(state: State, dim: int, beit: bool) -> State:
+    """The split of ``attn.qkv`` (BEiT: and ``{q,v}_bias``, zeros if none) into ``{q,k,v}_proj``."""
+    out: State = {}
+    for key, value in state.items():
+        match = _QKV.fullmatch(key)
+        if match and match[4]:
+            parts = value.split(dim)
+            out.update({f"{match[1]}{n}_proj.{match[4]}": p for n, p in zip("qkv", parts)})
+            for n in "qv" if beit else "":
+                out.setdefault(f"{match[1]}{n}_proj.bias", torch.zeros(dim, dtype=value.dtype))
+        elif match and match[5]:
+            out[f"{match[1]}{match[5]}_proj.bias"] = value
+        else:
+            out[key] = value
+    return out
+
+
+# --- both ways ------------------------------------------------------------------------------------
+
+
+def from_hf(
+    state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+) -> tuple[State, dict[str, Any]]:
+    """HF weights (4.x or 5.x spelling) -> ``(our state dict, our arguments)``, by architecture.
+
+    ``BeitMIM`` keys and kwargs for ``BeitForMaskedImageModeling``; else timm keys and the
+    ``create_classifier`` spec (``num_classes`` None without a head; head-less models' keys may
+    lack the family prefix). The config is checked before the weights.
+    """
+    _, family, kind = architecture(config)
+    args = _args(config, family, kind)
+    sd = {}
+    for key, value in state_dict.items():
+        if kind != "mim" and not key.startswith((f"{family}.", "classifier.")):
+            key = f"{family}.{key}"  # head-less models are saved without the prefix
+        sd[to_5x(key)] = value
+    if kind == "mim" and any(k.startswith("beit.layernorm.") for k in sd):
+        raise CheckpointError(
+            "Hugging Face BEiT weights carry beit.layernorm (use_mean_pooling=false) as well as "
+            "the MIM head's layernorm: two final norms, which BeitMIM (one final norm, like the "
+            "official model) cannot represent"
+        )
+    where = f"Hugging Face {_NAMES[family]} weights"
+    state, unknown = rename(sd, RULES["mim" if kind == "mim" else family], backwards=False)
+    if unknown:
+        raise CheckpointError(f"{where} have keys with no timm name: {sorted(unknown)[:6]}")
+    if family != "bit":
+        state = _qkv_in(state, family == "beit", where)
+    elif (fc := state.get("head.fc.weight")) is not None:
+        state["head.fc.weight"] = fc.reshape(*fc.shape, 1, 1)
+    if kind != "mim":
+        head = state.get("head.weight", state.get("head.fc.weight"))
+        args["num_classes"] = None if head is None else int(head.shape[0])
+    return state, args
+
+
+def to_hf(
+    model: nn.Module, label_names: list[str] | None = None, spelling: str = "4.x"
+) -> tuple[State, dict[str, Any]]:
+    """A ``BeitMIM`` or a timm Beit / VisionTransformer / ResNetV2 (BiT) classifier as HF files.
+
+    ``BeitForMaskedImageModeling`` or ``*ForImageClassification`` weights and config (classifiers:
+    ``id2label`` from ``label_names``, else ``LABEL_i``; wrong length or duplicates: ValueError).
+    ``spelling``: ``"4.x"`` (the Hub's files) or ``"5.x"`` (transformers 5's in-memory names).
+    """
+    if spelling not in ("4.x", "5.x"):
+        raise ValueError(f"spelling must be '4.x' or '5.x', got {spelling!r}")
+    kinds = ((BeitMIM, "mim"), (Beit, "beit"), (VisionTransformer, "vit"), (ResNetV2, "bit"))
+    table = next((name for cls, name in kinds if isinstance(model, cls)), None)
+    if table is None:
+        raise CheckpointError(
+            f"a {type(model).__name__} has no Hugging Face counterpart; supported: bitrain's "
+            "BeitMIM and timm Beit, VisionTransformer and ResNetV2 (BiT) classifiers"
+        )
+    config = _bit_config(model) if table == "bit" else _encoder_config(model, table)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if table == "bit" and "head.fc.weight" in state:
+        state["head.fc.weight"] = state["head.fc.weight"].flatten(1)
+    elif table != "bit":
+        state = _qkv_out(state, int(model.embed_dim), beit=table != "vit")
+    state, unknown = rename(state, RULES[table], backwards=True)
+    if unknown:
+        raise CheckpointError(f"to Hugging Face: no Hugging Face name for {sorted(unknown)[:6]}")
+    if table != "mim":
+        config.update(_labels(model, label_names))
+    key = to_4x if spelling == "4.x" else str
+    return {key(k): v.clone().contiguous() for k, v in state.items()}, config
+
+
+def _labels(model: nn.Module, label_names: list[str] | None) -> dict[str, Any]:
+    """``id2label`` and ``label2id`` of a classifier (``LABEL_i`` without names)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Module) or not list(head.parameters()):
+        raise CheckpointError("the model has no classification head (num_classes=0) to export")
+    n = int(model.num_classes)
+    names = [f"LABEL_{i}" for i in range(n)] if label_names is None else list(label_names)
+    if len(names) != n:
+        raise ValueError(
+            f"{len(names)} label_names for a {n}-class model; give one name per class, in "
+            "class-index order"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError("label_names has duplicates (label2id needs unique names)")
+    return {
+        "id2label": {str(i): str(name) for i, name in enumerate(names)},
+        "label2id": {str(name): i for i, name in enumerate(names)},
+    }
+
+
+# --- BEiT and ViT configs -------------------------------------------------------------------------
+
+TIMM_BEIT = "beit_base_patch16_224"
+TIMM_VIT = "vit_base_patch32_224"
+
+
+def _args(config: Mapping[str, Any], family: str, kind: str) -> dict[str, Any]:
+    """``BeitMIM`` kwargs (``kind="mim"``), else the ``create_classifier`` spec less num_classes."""
+    if family == "bit":
+        return _bit_spec(config)
+    if family == "beit" and config.get("model_type", "beit") != "beit":
+        raise CheckpointError(f"Hugging Face config has model_type {config['model_type']!r}")
+    if kind == "mim" and not config.get("use_mask_token", False):
+        raise CheckpointError(
+            "Hugging Face BEiT config has use_mask_token=false: this is not a masked-image-"
+            "modeling model (BeitForMaskedImageModeling)"
+        )
+    if config.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(
+            f"Hugging Face {_NAMES[family]} config uses hidden_act={config['hidden_act']!r}; "
+            "timm's model uses exact GELU ('gelu')"
+        )
+    hidden = int(config.get("hidden_size", 768))
+    inner = int(config.get("intermediate_size", 4 * hidden))
+    if int(hidden * (inner / hidden)) != inner:
+        raise CheckpointError(
+            f"Hugging Face config: intermediate_size={inner} is not int(hidden_size * r) for "
+            f"r = {inner / hidden}; timm cannot build this MLP width"
+        )
+    args = {
+        "img_size": _square(config, "image_size", 224),
+        "patch_size": _square(config, "patch_size", 16),
+        "in_chans": int(config.get("num_channels", 3)),
+        "embed_dim": hidden,
+        "depth": int(config.get("num_hidden_layers", 12)),
+        "num_heads": int(config.get("num_attention_heads", 12)),
+        "mlp_ratio": inner / hidden,
+        "layer_norm_eps": float(config.get("layer_norm_eps", 1e-12)),  # BeitConfig / ViTConfig
+    }
+    if family == "vit":
+        qkv_bias = bool(config.get("qkv_bias", True))
+        return {"model_name": TIMM_VIT, **args, "global_pool": "token", "qkv_bias": qkv_bias}
+    args["use_abs_pos_emb"] = bool(config.get("use_absolute_position_embeddings", False))
+    args["use_rel_pos_bias"] = bool(config.get("use_relative_position_bias", False))
+    args["use_shared_rel_pos_bias"] = bool(config.get("use_shared_relative_position_bias", False))
+    layer_scale = float(config.get("layer_scale_init_value", 0.1))
+    if kind != "mim":
+        pool = "avg" if config.get("use_mean_pooling", True) else "token"
+        # init_values 0: no LayerScale (timm drops None)
+        return {
+            "model_name": TIMM_BEIT,
+            **args,
+            "global_pool": pool,
+            "init_values": max(layer_scale, 0.0),
+        }
+    return {
+        **args,
+        "vocab_size": int(config.get("vocab_size", 8192)),
+        "qkv_bias": True,
+        "drop_path_rate": float(config.get("drop_path_rate", 0.1)),
+        "init_values": layer_scale if layer_scale > 0 else None,
+        "init_std": float(config.get("initializer_range", 0.02)),
+    }
+
+
+def _encoder_config(model: Beit | VisionTransformer, table: str) -> dict[str, Any]:
+    """The ``BeitConfig`` (``table`` "mim" / "beit") or ``ViTConfig`` of a model HF's can be.
+
+    Checked: square images and patches; BEiT's pooling; ViT's class token, pooling and norms.
+    """
+    blocks, patch = model.blocks, model.patch_embed
+    img, grid = tuple(patch.img_size), tuple(patch.patch_size)
+    if img[0] != img[1] or grid[0] != grid[1]:
+        raise CheckpointError(f"to Hugging Face: image {img} / patch {grid} are not square")
+    config = {
+        "hidden_size": int(model.embed_dim),
+        "num_hidden_layers": len(blocks),
+        "num_attention_heads": int(blocks[0].attn.num_heads),
+        "intermediate_size": int(blocks[0].mlp.fc1.out_features),
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
+        "layer_norm_eps": float(_one_value(model, nn.LayerNorm, "eps")),
+        "image_size": int(img[0]),
+        "patch_size": int(grid[0]),
+        "num_channels": int(patch.proj.in_channels),
+    }
+    if table == "vit":
+        no_cls = getattr(model, "no_embed_class", False) or model.cls_token is None
+        if no_cls or getattr(model, "num_reg_tokens", 0) or model.global_pool != "token":
+            raise CheckpointError(
+                "Hugging Face ViT needs a timm VisionTransformer with a class token in pos_embed, "
+                f"no register tokens and global_pool='token'; got global_pool={model.global_pool!r}"
+            )
+        if not isinstance(model.fc_norm, nn.Identity) or not isinstance(model.norm, nn.LayerNorm):
+            raise CheckpointError(
+                "Hugging Face ViT has no fc_norm and a final norm; this model differs"
+            )
+        qkv_bias = blocks[0].attn.qkv.bias is not None
+        config.update(qkv_bias=qkv_bias, encoder_stride=config["patch_size"])
+        return {"architectures": ["ViTForImageClassification"], "model_type": "vit", **config}
+    kwargs = model.model_kwargs if table == "mim" else {}
+    init_values = (kwargs or getattr(model, "bitrain_spec", None) or {}).get("init_values")
+    layer_scale = getattr(blocks[0], "gamma_1", None) is not None
+    config = {
+        "model_type": "beit",
+        **config,
+        "initializer_range": float(kwargs.get("init_std", 0.02)),
+        "use_absolute_position_embeddings": model.pos_embed is not None,
+        "use_relative_position_bias": blocks[0].attn.relative_position_bias_table is not None,
+        "use_shared_relative_position_bias": model.rel_pos_bias is not None,
+        "layer_scale_init_value": float(init_values or 0.1) if layer_scale else 0.0,
+        "drop_path_rate": float(kwargs.get("drop_path_rate", 0.0)),
+    }
+    if table == "mim":
+        return {
+            **config,
+            "architectures": ["BeitForMaskedImageModeling"],
+            "vocab_size": int(kwargs["vocab_size"]),
+            "use_mask_token": True,
+            "use_mean_pooling": True,  # BeitModel's own final norm = identity; the head's is ours
+            # BeitConfig's segmentation fields, so that every BEiT class reads the file
+            "pool_scales": [1, 2, 3, 6],
+            "use_auxiliary_head": True,
+            "auxiliary_loss_weight": 0.4,
+            "auxiliary_channels": 256,
+            "auxiliary_num_convs": 1,
+            "auxiliary_concat_input": False,
+            "semantic_loss_ignore_index": 255,
+            "add_fpn": False,
+            "reshape_hidden_states": True,
+        }
+    if model.global_pool == "avg" and isinstance(model.fc_norm, nn.LayerNorm):
+        mean_pooling = True
+    elif model.global_pool == "token" and isinstance(model.norm, nn.LayerNorm):
+        mean_pooling = False
+    else:
+        raise CheckpointError(
+            f"timm Beit with global_pool={model.global_pool!r} and fc_norm="
+            f"{type(model.fc_norm).__name__}; Hugging Face BEiT pools by mean + fc_norm "
+            "(global_pool='avg') or by the normed CLS token (global_pool='token')"
+        )
+    config.update(architectures=["BeitForImageClassification"], use_mask_token=False)
+    return {**config, "use_mean_pooling": mean_pooling}
+
+
+# --- BiT configs ----------------------------------------------------------------------------------
+
+# timm's resnetv2_*_bit (weight standardised convs with eps 1e-8, group norm, pre-activation
+# bottlenecks, the "fixed" stem of conv, zero pad 1, max pool 3/2) fix the depths: depths ->
+# (timm name, its fixed width factor). The widths travel as channels / stem_chs, HF's num_groups
+# (timm builds 32) as create_classifier's group_norm_groups.
+TIMM_BIT: dict[tuple[int, ...], tuple[str, int]] = {
+    (3, 4, 6, 3): ("resnetv2_50x1_bit", 1),
+    (3, 4, 23, 3): ("resnetv2_101x1_bit", 1),
+    (3, 8, 36, 3): ("resnetv2_152x2_bit", 2),
+}
+TIMM_GROUPS = 32  # partial(GroupNormAct, num_groups=32) in timm's ResNetV2
+BIT_CONV_EPS = 1e-8  # HF's BiT weight standardisation eps (hard-coded), timm's *_bit models too
+BIT_GROUP_NORM_EPS = 1e-5  # HF's BitGroupNormActivation (hard-coded), timm's GroupNormAct too
+# The BitConfig values for which HF's BiT is timm's network (pre-activation bottlenecks, symmetric
+# padding, a fixed stem, no dilation).
+_TIMM_NETWORK = {
+    "layer_type": "preactivation",
+    "global_padding": None,
+    "embedding_dynamic_padding": False,
+    "hidden_act": "relu",
+    "output_stride": 32,
+    "width_factor": 1,
+}
+
+
+def _make_div(value: float, divisor: int = 8) -> int:
+    """Channel rounding of HF's BiT and timm's ResNetV2 (``make_div`` / ``make_divisible``)."""
+    new = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * value else new
+
+
+def _bit_spec(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``create_classifier`` kwargs (less ``num_classes``) of a BiT config."""
+    for name, wanted in _TIMM_NETWORK.items():
+        if config.get(name, wanted) != wanted:
+            raise CheckpointError(
+                f"Hugging Face BiT config has {name}={config[name]!r}; timm's ResNetV2 BiT models "
+                f"are the same network only for {name}={wanted!r}, so it cannot be imported"
+            )
+    depths = tuple(int(d) for d in config.get("depths", (3, 4, 6, 3)))
+    if depths not in TIMM_BIT:
+        raise CheckpointError(
+            f"Hugging Face BiT config has depths={list(depths)}; timm names BiT models only with "
+            f"depths {[list(d) for d in TIMM_BIT]} (resnetv2_50x1_bit, resnetv2_101x1_bit, "
+            "resnetv2_152x2_bit), and create_classifier cannot override a timm name's depths"
+        )
+    name, wf = TIMM_BIT[depths]
+    hidden = [int(h) for h in config.get("hidden_sizes", (256, 512, 1024, 2048))]
+    stem = int(config.get("embedding_size", 64))
+    for what, chs in (("hidden_sizes", hidden), ("embedding_size", [stem])):
+        if any(_make_div(c) != c or c % wf for c in chs):
+            raise CheckpointError(
+                f"Hugging Face BiT config has {what}={chs if len(chs) > 1 else chs[0]}: timm "
+                f"rounds widths to multiples of 8 (and {name} multiplies them by {wf}), so these "
+                "cannot be built exactly"
+            )
+    groups = int(config.get("num_groups", TIMM_GROUPS))
+    normed = sorted({stem, *hidden, *(_make_div(h * 0.25) for h in hidden)})
+    bad = [c for c in normed if c % TIMM_GROUPS or c % groups]
+    if bad:
+        raise CheckpointError(
+            f"Hugging Face BiT config has group-normed widths {bad} not divisible by "
+            f"{TIMM_GROUPS} (timm builds every BiT group norm with 32 groups before bitrain sets "
+            f"num_groups={groups}) or by num_groups; such a model cannot be rebuilt by "
+            "create_classifier"
+        )
+    return {
+        "model_name": name,
+        "img_size": _square(config, "image_size", 224),
+        "in_chans": int(config.get("num_channels", 3)),
+        "channels": [c // wf for c in hidden],
+        "stem_chs": stem // wf,
+        "group_norm_groups": groups,
+    }
+
+
+def _bit_config(model: ResNetV2) -> dict[str, Any]:
+    """The ``BitConfig`` of a timm ``ResNetV2`` that is HF's BiT network (stem, convs, norms)."""
+    stem = model.stem
+    problems = []
+    if not isinstance(getattr(stem, "conv", None), StdConv2d):
+        problems.append("the stem conv is not a weight-standardised StdConv2d")
+    if not isinstance(getattr(stem, "pad", None), nn.ConstantPad2d) or not isinstance(
+        getattr(stem, "pool", None), nn.MaxPool2d
+    ):
+        problems.append("the stem is not BiT's 'fixed' stem (conv, zero pad 1, max pool 3/2)")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m is not model.head.fc]
+    if any(not isinstance(m, StdConv2d) or m.eps != BIT_CONV_EPS for m in convs):
+        problems.append(f"not every conv is a StdConv2d with eps={BIT_CONV_EPS}")
+    if any(not isinstance(b, PreActBottleneck) for stage in model.stages for b in stage.blocks):
+        problems.append("the blocks are not pre-activation bottlenecks")
+    if any(m.dilation != (1, 1) for m in convs):
+        problems.append("it uses dilation (output_stride < 32)")
+    if not isinstance(model.norm, nn.GroupNorm):
+        problems.append("it has no final group norm (not pre-activation)")
+    if _one_value(model, nn.GroupNorm, "eps") != BIT_GROUP_NORM_EPS:
+        problems.append(f"its group norms do not use eps={BIT_GROUP_NORM_EPS}")
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    if any(not isinstance(getattr(m, "act", None), nn.ReLU) for m in norms):
+        problems.append("its activation is not ReLU")
+    if problems:
+        raise CheckpointError(
+            "this ResNetV2 is not a Hugging Face BiT network: " + "; ".join(problems)
+        )
+    spec = getattr(model, "bitrain_spec", {})
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224))[1]
+    return {
+        "architectures": ["BitForImageClassification"],
+        "model_type": "bit",
+        "num_channels": int(stem.conv.in_channels),
+        "embedding_size": int(stem.conv.out_channels),
+        "hidden_sizes": [int(stage.blocks[0].conv3.out_channels) for stage in model.stages],
+        "depths": [len(stage.blocks) for stage in model.stages],
+        **_TIMM_NETWORK,
+        "num_groups": int(_one_value(model, nn.GroupNorm, "num_groups")),
+        "drop_path_rate": 0.0,
+        "image_size": int(spec.get("img_size", size)),
+    }

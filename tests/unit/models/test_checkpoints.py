@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from bitrain.checkpoints import load_mim_model, save_mim_model
-from bitrain.checkpoints.huggingface import from_hf_mim as from_hf_beit
-from bitrain.checkpoints.huggingface import to_hf_mim as to_hf_beit
+from bitrain.checkpoints.hf import from_hf, to_hf
 from bitrain.checkpoints.official import from_official as from_official_beit
 from bitrain.checkpoints.official import to_official as to_official_beit
 from bitrain.io import CheckpointError
@@ -83,7 +82,8 @@ def test_hf_in_memory_spelling_loads(images, make_mask):
     hf = make_hf("shared_relpos_layerscale")
     new_keys = hf.state_dict()
     assert any(".q_proj." in k for k in new_keys)
-    state, kwargs = from_hf_beit(new_keys, hf.config.to_dict())
+    config = {**hf.config.to_dict(), "architectures": ["BeitForMaskedImageModeling"]}
+    state, kwargs = from_hf(new_keys, config)
     from bitrain.models.beit import BeitMIM
 
     model = BeitMIM(**kwargs).eval()
@@ -93,10 +93,37 @@ def test_hf_in_memory_spelling_loads(images, make_mask):
         assert (model(images, mask) - hf_masked_logits(hf, images, mask)).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("variant", sorted(HF_VARIANTS))
+def test_hf_mim_rules_read_backwards_give_transformers_state_back(variant):
+    """HF 5.x state -> from_hf -> BeitMIM -> to_hf(spelling="5.x") is the identity."""
+    from bitrain.models.beit import BeitMIM
+
+    hf = make_hf(variant)
+    hf_state = {k: v for k, v in hf.state_dict().items() if "relative_position_index" not in k}
+    config = {**hf.config.to_dict(), "architectures": ["BeitForMaskedImageModeling"]}
+    state, kwargs = from_hf(hf_state, config)
+    model = BeitMIM(**kwargs)
+    model.load_state_dict(state, strict=True)
+    back, _ = to_hf(model, spelling="5.x")
+    assert sorted(back) == sorted(hf_state)
+    for key, value in hf_state.items():
+        assert torch.equal(back[key], value), key
+
+
+def test_to_hf_refuses_other_models_and_spellings(make_tiny):
+    with pytest.raises(CheckpointError, match="a Linear has no Hugging Face counterpart"):
+        to_hf(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="spelling must be '4.x' or '5.x'"):
+        to_hf(make_tiny(), spelling="6.x")
+    state, _ = to_hf(make_tiny(qkv_bias=False), spelling="5.x")  # HF's BEiT always has q/v biases
+    assert not state["beit.layers.0.attention.q_proj.bias"].any()
+    assert "beit.layers.0.attention.k_proj.bias" not in state
+
+
 def test_hf_legacy_spelling_with_index_buffers_loads(tmp_path, make_tiny):
     """A 4.x-era state dict (attention.attention.query, relative_position_index) loads."""
     model = make_tiny()
-    state, config = to_hf_beit(model, spelling="4.x")
+    state, config = to_hf(model, spelling="4.x")
     assert "beit.encoder.layer.0.attention.attention.query.weight" in state
     state["beit.encoder.relative_position_bias.relative_position_index"] = torch.zeros(17, 17)
     torch.save(state, tmp_path / "pytorch_model.bin")

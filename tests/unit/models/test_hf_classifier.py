@@ -311,9 +311,33 @@ def test_label_names_must_fit(tmp_path):
     "architecture", ["BeitForImageClassification", "ViTForImageClassification", "BitModel"]
 )
 def test_a_non_square_image_size_is_refused_by_name(architecture):
-    from bitrain.checkpoints.huggingface import from_hf as from_hf_classifier
+    from bitrain.checkpoints.hf import from_hf as from_hf_classifier
     from bitrain.io import CheckpointError
 
     config = {"architectures": [architecture], "image_size": [224, 192]}
     with pytest.raises(CheckpointError, match=r"Hugging Face config: image_size=\[224, 192\]"):
         from_hf_classifier({}, config)
+
+
+@pytest.mark.parametrize("variant", list(HF_VARIANTS))
+def test_the_rules_read_backwards_give_transformers_state_back(variant):
+    """HF 5.x state -> from_hf -> timm -> to_hf(spelling="5.x") is the identity, and loads."""
+    from bitrain.checkpoints.hf import from_hf, to_hf
+
+    hf, size = make_hf(variant)
+    hf_state = {k: v for k, v in hf.state_dict().items() if "relative_position_index" not in k}
+    state, spec = from_hf(hf_state, {**hf.config.to_dict(), "architectures": [type(hf).__name__]})
+    model = create_classifier(**spec).eval()
+    model.load_state_dict(state, strict=True)
+    back, config = to_hf(model, LABELS, spelling="5.x")
+    assert sorted(back) == sorted(hf_state)
+    for key, value in hf_state.items():
+        assert torch.equal(back[key], value), key
+    rebuilt = getattr(transformers, config["architectures"][0])(
+        transformers.AutoConfig.for_model(**config)
+    ).eval()
+    rebuilt.load_state_dict(back, strict=True)  # transformers 5's in-memory names
+    x = images(size)
+    with torch.no_grad():
+        assert max_diff(rebuilt(pixel_values=x).logits, hf(pixel_values=x).logits) <= TOL
+    assert rebuilt.config.id2label == dict(enumerate(LABELS))
