@@ -586,16 +586,6 @@ def _encoder_config(model: Beit | VisionTransformer, table: str) -> dict[str, An
             "vocab_size": int(kwargs["vocab_size"]),
             "use_mask_token": True,
             "use_mean_pooling": True,  # BeitModel's own final norm = identity; the head's is ours
-            # BeitConfig's segmentation fields, so that every BEiT class reads the file
-            "pool_scales": [1, 2, 3, 6],
-            "use_auxiliary_head": True,
-            "auxiliary_loss_weight": 0.4,
-            "auxiliary_channels": 256,
-            "auxiliary_num_convs": 1,
-            "auxiliary_concat_input": False,
-            "semantic_loss_ignore_index": 255,
-            "add_fpn": False,
-            "reshape_hidden_states": True,
         }
     if model.global_pool == "avg" and isinstance(model.fc_norm, nn.LayerNorm):
         mean_pooling = True
