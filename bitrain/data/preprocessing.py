@@ -2,14 +2,11 @@
 
 Checkpoints come from strangers, so how their images were preprocessed is never code (no Hydra
 ``_target_``, import path or pickle from a file reaches ``instantiate`` or ``importlib``) but an
-:class:`EvalPreprocessing` (resize, PIL filter, centre crop, mean/std), checked once when built;
-:meth:`~EvalPreprocessing.build` makes it torchvision's ``Resize -> CenterCrop -> ToTensor ->
-Normalize``. Readers, each with the semantics of the library that wrote the record: timm's
-evaluation ``create_transform`` (``timm/data/transforms_factory.py:transforms_imagenet_eval``),
-transformers' image processors (``get_size_dict`` and each class's defaults), unilm's
-``beit/datasets.py:build_transform`` (commit 03380c8), a user's own torchvision ``Compose``, and
-bitrain's record (or an older bitrain's Hydra node, read as data). One size reader,
-:func:`_size`, serves them all; :meth:`~EvalPreprocessing.to_record` writes its inverse.
+:class:`EvalPreprocessing`, checked when built and built only into torchvision's ``Resize ->
+CenterCrop -> ToTensor -> Normalize``. Each reader follows the library that wrote the record: timm
+(``timm/data/transforms_factory.py:transforms_imagenet_eval``), transformers' image processors
+(``get_size_dict``, each class's defaults), unilm (``beit/datasets.py:build_transform``, commit
+03380c8), a user's own ``Compose``, bitrain's record (or an older bitrain's Hydra node, as data).
 """
 
 from __future__ import annotations
@@ -29,7 +26,7 @@ __all__ = [
 
 RECORD_FORMAT = "bitrain.eval_preprocessing"
 RECORD_VERSION = 1
-# PIL resampling filters (Hugging Face's "resample" numbers, the index) <-> torchvision's names.
+# torchvision's interpolation names, indexed by PIL's filter number (Hugging Face's "resample").
 INTERPOLATIONS = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INCEPTION_MEAN, INCEPTION_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -51,11 +48,10 @@ class EvalPreprocessing:
     Attributes:
         resize: ``None``, ``("shortest_edge", n)`` or ``("exact", height, width)``.
         interpolation: the resampling filter of the resize (:data:`INTERPOLATIONS`).
-        crop: ``None`` or the centre crop ``(height, width)``.
-        mean: per-channel mean subtracted from the [0, 1] tensor (stored as a tuple of floats).
-        std: per-channel divisor.
-        crop_offset: ``"round"`` (torchvision's ``CenterCrop``: the offset of an odd margin is
-            rounded, half to even) or ``"floor"`` (transformers' ``center_crop``: ``margin // 2``).
+        crop: ``None`` or the centre crop ``(height, width)`` (any box :func:`_size` reads).
+        mean, std: per channel, subtracted from the [0, 1] tensor, then divided by (float tuples).
+        crop_offset: an odd margin's offset ``"round"``-ed half to even (torchvision's
+            ``CenterCrop``) or ``"floor"``-ed (transformers' ``center_crop``).
     """
 
     resize: tuple[Any, ...] | None
@@ -73,13 +69,10 @@ class EvalPreprocessing:
                 raise CheckpointError(f"{where}: resize {self.resize!r} is not understood")
             store("resize", (kind, *(_side(s, f"{where}: resize") for s in sides)))
         if self.crop is not None:
-            if not _is_seq(self.crop) or len(self.crop) != 2:
-                raise CheckpointError(f"{where}: crop {self.crop!r} is not (height, width)")
-            store("crop", tuple(_side(s, f"{where}: crop") for s in self.crop))
+            store("crop", _size(self.crop, f"{where}: crop", box=True)[1:])
         if self.interpolation not in INTERPOLATIONS:
-            raise CheckpointError(
-                f"{where}: interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}"
-            )
+            raise CheckpointError(f"{where}: interpolation {self.interpolation!r} is not one of "
+                                  f"{INTERPOLATIONS}")  # fmt: skip
         if self.crop_offset not in ("round", "floor"):
             raise CheckpointError(f"{where}: crop_offset {self.crop_offset!r} is not round | floor")
         store("mean", channels(self.mean, f"{where}: mean"))
@@ -110,32 +103,25 @@ class EvalPreprocessing:
     def to_processor_config(self) -> dict[str, Any]:
         """Hugging Face image-processor settings that preprocess the same way.
 
-        ``size`` is a dict, which every processor reads literally; a step that is off has no size
-        (transformers refuses an empty one). transformers floors the centre-crop offset: with
-        ``crop_offset="round"`` and an odd margin its crop sits one pixel away from ours.
+        ``size`` is a dict (read literally by every processor), absent for a step that is off
+        (transformers refuses an empty one). transformers floors the crop offset (one pixel off
+        ``crop_offset="round"`` for an odd margin).
         """
         record = self.to_record()
         config = {
-            "do_resize": self.resize is not None,
-            "size": record["resize"],
+            "do_resize": self.resize is not None, "size": record["resize"],
             "resample": INTERPOLATIONS.index(self.interpolation),
-            "do_center_crop": self.crop is not None,
-            "crop_size": record["crop"],
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": record["mean"],
-            "image_std": record["std"],
-            "do_convert_rgb": True,
-        }
+            "do_center_crop": self.crop is not None, "crop_size": record["crop"],
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": record["mean"], "image_std": record["std"], "do_convert_rgb": True,
+        }  # fmt: skip
         return {k: v for k, v in config.items() if v is not None}
 
     def to_timm_cfg(self, in_chans: int = 3) -> dict[str, Any] | None:
         """The ``pretrained_cfg`` data fields timm reads the same way; None when it has none.
 
-        timm's evaluation resize is ``floor(crop / crop_pct)``: a square centre crop after a
-        shortest-edge resize is ``crop_mode="center"``, an exact resize (then a crop or none)
-        ``"squash"``. A floored crop offset, or a shortest edge with no crop, is not timm's.
+        timm resizes to ``floor(crop / crop_pct)``: ``crop_mode="center"`` is a shortest edge then a
+        square crop, ``"squash"`` an exact resize (then a crop or none); it rounds the crop offset.
         """
         if self.resize is None or (self.crop is not None and self.crop_offset != "round"):
             return None
@@ -148,20 +134,16 @@ class EvalPreprocessing:
             return None
         mode = "center" if kind == "shortest_edge" else "squash"
         return {
-            "input_size": [int(in_chans), height, width],
-            "interpolation": self.interpolation,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "crop_mode": mode,
-            "crop_pct": pct,
-        }
+            "input_size": [int(in_chans), height, width], "interpolation": self.interpolation,
+            "mean": list(self.mean), "std": list(self.std), "crop_mode": mode, "crop_pct": pct,
+        }  # fmt: skip
 
 
+@dataclass(frozen=True)
 class FloorCenterCrop:
-    """Centre crop with the offset floored (zero padded), as transformers' ``center_crop``."""
+    """Centre crop ``(height, width)``, offset floored (zero padded): transformers' way."""
 
-    def __init__(self, size: tuple[int, int]) -> None:
-        self.size = (int(size[0]), int(size[1]))
+    size: tuple[int, int]
 
     def __call__(self, img: Any) -> Any:
         from torchvision.transforms import functional as F
@@ -169,9 +151,6 @@ class FloorCenterCrop:
         width, height = F.get_image_size(img)
         top, left = (height - self.size[0]) // 2, (width - self.size[1]) // 2
         return F.crop(img, top, left, *self.size)
-
-    def __repr__(self) -> str:
-        return f"FloorCenterCrop(size={self.size})"
 
 
 def _spec(where: str, *fields: Any, error: type[Exception] = CheckpointError) -> EvalPreprocessing:
@@ -185,9 +164,7 @@ def _spec(where: str, *fields: Any, error: type[Exception] = CheckpointError) ->
 def _crop_pct(crop: int, resize: int) -> float:
     """A ``crop_pct`` with ``floor(crop / crop_pct) == resize`` (timm's evaluation resize rule)."""
     pct = crop / resize
-    for _ in range(8):
-        if math.floor(crop / pct) >= resize:
-            break
+    while math.floor(crop / pct) < resize:  # the quotient rounded below resize: an ulp lower
         pct = math.nextafter(pct, 0.0)
     return pct
 
@@ -223,44 +200,33 @@ def channels(values: Any, where: str, positive: bool = False) -> tuple[float, ..
 
 
 def _tensor_values(values: Any) -> Any:
-    """A tensor's floats (torchvision, timm); float32 as the shortest decimal, 0.485 not 0.48500001."""
+    """A tensor's floats (torchvision, timm); float32 as its shortest decimal (0.485)."""
     if not hasattr(values, "tolist"):
         return values
     import numpy as np
 
-    flat = values.detach().cpu().flatten()
-    if str(flat.dtype) == "torch.float32":
-        return [float(str(np.float32(v))) for v in flat.tolist()]
-    return [float(v) for v in flat.tolist()]
+    f32 = str(values.dtype) == "torch.float32"
+    return [float(str(np.float32(v)) if f32 else v) for v in values.detach().flatten().tolist()]
 
 
-def _size(value: Any, where: str, square: bool = True) -> tuple[Any, ...]:
-    """A size as transformers' ``get_size_dict`` reads it -> ``("exact", h, w)`` / ``(kind, n)``.
+def _size(value: Any, where: str, square: bool = True, box: bool = False) -> tuple[Any, ...]:
+    """A size as transformers' ``get_size_dict`` reads it: ``("exact", h, w)`` or ``(kind, n)``.
 
     An int is a square (``default_to_square``) or else a shortest edge, a pair is (height, width),
-    a dict gives ``height`` and ``width`` or a ``shortest_edge`` (with no ``longest_edge``).
+    a dict gives ``height`` and ``width`` or (not for a ``box``) a ``shortest_edge`` alone.
     """
     size = value
     if isinstance(size, int) and not isinstance(size, bool):
         size = {"height": size, "width": size} if square else {"shortest_edge": size}
     elif _is_seq(size) and len(size) == 2:
         size = {"height": size[0], "width": size[1]}
-    if isinstance(size, Mapping) and "height" in size and "width" in size:
+    keys = set(size) if isinstance(size, Mapping) else set()
+    if {"height", "width"} <= keys:
         return ("exact", _side(size["height"], where), _side(size["width"], where))
-    if isinstance(size, Mapping) and "shortest_edge" in size and "longest_edge" not in size:
+    if "shortest_edge" in keys and "longest_edge" not in keys and not box:
         return ("shortest_edge", _side(size["shortest_edge"], where))
-    raise CheckpointError(
-        f"{where}: {value!r} is not a size bitrain can rebuild (an int, [h, w], "
-        "{'height', 'width'} or {'shortest_edge'})"
-    )
-
-
-def _box(value: Any, where: str) -> tuple[int, int]:
-    """A crop ``(height, width)`` read by :func:`_size` (an int is a square)."""
-    kind, *sides = _size(value, where)
-    if kind != "exact":
-        raise CheckpointError(f"{where}: {value!r} is not a box (height, width)")
-    return sides[0], sides[1]
+    forms = "an int, [h, w], {height, width}" + ("" if box else " or {shortest_edge}")
+    raise CheckpointError(f"{where}: {value!r} is not a {'box' if box else 'size'} ({forms})")
 
 
 def _only(mapping: Mapping[str, Any], allowed: set[str], where: str) -> None:
@@ -269,40 +235,34 @@ def _only(mapping: Mapping[str, Any], allowed: set[str], where: str) -> None:
         raise CheckpointError(f"{where}: unknown field(s) {unknown}; known: {sorted(allowed)}")
 
 
-# --- timm -----------------------------------------------------------------------------------------
-
+# --- timm: transforms_factory.py ------------------------------------------------------------------
 _TIMM_KEYS = {"input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std"}
 
 
 def from_timm_args(args: Mapping[str, Any], where: str = "timm data config") -> EvalPreprocessing:
-    """The evaluation transform timm builds from these data-config values.
+    """The evaluation transform timm's ``create_transform(is_training=False, **args)`` builds.
 
-    ``create_transform(is_training=False, ...)`` (``transforms_imagenet_eval``): ``scale =
-    floor(size / crop_pct)`` (crop_pct 0.875 by default); ``center`` (default) resizes the shortest
-    edge to ``scale`` then centre-crops ``size``, ``squash`` resizes to exactly ``scale`` then
-    centre-crops. Interpolation defaults to bilinear, mean/std to ImageNet's. A ``border`` mode
-    (which pads) or ``center`` with a non-square size is a CheckpointError.
+    ``transforms_imagenet_eval``: ``scale = floor(size / crop_pct)`` (default 0.875), then
+    ``center`` (default; square sizes) resizes the shortest edge to it, ``squash`` to exactly it,
+    and centre-crops ``size``; bilinear, ImageNet's mean/std. ``border`` (it pads) is refused.
     """
     _only(args, _TIMM_KEYS, where)
     size = args.get("input_size")
-    if size is None or isinstance(size, Mapping):
+    if not isinstance(size, int) and not (_is_seq(size) and len(size) in (1, 2, 3)):
         raise CheckpointError(f"{where}: input_size {size!r} is not n, [h, w] or [c, h, w]")
-    if _is_seq(size) and len(size) in (1, 3):  # timm's (channels, height, width); [n] a square
+    if _is_seq(size) and len(size) != 2:  # timm's (channels, height, width); [n] is a square
         size = size[1:] if len(size) == 3 else [size[0]] * 2
     _, height, width = _size(size, f"{where}: input_size")
     pct = 0.875 if args.get("crop_pct") is None else args["crop_pct"]
     pct = _number(pct, f"{where}: crop_pct", 0.05, 4.0)
     mode = args.get("crop_mode") or "center"
-    scale = (math.floor(height / pct), math.floor(width / pct))
-    if mode == "squash":
-        resize: tuple[Any, ...] = ("exact", *scale)
-    elif mode == "center" and height == width:
-        resize = ("shortest_edge", scale[0])
-    else:
+    if mode != "squash" and (mode != "center" or height != width):
         raise CheckpointError(
             f"{where}: crop_mode={mode!r} with input_size {height}x{width} is not supported "
             "(supported: 'center' with a square size, 'squash')"
         )
+    scale = (math.floor(height / pct), math.floor(width / pct))
+    resize = ("exact", *scale) if mode == "squash" else ("shortest_edge", scale[0])
     mean, std = args.get("mean", IMAGENET_MEAN), args.get("std", IMAGENET_STD)
     interpolation = args.get("interpolation") or "bilinear"
     return _spec(where, resize, interpolation, (height, width), *map(_tensor_values, (mean, std)))
@@ -313,8 +273,7 @@ def from_timm_cfg(cfg: Mapping[str, Any], where: str = "timm pretrained_cfg") ->
     return from_timm_args({k: cfg[k] for k in _TIMM_KEYS if cfg.get(k) is not None}, where)
 
 
-# --- Hugging Face image processors ----------------------------------------------------------------
-
+# --- transformers: image processors ---------------------------------------------------------------
 _CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 _HALF, _IMAGENET = (INCEPTION_MEAN, INCEPTION_STD), (IMAGENET_MEAN, IMAGENET_STD)
 # transformers' defaults per processor class for the keys a config may leave out: whether an
@@ -332,10 +291,7 @@ _PROCESSORS: dict[str, tuple[Any, ...]] = {
 def processor_class(config: Mapping[str, Any]) -> str:
     """The image-processor class a config names (old ``*FeatureExtractor`` names mapped)."""
     name = str(config.get("image_processor_type") or config.get("feature_extractor_type") or "")
-    name = name.removesuffix("Fast")
-    if name.endswith("FeatureExtractor"):
-        name = name.removesuffix("FeatureExtractor") + "ImageProcessor"
-    return name
+    return name.removesuffix("Fast").replace("FeatureExtractor", "ImageProcessor")
 
 
 def from_processor_config(
@@ -343,22 +299,20 @@ def from_processor_config(
 ) -> EvalPreprocessing:
     """What a Hugging Face image processor with this config does to an RGB image.
 
-    Keys the config leaves out take its processor class's defaults (:data:`_PROCESSORS`); a
-    ``rescale_factor`` other than 1/255 folds into the normalisation. A ``longest_edge`` resize is
-    a CheckpointError.
+    Keys the config leaves out take its class's defaults (:data:`_PROCESSORS`); a
+    ``rescale_factor`` other than 1/255 folds into mean/std; a ``longest_edge`` is refused.
     """
     if not isinstance(config, Mapping):
         raise CheckpointError(f"{where} holds a {type(config).__name__}, not a JSON object")
-    square, size, resample, crop, (mean, std) = _PROCESSORS.get(
-        processor_class(config), _PROCESSORS["BitImageProcessor"]
-    )
+    defaults = _PROCESSORS.get(processor_class(config), _PROCESSORS["BitImageProcessor"])
+    square, size, resample, crop, (mean, std) = defaults
     cfg = {
         "do_resize": True, "size": size, "resample": resample, "do_center_crop": crop,
         "crop_size": 224 if crop else None, "do_rescale": True, "rescale_factor": 1 / 255,
         "do_normalize": True, "image_mean": mean, "image_std": std, **config,
     }  # fmt: skip
     resample = cfg["resample"]
-    if isinstance(resample, bool) or resample not in range(len(INTERPOLATIONS)):
+    if isinstance(resample, bool) or resample not in range(len(INTERPOLATIONS)):  # unhashed
         raise CheckpointError(f"{where}: resample {resample!r} is not a PIL filter 0..5")
     scale = 1.0
     if cfg["do_rescale"]:
@@ -369,25 +323,15 @@ def from_processor_config(
     if cfg["do_normalize"]:
         mean = channels(cfg["image_mean"], f"{where}: image_mean")
         std = channels(cfg["image_std"], f"{where}: image_std", positive=True)
-    return _spec(
-        where,
-        _size(cfg["size"], f"{where}: size", square) if cfg["do_resize"] else None,
-        INTERPOLATIONS[int(resample)],
-        _box(cfg["crop_size"], f"{where}: crop_size") if cfg["do_center_crop"] else None,
-        tuple(m / scale for m in mean),
-        tuple(s / scale for s in std),
-        "floor",
-    )
+    resize = _size(cfg["size"], f"{where}: size", square) if cfg["do_resize"] else None
+    crop = cfg["do_center_crop"] and _size(cfg["crop_size"], f"{where}: crop_size", box=True)[1:]
+    mean, std = (tuple(v / scale for v in values) for values in (mean, std))
+    return _spec(where, resize, INTERPOLATIONS[int(resample)], crop or None, mean, std, "floor")
 
 
-# --- official unilm args --------------------------------------------------------------------------
-
-
+# --- unilm BEiT, and a user's own transform -------------------------------------------------------
 def official_normalization(args: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std of an official BEiT run (``beit/datasets.py``, unilm commit 03380c8).
-
-    ImageNet's with ``--imagenet_default_mean_and_std``, else the "inception" 0.5 / 0.5.
-    """
+    """An official run's mean/std: ImageNet's if ``--imagenet_default_mean_and_std``, else 0.5."""
     if args.get("imagenet_default_mean_and_std"):
         return IMAGENET_MEAN, IMAGENET_STD
     return INCEPTION_MEAN, INCEPTION_STD
@@ -396,11 +340,9 @@ def official_normalization(args: Mapping[str, Any]) -> tuple[tuple[float, ...], 
 def from_official_args(args: Mapping[str, Any], where: str = "official args") -> EvalPreprocessing:
     """The evaluation transform ``run_class_finetuning.py`` built from these ``args``.
 
-    ``beit/datasets.py:build_transform(is_train=False)``: for ``input_size > 32``,
-    ``Resize(int(input_size / crop_pct), interpolation=3)`` (bicubic, shortest edge) then
-    ``CenterCrop(input_size)``, ``crop_pct`` 224/256 below 384 and 1.0 from 384 unless set; then
-    ``ToTensor`` and ``Normalize`` (:func:`official_normalization`). No ``input_size`` is a
-    CheckpointError.
+    ``beit/datasets.py:build_transform(is_train=False)``: above 32 pixels ``Resize(int(input_size
+    / crop_pct), interpolation=3)`` (bicubic, shortest edge; ``crop_pct`` 224/256 below 384, else
+    1, unless set), ``CenterCrop(input_size)``; then ``ToTensor``, :func:`official_normalization`.
     """
     if args.get("input_size") is None:
         raise CheckpointError(f"{where}: no input_size")
@@ -413,21 +355,16 @@ def from_official_args(args: Mapping[str, Any], where: str = "official args") ->
     return _spec(where, ("shortest_edge", int(side / pct)), "bicubic", (side, side), mean, std)
 
 
-# --- a torchvision transform of the user's own config ---------------------------------------------
-
-
 def from_transform(transform: Any) -> EvalPreprocessing:
     """The spec of a user's own (trusted) ``Compose([Resize, CenterCrop, ToTensor, Normalize])``.
 
-    What timm's evaluation ``create_transform`` builds for the ``center`` and ``squash`` modes. A
-    step this spec cannot express (e.g. ``ColorJitter``), steps out of order or no ``ToTensor`` are
-    a ValueError.
+    As timm's evaluation ``create_transform`` builds for ``center`` and ``squash``. Another step
+    (e.g. ``ColorJitter``), steps out of order or no ``ToTensor`` are a ValueError.
     """
     from torchvision import transforms as T
 
     resize, crop, interpolation, offset = None, None, "bicubic", "round"
-    mean: Any = (0.0, 0.0, 0.0)
-    std: Any = (1.0, 1.0, 1.0)
+    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     seen: list[int] = []  # the steps' places in resize -> crop -> to tensor -> normalise
     for step in getattr(transform, "transforms", [transform]):
         if isinstance(step, T.Resize):
@@ -437,7 +374,7 @@ def from_transform(transform: Any) -> EvalPreprocessing:
             resize = ("shortest_edge" if len(size) == 1 else "exact", *map(int, size))
             interpolation = str(getattr(step.interpolation, "value", step.interpolation))
         elif isinstance(step, T.CenterCrop | FloorCenterCrop):
-            place, crop = 1, tuple(step.size) if _is_seq(step.size) else (step.size, step.size)
+            place, crop = 1, step.size
             offset = "floor" if isinstance(step, FloorCenterCrop) else "round"
         elif isinstance(step, T.ToTensor) or type(step).__name__ in ("MaybeToTensor", "ToTensor"):
             place = 2
@@ -458,47 +395,36 @@ def from_transform(transform: Any) -> EvalPreprocessing:
 
 
 # --- records in files -----------------------------------------------------------------------------
-
-
 def read_record(record: Any, where: str) -> EvalPreprocessing:
     """The spec a file records: bitrain's record, or an older bitrain's Hydra node read as data.
 
     Nothing in it is imported, called or interpolated: an older node is accepted only when its
-    ``_target_`` is one of the builders bitrain itself wrote (timm's ``create_transform``, the
-    processor-config reader) with plain-value arguments. A record's sizes must be the dicts
-    :meth:`EvalPreprocessing.to_record` writes.
+    ``_target_`` is one of the builders bitrain wrote (timm's ``create_transform``, the
+    processor-config reader) with plain values. Sizes must be the dicts ``to_record`` writes.
 
     Raises:
         CheckpointError: not a record, a target that would run other code, unknown fields, or
             values of the wrong type or range; the message names ``where``.
     """
     if not isinstance(record, Mapping):
-        raise CheckpointError(
-            f"{where}: the evaluation preprocessing is a {type(record).__name__}, not a record"
-        )
+        raise CheckpointError(f"{where}: evaluation preprocessing is a {type(record).__name__}")
     if "_target_" in record:
         return _legacy_node(record, where)
-    if (record.get("format"), record.get("version")) != (RECORD_FORMAT, RECORD_VERSION):
+    found = (record.get("format"), record.get("version"))
+    if found != (RECORD_FORMAT, RECORD_VERSION):
         raise CheckpointError(
-            f"{where}: the evaluation preprocessing is format {record.get('format')!r} version "
-            f"{record.get('version')!r}; this bitrain reads {RECORD_FORMAT!r} version "
-            f"{RECORD_VERSION} (upgrade bitrain for a newer version)"
+            f"{where}: evaluation preprocessing {found[0]!r} version {found[1]!r} is not "
+            f"{RECORD_FORMAT!r} version {RECORD_VERSION} (for a newer version, upgrade bitrain)"
         )
     _only(record, {*EvalPreprocessing.__dataclass_fields__, "format", "version"}, where)
-    resize, crop = record.get("resize"), record.get("crop")
-    spec = _spec(
-        where,
-        None if resize is None else _size(resize, f"{where}: resize"),
-        record.get("interpolation"),
-        None if crop is None else _box(crop, f"{where}: crop"),
-        record.get("mean"),
-        record.get("std"),
-        record.get("crop_offset", "round"),
-    )
+    fields = [record.get(k) for k in ("resize", "interpolation", "crop", "mean", "std")]
+    if fields[0] is not None:
+        fields[0] = _size(fields[0], f"{where}: resize")
+    spec = _spec(where, *fields, record.get("crop_offset", "round"))
     written = spec.to_record()
-    for name in ("resize", "crop"):  # the one inverse: an int or a list is not a record's size
+    for name in ("resize", "crop"):  # the one inverse: a size is the dict to_record writes
         if written[name] != record.get(name):
-            raise CheckpointError(f"{where}: {name} {record.get(name)!r} is not written as such")
+            raise CheckpointError(f"{where}: {name} {record.get(name)!r} should be {written[name]}")
     return spec
 
 
@@ -513,7 +439,6 @@ def _legacy_node(node: Mapping[str, Any], where: str) -> EvalPreprocessing:
         _only(node, {"_target_", "_convert_", "config"}, where)
         return from_processor_config(node.get("config"), where)
     raise CheckpointError(
-        f"{where}: the evaluation preprocessing names code to run ({target!r}). bitrain reads "
-        "preprocessing records as data and never runs code a file names, so this file was "
-        "refused; it was not written by bitrain, or it was tampered with"
+        f"{where}: the evaluation preprocessing names code to run ({target!r}); bitrain never "
+        "runs code a file names, so it refused this file (not bitrain's, or tampered with)"
     )
