@@ -70,11 +70,9 @@ class EvalPreprocessing:
             store("resize", (kind, *(_side(s, f"{where}: resize") for s in sides)))
         if self.crop is not None:
             store("crop", _size(self.crop, f"{where}: crop", box=True)[1:])
-        if self.interpolation not in INTERPOLATIONS:
-            raise CheckpointError(f"{where}: interpolation {self.interpolation!r} is not one of "
-                                  f"{INTERPOLATIONS}")  # fmt: skip
-        if self.crop_offset not in ("round", "floor"):
-            raise CheckpointError(f"{where}: crop_offset {self.crop_offset!r} is not round | floor")
+        for name, known in (("interpolation", INTERPOLATIONS), ("crop_offset", ("round", "floor"))):
+            if (value := getattr(self, name)) not in known:
+                raise CheckpointError(f"{where}: {name} {value!r} is not one of {known}")
         store("mean", channels(self.mean, f"{where}: mean"))
         store("std", channels(self.std, f"{where}: std", positive=True))
         if len(self.mean) != len(self.std):
@@ -200,7 +198,10 @@ def channels(values: Any, where: str, positive: bool = False) -> tuple[float, ..
 
 
 def _tensor_values(values: Any) -> Any:
-    """A tensor's floats (torchvision, timm); float32 as its shortest decimal (0.485)."""
+    """A tensor's values as floats (torchvision and timm keep mean and std as tensors).
+
+    A float32 is read as its shortest decimal: 0.485, not 0.48500001430511475.
+    """
     if not hasattr(values, "tolist"):
         return values
     import numpy as np
@@ -312,7 +313,7 @@ def from_processor_config(
         "do_normalize": True, "image_mean": mean, "image_std": std, **config,
     }  # fmt: skip
     resample = cfg["resample"]
-    if isinstance(resample, bool) or resample not in range(len(INTERPOLATIONS)):  # unhashed
+    if isinstance(resample, bool) or resample not in range(len(INTERPOLATIONS)):  # a list too
         raise CheckpointError(f"{where}: resample {resample!r} is not a PIL filter 0..5")
     scale = 1.0
     if cfg["do_rescale"]:
@@ -332,9 +333,7 @@ def from_processor_config(
 # --- unilm BEiT, and a user's own transform -------------------------------------------------------
 def official_normalization(args: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """An official run's mean/std: ImageNet's if ``--imagenet_default_mean_and_std``, else 0.5."""
-    if args.get("imagenet_default_mean_and_std"):
-        return IMAGENET_MEAN, IMAGENET_STD
-    return INCEPTION_MEAN, INCEPTION_STD
+    return _IMAGENET if args.get("imagenet_default_mean_and_std") else _HALF
 
 
 def from_official_args(args: Mapping[str, Any], where: str = "official args") -> EvalPreprocessing:
@@ -407,7 +406,8 @@ def read_record(record: Any, where: str) -> EvalPreprocessing:
             values of the wrong type or range; the message names ``where``.
     """
     if not isinstance(record, Mapping):
-        raise CheckpointError(f"{where}: evaluation preprocessing is a {type(record).__name__}")
+        kind = type(record).__name__
+        raise CheckpointError(f"{where}: the evaluation preprocessing is a {kind}, not a record")
     if "_target_" in record:
         return _legacy_node(record, where)
     found = (record.get("format"), record.get("version"))
@@ -417,10 +417,10 @@ def read_record(record: Any, where: str) -> EvalPreprocessing:
             f"{RECORD_FORMAT!r} version {RECORD_VERSION} (for a newer version, upgrade bitrain)"
         )
     _only(record, {*EvalPreprocessing.__dataclass_fields__, "format", "version"}, where)
-    fields = [record.get(k) for k in ("resize", "interpolation", "crop", "mean", "std")]
-    if fields[0] is not None:
-        fields[0] = _size(fields[0], f"{where}: resize")
-    spec = _spec(where, *fields, record.get("crop_offset", "round"))
+    fields = {k: record.get(k) for k in ("resize", "interpolation", "crop", "mean", "std")}
+    if fields["resize"] is not None:  # the spec reads a crop's dict itself, not a resize's
+        fields["resize"] = _size(fields["resize"], f"{where}: resize")
+    spec = _spec(where, *fields.values(), record.get("crop_offset", "round"))
     written = spec.to_record()
     for name in ("resize", "crop"):  # the one inverse: a size is the dict to_record writes
         if written[name] != record.get(name):
