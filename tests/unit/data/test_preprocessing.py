@@ -98,6 +98,14 @@ def test_timm_cfg_written_for_a_spec_rebuilds_it(args):
     assert from_timm_args(spec.to_timm_cfg()) == spec
 
 
+def test_timm_cfg_is_none_for_what_timm_cannot_build():
+    """timm always crops after a shortest-edge resize, and rounds the crop offset."""
+    edge_only = EvalPreprocessing(("shortest_edge", 36), "bicubic", None, (0.5,) * 3, (0.5,) * 3)
+    assert edge_only.to_timm_cfg() is None
+    floored = EvalPreprocessing(("shortest_edge", 36), "bicubic", (32, 32), (0.5,), (0.5,), "floor")
+    assert floored.to_timm_cfg() is None
+
+
 def test_processor_config_written_for_a_spec_rebuilds_it(tmp_path):
     transformers = pytest.importorskip("transformers")
     spec = from_timm_args({"input_size": 224, "crop_pct": 0.875, "interpolation": "bicubic"})
@@ -202,8 +210,19 @@ def test_records_that_name_code_are_refused(node):
     ids=lambda c: next(iter(c)) + "=" + str(next(iter(c.values())))[:16],
 )
 def test_damaged_records_are_refused(change):
-    with pytest.raises(CheckpointError, match="bad.ckpt"):
+    with pytest.raises(CheckpointError, match="bad.ckpt") as err:
         read_record({**RECORD, **change}, "bad.ckpt")
+    assert str(err.value).count("bad.ckpt") == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"size": {"longest_edge": 32}}, {"crop_size": {"shortest_edge": 32}}, {"resample": [3]}],
+    ids=["longest_edge", "edge_crop", "resample_list"],
+)
+def test_damaged_processor_configs_are_refused(change):
+    with pytest.raises(CheckpointError, match="preprocessor_config.json"):
+        from_processor_config({**CARDS["bit"], **change})
 
 
 def test_older_bitrain_nodes_are_read_as_data():
@@ -232,7 +251,13 @@ def test_older_bitrain_nodes_are_read_as_data():
 def test_spec_validates_itself():
     with pytest.raises(CheckpointError, match="interpolation"):
         EvalPreprocessing(None, "cubic", None, (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(CheckpointError, match="crop"):
+        EvalPreprocessing(None, "bicubic", {"shortest_edge": 32}, (0.5,) * 3, (0.5,) * 3)
     assert RECORD["format"] == RECORD_FORMAT
+    # lists and a single number are kept as the tuples a spec compares and hashes by
+    spec = EvalPreprocessing(["exact", 32, 32], "bicubic", [30, 30], [0.5] * 3, 0.5)
+    assert spec == EvalPreprocessing(("exact", 32, 32), "bicubic", (30, 30), (0.5,) * 3, (0.5,) * 3)
+    assert hash(spec) == hash(read_record(spec.to_record(), "test"))
 
 
 @pytest.mark.parametrize(
