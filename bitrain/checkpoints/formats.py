@@ -1,9 +1,8 @@
-"""Models in and out of every checkpoint format: one reader and one writer for both kinds.
+"""Models in and out of every checkpoint format: one reader, and one writer per kind.
 
 A checkpoint holds a BEiT pretraining model (:class:`~bitrain.models.beit.BeitMIM`, in
 :data:`FORMATS`) or a timm classifier (:data:`CLASSIFIER_FORMATS`). :func:`read` turns any of them
-into :class:`Contents` (the model's arguments, its weights in our names, label names, what it
-records about pixels), reading each file as the library that wrote it does: bitrain's
+into :class:`Contents`, reading each file as the library that wrote it does: bitrain's
 ``hyper_parameters``; unilm's ``args`` (bitrain's exact ``bitrain_*`` records first, else the
 tensor shapes, :mod:`.official`); a Hugging Face ``config.json`` (:mod:`.hf`) and
 ``preprocessor_config.json``; a timm hub ``config.json`` (``pretrained_cfg``), or a bare state dict
@@ -26,35 +25,10 @@ import torch
 from timm.data import resolve_data_config
 from timm.models._hub import save_config_for_hf
 
-from bitrain.checkpoints.hf import (
-    from_hf,
-    label_list,
-    label_names,
-    read_folder,
-    read_json,
-    to_hf,
-    write_folder,
-)
-from bitrain.checkpoints.official import (
-    classifier_args,
-    classifier_spec,
-    from_official,
-    mim_args,
-    mim_kwargs,
-    plain_args,
-    some_keys,
-    to_official,
-)
+from bitrain.checkpoints import hf, official
 from bitrain.checkpoints.sniff import BEIT_MIM_TARGET, Sniffed, is_tensor_mapping, sniff, state_of
-from bitrain.data.preprocessing import (
-    EvalPreprocessing,
-    channels,
-    from_official_args,
-    from_processor_config,
-    from_timm_cfg,
-    official_normalization,
-    read_record,
-)
+from bitrain.data import preprocessing as prep
+from bitrain.data.preprocessing import EvalPreprocessing
 from bitrain.io import CheckpointError, atomic_save, plain_tree
 from bitrain.models.beit import BeitMIM
 from bitrain.models.classifier import CLASSIFIER_TARGET, create_classifier
@@ -71,11 +45,11 @@ _FINETUNE = "fine-tune it first with `python -m bitrain.finetune model.pretraine
 
 @dataclass
 class Contents:
-    """What :func:`read` found: the model's arguments and weights, and the file's records."""
+    """What :func:`read` found: the model's arguments and weights (our names), and the records."""
 
     format: str
     kind: str  # "mim" | "classifier"
-    spec: dict[str, Any]
+    spec: dict[str, Any]  # BeitMIM kwargs | create_classifier arguments
     state: dict[str, torch.Tensor]
     label_names: Any = None
     eval_transform: EvalPreprocessing | None = None
@@ -85,14 +59,10 @@ class Contents:
 def read(
     found: Sniffed, use_ema: bool = False, model_name: str | None = None, **spec: Any
 ) -> Contents:
-    """The contents of a sniffed checkpoint (see the module docstring).
+    """The contents of a sniffed checkpoint.
 
     ``use_ema``: bitrain ``ema.module.*`` or official ``model_ema``; ``model_name`` and ``spec``:
     the ``create_classifier`` arguments of a bare classifier state dict.
-
-    Raises:
-        CheckpointError: no EMA weights, a bare classifier state dict without ``model_name``,
-            weights or records that do not fit their format.
     """
     path, fmt, obj = found.path, found.format, found.obj
     kind = "mim" if found.kind == "mim" else "classifier"
@@ -106,12 +76,12 @@ def read(
     names = legacy = None  # legacy: norm settings files kept apart before they were arguments
     if fmt == "hf":
         state, args, config = read_hf(path)
-        names = None if kind == "mim" else label_names(config)
+        names = None if kind == "mim" else hf.label_names(config)
     elif fmt == "bitrain":
         state, args = state_of(found, use_ema), dict(records["model"])
         names, legacy = obj.get("label_names"), obj.get("norm_settings")
     elif fmt == "timm" and path.is_dir():
-        state, args = read_folder(path)[0], obj.get("bitrain_spec")
+        state, args = hf.read_folder(path)[0], obj.get("bitrain_spec")
         if not isinstance(args, Mapping):
             args = {"model_name": obj["architecture"], **(obj.get("model_args") or {})}
             args["num_classes"] = obj.get("num_classes", args.get("num_classes"))
@@ -126,14 +96,15 @@ def read(
             )
         state, args = state_of(found), {"model_name": model_name, **spec}
     else:  # the official layout, or a bare pretraining state dict (official without args)
-        state = from_official(state_of(found, use_ema))
+        state = official.from_official(state_of(found, use_ema))
         if kind == "mim" and "mask_token" not in state:
             raise CheckpointError(
                 f"'{path}' is not a BEiT masked-image-modeling model (no mask_token); found keys "
-                f"{some_keys(state)}"
+                f"{official.some_keys(state)}"
             )
         try:
-            args = (mim_kwargs if kind == "mim" else classifier_spec)(state, records)
+            infer = official.mim_kwargs if kind == "mim" else official.classifier_spec
+            args = infer(state, records)
         except CheckpointError as err:
             raise CheckpointError(
                 f"'{path}': {err}. A non-BEiT model loads from its state dict alone (saved on its "
@@ -146,74 +117,74 @@ def read(
 
 
 def read_hf(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """``(our state dict, our arguments, config)`` of a Hugging Face folder (``hf.from_hf``)."""
-    state, config, weights = read_folder(folder)
+    """``(our state dict, our arguments, config)`` of a Hugging Face folder."""
+    state, config, weights = hf.read_folder(folder)
     try:
-        return (*from_hf(state, config), config)
+        return (*hf.from_hf(state, config), config)
     except CheckpointError as err:
         raise CheckpointError(f"'{weights}': {err}") from None
 
 
 def _records(found: Sniffed) -> tuple[Mapping[str, Any], str]:
-    """The mapping a sniffed file keeps its records in, and its name for errors."""
+    """The mapping a file keeps its records in, and its name for errors."""
+    path = found.path
     if found.format == "bitrain":
-        return found.obj["hyper_parameters"], f"'{found.path}' hyper_parameters"
+        return found.obj["hyper_parameters"], f"'{path}' hyper_parameters"
     if found.format == "official":
-        return plain_args(found.obj.get("args")), f"'{found.path}' args"
-    if found.format == "timm" and found.path.is_dir():
-        return found.obj, f"'{found.path / 'config.json'}'"
-    return {}, f"'{found.path}'"
+        return official.plain_args(found.obj.get("args")), f"'{path}' args"
+    if found.format == "timm" and path.is_dir():
+        return found.obj, f"'{path / 'config.json'}'"
+    return {}, f"'{path}'"
 
 
 def _pixels(
     found: Sniffed, records: Mapping[str, Any], where: str
 ) -> tuple[EvalPreprocessing | None, Normalization | None]:
-    """The evaluation preprocessing and the normalisation a file records (None: nothing)."""
+    """The evaluation preprocessing and the pixel normalisation a file records (None: none).
+
+    bitrain's own records first; else unilm's ``input_size`` / ``crop_pct`` /
+    ``imagenet_default_mean_and_std``, timm's ``pretrained_cfg``, a HF ``preprocessor_config.json``.
+    """
     if found.format == "hf":
         file = found.path / "preprocessor_config.json"
-        spec = from_processor_config(read_json(file), str(file)) if file.is_file() else None
+        spec = prep.from_processor_config(hf.read_json(file), str(file)) if file.is_file() else None
         return spec, None if spec is None else (spec.mean, spec.std)
     own = "" if found.format == "bitrain" else "bitrain_"
-    spec = None
-    cfg = records.get("pretrained_cfg") or {}
-    if records.get(f"{own}eval_transform") is not None:
-        key = f"{own}eval_transform"
-        spec = read_record(records[key], f"{where}.{key}")
+    key, spec, cfg = f"{own}eval_transform", None, records.get("pretrained_cfg") or {}
+    if records.get(key) is not None:
+        spec = prep.read_record(records[key], f"{where}.{key}")
     elif found.format == "official" and records.get("input_size") is not None:
-        spec = from_official_args(records, where)
+        spec = prep.from_official_args(records, where)
     elif found.format == "timm" and records:
         if not isinstance(cfg, Mapping):
-            raise CheckpointError(
-                f"{where}: pretrained_cfg is a {type(cfg).__name__}, not a mapping"
-            )
+            raise CheckpointError(f"{where}: pretrained_cfg is a {type(cfg).__name__}, not a dict")
         if cfg.get("input_size"):
-            spec = from_timm_cfg(cfg, f"{where} pretrained_cfg")
-    key = f"{own}normalization"
-    if records.get(key) is not None:
-        return spec, read_normalization(records[key], f"{where}.{key}")
-    if found.format == "bitrain" or records.get(f"{own}eval_transform") is not None:
-        return spec, None if spec is None else (spec.mean, spec.std)
-    if found.format == "official" and "imagenet_default_mean_and_std" in records:
-        return spec, official_normalization(records)  # unilm's own args
-    if found.format == "timm" and cfg.get("mean") is not None and cfg.get("std") is not None:
-        return spec, read_normalization(
-            {k: cfg[k] for k in ("mean", "std")}, f"{where} pretrained_cfg"
-        )
-    return spec, None
+            spec = prep.from_timm_cfg(cfg, f"{where} pretrained_cfg")
+    if records.get(f"{own}normalization") is not None:
+        norm = read_normalization(records[f"{own}normalization"], f"{where}.{own}normalization")
+    elif found.format == "bitrain" or records.get(key) is not None:
+        norm = None if spec is None else (spec.mean, spec.std)
+    elif found.format == "official" and "imagenet_default_mean_and_std" in records:
+        norm = prep.official_normalization(records)
+    elif found.format == "timm" and cfg.get("mean") is not None and cfg.get("std") is not None:
+        norm = read_normalization({k: cfg[k] for k in ("mean", "std")}, f"{where} pretrained_cfg")
+    else:
+        norm = None
+    return spec, norm
 
 
 def normalization_record(mean: Any, std: Any) -> dict[str, list[float]]:
-    """``{"mean": [...], "std": [...]}``, validated (1 or 3 finite numbers, std > 0)."""
+    """``{"mean": [...], "std": [...]}``, validated."""
     mean_, std_ = read_normalization({"mean": mean, "std": std}, "normalization")
     return {"mean": list(mean_), "std": list(std_)}
 
 
 def read_normalization(record: Any, where: str) -> Normalization:
-    """A ``{"mean", "std"}`` record as data; anything else is a CheckpointError naming ``where``."""
+    """A ``{"mean", "std"}`` record (1 or 3 finite numbers each, std > 0) as data."""
     if not isinstance(record, Mapping) or set(record) != {"mean", "std"}:
         raise CheckpointError(f"{where}: {record!r} is not a {{mean, std}} record")
-    mean = channels(record["mean"], f"{where}: mean")
-    std = channels(record["std"], f"{where}: std", positive=True)
+    mean = prep.channels(record["mean"], f"{where}: mean")
+    std = prep.channels(record["std"], f"{where}: std", positive=True)
     if max(map(abs, mean + std)) > 1e6:
         raise CheckpointError(f"{where}: {record!r} holds values beyond 1e6")
     return mean, std
@@ -222,154 +193,10 @@ def read_normalization(record: Any, where: str) -> Normalization:
 def recorded_normalization(path: str | os.PathLike) -> Normalization | None:
     """``(mean, std)`` the checkpoint at ``path`` records (read memory-mapped), or None.
 
-    Fine-tuning normalises with it (:func:`bitrain.training.runner.build`); the released official
-    ``.pth`` files record nothing, and the experiment's values stay.
-
-    Raises:
-        FileNotFoundError: nothing at ``path``.
-        CheckpointError: unreadable or unsafe, or a record that is not plain numbers.
+    Fine-tuning normalises with it; the released official ``.pth`` files record nothing.
     """
     found = sniff(path, mmap=True)
     return _pixels(found, *_records(found))[1]
-
-
-# --- pretraining (MIM) models ---------------------------------------------------------------------
-
-
-def load_mim_model(
-    path_or_dir: str | os.PathLike | Sniffed, map_location: str | torch.device = "cpu"
-) -> BeitMIM:
-    """A :class:`BeitMIM` from a bitrain ``.ckpt``, an official ``.pth`` or a HF folder (strict).
-
-    It carries ``bitrain_source_format`` and ``bitrain_normalization`` (the ``(mean, std)`` the file
-    records, else None).
-
-    Raises:
-        FileNotFoundError: nothing at ``path_or_dir``.
-        CheckpointError: unknown format, unsafe file, wrong model, or mismatched weights.
-    """
-    found = path_or_dir if isinstance(path_or_dir, Sniffed) else sniff(path_or_dir, map_location)
-    if found.kind != "mim":
-        keys = found.obj.get("architectures") if found.format == "hf" else None
-        raise CheckpointError(
-            f"'{found.path}' is not a BEiT masked-image-modeling model (a {found.format} "
-            f"{found.kind} checkpoint: no lm_head.weight); found "
-            f"{keys or some_keys(state_of(found))}"
-        )
-    got = read(found)
-    model = _build(got, f"{got.format} checkpoint '{found.path}'")
-    model.bitrain_source_format, model.bitrain_normalization = got.format, got.normalization
-    return model.to(map_location)
-
-
-def save_mim_model(
-    model: BeitMIM,
-    path: str | os.PathLike,
-    format: str = "bitrain",
-    normalization: Normalization | None = None,
-) -> Path:
-    """Save ``model`` as ``format`` (one of :data:`FORMATS`); returns the path.
-
-    ``normalization`` (default: ``model.bitrain_normalization``) is recorded in every format:
-    ``hyper_parameters["normalization"]``, the official ``args`` (also as unilm's
-    ``imagenet_default_mean_and_std`` when it can say it), a HF ``preprocessor_config.json`` (a
-    ``BeitImageProcessor`` resizing to the model's size, as the Hub's BEiT pretraining folders).
-    """
-    if normalization is None:
-        normalization = getattr(model, "bitrain_normalization", None)
-    record = None if normalization is None else normalization_record(*normalization)
-    if format == "hf":
-        state, config = to_hf(model)
-        extra = {}
-        if record is not None:
-            size = int(model.model_kwargs["img_size"])
-            spec = EvalPreprocessing(("exact", size, size), "bicubic", None, *record.values())
-            processor = {"image_processor_type": "BeitImageProcessor"}
-            extra["preprocessor_config"] = {**processor, **spec.to_processor_config()}
-        return write_folder(path, state, config, **extra)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if format == "bitrain":
-        spec = {"_target_": BEIT_MIM_TARGET, **model.model_kwargs}
-        obj = _bitrain_file(spec, state, normalization=record)
-    elif format == "official":
-        obj = {"model": to_official(state), "args": mim_args(model, record)}
-    else:
-        raise ValueError(f"unknown checkpoint format {format!r}; choose one of {FORMATS}")
-    return atomic_save(obj, path)
-
-
-def _bitrain_file(model: Mapping[str, Any], state: Mapping, **records: Any) -> dict[str, Any]:
-    """The layout of a bitrain ``.ckpt`` with the model only (records left out when None)."""
-    hparams = {"model": dict(model), **{k: v for k, v in records.items() if v is not None}}
-    return {"state_dict": {f"model.{k}": v for k, v in state.items()}, "hyper_parameters": hparams}
-
-
-# --- classifiers ----------------------------------------------------------------------------------
-
-
-def load_classifier(
-    path_or_dir: str | os.PathLike | Sniffed,
-    map_location: str | torch.device = "cpu",
-    use_ema: bool = False,
-    model_name: str | None = None,
-    **spec: Any,
-) -> torch.nn.Module:
-    """A fine-tuned classifier of any of :data:`CLASSIFIER_FORMATS` as a timm model in eval mode.
-
-    An official ``.pth`` without ``args`` is read from its tensor shapes; a bare state dict needs
-    ``model_name`` and the other ``create_classifier`` arguments (``spec``; ``num_classes`` is read
-    from the head). ``use_ema``: bitrain ``ema.module.*`` or official ``model_ema``. The model
-    carries ``label_names``, ``bitrain_spec``, ``bitrain_source_format`` and
-    ``bitrain_eval_transform`` (the preprocessing the file records, or None), which timm's
-    ``pretrained_cfg`` also says wherever its fields can.
-
-    Raises:
-        FileNotFoundError: nothing at the path.
-        CheckpointError: an unknown layout, a pretraining (MIM) or head-less checkpoint, a bare
-            state dict without ``model_name``, a record that names code, or weights that do not
-            fit.
-        ValueError: ``spec`` without ``model_name``, or either for a checkpoint that names its own
-            architecture.
-    """
-    found = path_or_dir if isinstance(path_or_dir, Sniffed) else sniff(path_or_dir)
-    path, fmt = found.path, found.format
-    if spec and model_name is None:
-        raise ValueError(
-            f"load_classifier: {sorted(spec)} given without model_name; pass model_name=<timm "
-            "architecture> with the other create_classifier arguments"
-        )
-    if found.kind == "mim":
-        raise CheckpointError(
-            f"'{path}' is a pretraining (MIM) checkpoint ({fmt}), not a classifier: "
-            + _FINETUNE.format(path)
-        )
-    if found.kind == "backbone":
-        raise CheckpointError(
-            f"Hugging Face folder '{path}' holds a head-less "
-            f"{', '.join(map(str, found.obj.get('architectures') or []))}, not a classifier: "
-            + _FINETUNE.format(path)
-        )
-    if model_name is not None and (fmt != "timm" or path.is_dir()):
-        raise ValueError(
-            f"'{path}' is a {fmt} checkpoint that names its own architecture; model_name and "
-            "spec are only for bare state dicts"
-        )
-    got = read(found, use_ema, model_name, **spec)
-    model = _build(got, f"{fmt} checkpoint '{path}'")
-    num_classes = int(model.bitrain_spec["num_classes"])
-    model.label_names = label_list(got.label_names, f"{fmt} checkpoint '{path}'", num_classes)
-    model.bitrain_source_format = fmt
-    model.bitrain_eval_transform = got.eval_transform
-    # timm's own metadata says the same, so timm's resolve_data_config(model=...) preprocesses
-    # as the checkpoint records wherever timm's fields can express it
-    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    if got.eval_transform is not None:
-        in_chans = int(model.bitrain_spec.get("in_chans", 3))
-        cfg.update(got.eval_transform.to_timm_cfg(in_chans) or {})
-    if model.label_names is not None:
-        cfg["label_names"] = list(model.label_names)
-    model.pretrained_cfg = cfg
-    return model.to(map_location).eval()
 
 
 def _build(got: Contents, where: str) -> torch.nn.Module:
@@ -429,6 +256,141 @@ def _head_classes(state: Mapping[str, torch.Tensor], where: str) -> int:
     )
 
 
+# --- pretraining (MIM) models ---------------------------------------------------------------------
+
+
+def load_mim_model(
+    path_or_dir: str | os.PathLike | Sniffed, map_location: str | torch.device = "cpu"
+) -> BeitMIM:
+    """A :class:`BeitMIM` from a bitrain ``.ckpt``, an official ``.pth`` or a HF folder (strict).
+
+    It carries ``bitrain_source_format`` and ``bitrain_normalization`` (the recorded
+    ``(mean, std)``, else None).
+
+    Raises:
+        FileNotFoundError: nothing at ``path_or_dir``.
+        CheckpointError: unknown format, unsafe file, wrong model, or mismatched weights.
+    """
+    found = path_or_dir if isinstance(path_or_dir, Sniffed) else sniff(path_or_dir, map_location)
+    if found.kind != "mim":
+        keys = found.obj.get("architectures") if found.format == "hf" else None
+        raise CheckpointError(
+            f"'{found.path}' is not a BEiT masked-image-modeling model (a {found.format} "
+            f"{found.kind} checkpoint: no lm_head.weight); found "
+            f"{keys or official.some_keys(state_of(found))}"
+        )
+    got = read(found)
+    model = _build(got, f"{got.format} checkpoint '{found.path}'")
+    model.bitrain_source_format, model.bitrain_normalization = got.format, got.normalization
+    return model.to(map_location)
+
+
+def save_mim_model(
+    model: BeitMIM,
+    path: str | os.PathLike,
+    format: str = "bitrain",
+    normalization: Normalization | None = None,
+) -> Path:
+    """Save ``model`` as ``format`` (one of :data:`FORMATS`); returns the path.
+
+    ``normalization`` (default: ``model.bitrain_normalization``) is recorded in every format:
+    ``hyper_parameters["normalization"]``, the official ``args``, a HF ``preprocessor_config.json``
+    (a ``BeitImageProcessor`` resizing to the model's size, as the Hub's BEiT pretraining folders).
+    """
+    if normalization is None:
+        normalization = getattr(model, "bitrain_normalization", None)
+    record = None if normalization is None else normalization_record(*normalization)
+    if format == "hf":
+        state, config = hf.to_hf(model)
+        if record is None:
+            return hf.write_folder(path, state, config)
+        size = int(model.model_kwargs["img_size"])
+        spec = EvalPreprocessing(("exact", size, size), "bicubic", None, *record.values())
+        processor = {"image_processor_type": "BeitImageProcessor", **spec.to_processor_config()}
+        return hf.write_folder(path, state, config, preprocessor_config=processor)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if format == "bitrain":
+        obj = _bitrain_file({"_target_": BEIT_MIM_TARGET, **model.model_kwargs}, state, record)
+    elif format == "official":
+        obj = {"model": official.to_official(state), "args": official.mim_args(model, record)}
+    else:
+        raise ValueError(f"unknown checkpoint format {format!r}; choose one of {FORMATS}")
+    return atomic_save(obj, path)
+
+
+def _bitrain_file(
+    model: dict[str, Any], state: Mapping, normalization: Any = None, eval_transform: Any = None
+) -> dict[str, Any]:
+    """A bitrain ``.ckpt`` holding the model only (the layout the training runs write)."""
+    records = {"normalization": normalization, "eval_transform": eval_transform}
+    hparams = {"model": model, **{k: v for k, v in records.items() if v is not None}}
+    return {"state_dict": {f"model.{k}": v for k, v in state.items()}, "hyper_parameters": hparams}
+
+
+# --- classifiers ----------------------------------------------------------------------------------
+
+
+def load_classifier(
+    path_or_dir: str | os.PathLike | Sniffed,
+    map_location: str | torch.device = "cpu",
+    use_ema: bool = False,
+    model_name: str | None = None,
+    **spec: Any,
+) -> torch.nn.Module:
+    """A fine-tuned classifier of any of :data:`CLASSIFIER_FORMATS` as a timm model in eval mode.
+
+    An official ``.pth`` without ``args`` is read from its tensor shapes; a bare state dict needs
+    ``model_name`` and the other ``create_classifier`` arguments (``spec``; ``num_classes`` is read
+    from the head). ``use_ema``: bitrain ``ema.module.*`` or official ``model_ema``. The model
+    carries ``label_names``, ``bitrain_spec``, ``bitrain_source_format`` and
+    ``bitrain_eval_transform`` (the recorded preprocessing, or None), which its timm
+    ``pretrained_cfg`` also says wherever timm's fields can.
+
+    Raises:
+        FileNotFoundError: nothing at the path.
+        CheckpointError: an unknown layout, a pretraining or head-less checkpoint, a bare state
+            dict without ``model_name``, a record that names code, or weights that do not fit.
+        ValueError: ``spec`` without ``model_name``, or either for a checkpoint that names its own
+            architecture.
+    """
+    found = path_or_dir if isinstance(path_or_dir, Sniffed) else sniff(path_or_dir)
+    path, fmt = found.path, found.format
+    if spec and model_name is None:
+        raise ValueError(
+            f"load_classifier: {sorted(spec)} given without model_name; pass model_name=<timm "
+            "architecture> with the other create_classifier arguments"
+        )
+    if found.kind == "mim":
+        raise CheckpointError(
+            f"'{path}' is a pretraining (MIM) checkpoint ({fmt}), not a classifier: "
+            + _FINETUNE.format(path)
+        )
+    if found.kind == "backbone":
+        raise CheckpointError(
+            f"Hugging Face folder '{path}' holds a head-less "
+            f"{', '.join(map(str, found.obj.get('architectures') or []))}, not a classifier: "
+            + _FINETUNE.format(path)
+        )
+    if model_name is not None and (fmt != "timm" or path.is_dir()):
+        raise ValueError(
+            f"'{path}' is a {fmt} checkpoint that names its own architecture; model_name and "
+            "spec are only for bare state dicts"
+        )
+    got = read(found, use_ema, model_name, **spec)
+    where = f"{fmt} checkpoint '{path}'"
+    model = _build(got, where)
+    model.label_names = hf.label_list(got.label_names, where, model.bitrain_spec["num_classes"])
+    model.bitrain_source_format, model.bitrain_eval_transform = fmt, got.eval_transform
+    # timm's own metadata says the same, so resolve_data_config(model=...) agrees where it can
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    if got.eval_transform is not None:
+        cfg.update(got.eval_transform.to_timm_cfg(model.bitrain_spec.get("in_chans", 3)) or {})
+    if model.label_names is not None:
+        cfg["label_names"] = list(model.label_names)
+    model.pretrained_cfg = cfg
+    return model.to(map_location).eval()
+
+
 def save_classifier(
     model: torch.nn.Module,
     path: str | os.PathLike,
@@ -438,10 +400,9 @@ def save_classifier(
 ) -> Path:
     """Write a timm classifier in one of :data:`CLASSIFIER_FORMATS`; returns the path written.
 
-    The layouts are :func:`load_classifier`'s (docs/checkpoints.md); ``official`` holds BEiT only,
-    ``hf`` BEiT / ViT / BiT. ``label_names`` default to ``model.label_names``, ``eval_transform`` (a
-    spec or its record) to ``model.bitrain_eval_transform``; a timm or HF folder without one gets
-    timm's data config of the model.
+    ``official`` holds BEiT only, ``hf`` BEiT / ViT / BiT. ``label_names`` default to
+    ``model.label_names``, ``eval_transform`` (a spec or its record) to
+    ``model.bitrain_eval_transform``; a timm or HF folder without one gets timm's data config.
 
     Raises:
         ValueError: an unknown format, or label names of the wrong length.
@@ -463,31 +424,10 @@ def save_classifier(
     if eval_transform is None:
         eval_transform = getattr(model, "bitrain_eval_transform", None)
     if isinstance(eval_transform, Mapping):
-        eval_transform = read_record(eval_transform, "save_classifier(eval_transform=...)")
+        eval_transform = prep.read_record(eval_transform, "save_classifier(eval_transform=...)")
     node: EvalPreprocessing | None = eval_transform
     if format == "hf":
         return _save_hf(model, path, label_names, node)
-    spec = _spec_of(model)
-    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    if format == "timm":
-        return _save_timm(model, path, spec, state, label_names, node)
-    if format == "bitrain":
-        record = None if node is None else node.to_record()
-        obj = _bitrain_file({"_target_": CLASSIFIER_TARGET, **spec}, state, eval_transform=record)
-        return atomic_save({**obj, "label_names": label_names}, path)
-    if not isinstance(model, timm.models.beit.Beit):
-        raise CheckpointError(
-            f"the official unilm layout holds BEiT classifiers only; this is a "
-            f"{type(model).__name__}: export it as 'timm' or 'hf' instead"
-        )
-    args = classifier_args(model, spec, node)
-    return atomic_save(
-        {"model": to_official(state), "args": args, "label_names": label_names}, path
-    )
-
-
-def _spec_of(model: torch.nn.Module) -> dict[str, Any]:
-    """The model's ``bitrain_spec`` (its ``create_classifier`` arguments) as plain data."""
     spec = getattr(model, "bitrain_spec", None)
     if not isinstance(spec, Mapping) or "model_name" not in spec:
         raise CheckpointError(
@@ -495,30 +435,46 @@ def _spec_of(model: torch.nn.Module) -> dict[str, Any]:
             "create_classifier arguments that rebuild it); build it with create_classifier or "
             "load_classifier"
         )
-    out = plain_tree(
+    spec = plain_tree(
         {k: v for k, v in spec.items() if k not in ("pretrained", "pretrained_strict")}
     )
-    return {**out, "num_classes": int(out["num_classes"])}
+    spec["num_classes"] = int(spec["num_classes"])
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    record = None if node is None else node.to_record()
+    if format == "timm":
+        return _save_timm(model, path, spec, state, label_names, node)
+    if format == "bitrain":
+        obj = _bitrain_file({"_target_": CLASSIFIER_TARGET, **spec}, state, eval_transform=record)
+        return atomic_save({**obj, "label_names": label_names}, path)
+    if not isinstance(model, timm.models.beit.Beit):
+        raise CheckpointError(
+            f"the official unilm layout holds BEiT classifiers only; this is a "
+            f"{type(model).__name__}: export it as 'timm' or 'hf' instead"
+        )
+    args = official.classifier_args(model, spec, node)
+    return atomic_save(
+        {"model": official.to_official(state), "args": args, "label_names": label_names}, path
+    )
 
 
 def _save_timm(
     model: torch.nn.Module,
     folder: str | os.PathLike,
-    spec: Mapping[str, Any],
+    spec: dict[str, Any],
     state: Mapping[str, torch.Tensor],
     label_names: list[str] | None,
     node: EvalPreprocessing | None,
 ) -> Path:
     """A timm hub folder, ``config.json`` by timm's ``save_config_for_hf`` (+ bitrain's records)."""
-    records = {"label_names": label_names, "bitrain_spec": dict(spec)}
+    records = {"label_names": label_names, "bitrain_spec": spec}
     if node is not None:
         records["bitrain_eval_transform"] = node.to_record()
     data = None if node is None else node.to_timm_cfg(int(spec.get("in_chans", 3)))
     with tempfile.TemporaryDirectory() as tmp:
         model_config = {k: v for k, v in records.items() if v is not None}
         save_config_for_hf(model, f"{tmp}/config.json", model_config, data_config=data)
-        config = read_json(Path(tmp) / "config.json")
-    return write_folder(folder, state, config)
+        config = hf.read_json(Path(tmp) / "config.json")
+    return hf.write_folder(folder, state, config)
 
 
 def _save_hf(
@@ -528,12 +484,20 @@ def _save_hf(
     node: EvalPreprocessing | None,
 ) -> Path:
     """A HF classifier folder with ``preprocessor_config.json`` (``size`` always a dict)."""
-    state, config = to_hf(model, label_names)
-    spec = dict(getattr(model, "bitrain_spec", None) or {})
-    preprocessing = _preprocessing_or_default(model, spec, node)
-    if preprocessing is None:
-        return write_folder(folder, state, config)
-    processor = preprocessing.to_processor_config()
+    state, config = hf.to_hf(model, label_names)
+    if node is None:  # timm's default evaluation transform of the model
+        spec = dict(getattr(model, "bitrain_spec", None) or {})
+        args: dict[str, Any] = {}
+        if spec.get("img_size"):
+            size = spec["img_size"]
+            size = size if isinstance(size, list | tuple) else (size, size)
+            args["input_size"] = (int(spec.get("in_chans", 3)), *map(int, size))
+        try:
+            node = prep.from_timm_cfg(resolve_data_config(args, model=model), "timm data config")
+        except CheckpointError as err:
+            log.warning("no preprocessing written for the export: %s", err)
+            return hf.write_folder(folder, state, config)
+    processor = node.to_processor_config()
     family = type(model).__name__
     exact = "height" in processor.get("size", {})
     kind = "BitImageProcessor"  # shortest-edge resize + centre crop (timm's eval transform)
@@ -542,23 +506,4 @@ def _save_hf(
     elif family == "VisionTransformer" and exact and not processor["do_center_crop"]:
         kind = "ViTImageProcessor"
     processor["image_processor_type"] = kind
-    return write_folder(folder, state, config, preprocessor_config=processor)
-
-
-def _preprocessing_or_default(
-    model: torch.nn.Module, spec: Mapping[str, Any], node: EvalPreprocessing | None
-) -> EvalPreprocessing | None:
-    """``node``, else timm's default evaluation transform (None, warned, if it cannot be one)."""
-    if node is not None:
-        return node
-    args: dict[str, Any] = {}
-    if spec.get("img_size"):
-        size = spec["img_size"]
-        size = size if isinstance(size, list | tuple) else (size, size)
-        args["input_size"] = (int(spec.get("in_chans", 3)), *map(int, size))
-    data = resolve_data_config(args, model=model)
-    try:
-        return from_timm_cfg(data, "timm data config")
-    except CheckpointError as err:
-        log.warning("no preprocessing written for the export: %s", err)
-        return None
+    return hf.write_folder(folder, state, config, preprocessor_config=processor)
