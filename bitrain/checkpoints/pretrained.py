@@ -1,13 +1,11 @@
 """Initialise a classifier from any checkpoint, as the official fine-tuning script does.
 
-:func:`load_encoder_state` reads the weights of any supported checkpoint in timm key names;
-:func:`adapt_state_dict` makes them fit the classifier as ``run_class_finetuning.py`` does: drop
-``mask_token``, ``lm_head.*``, ``relative_position_index`` buffers (and the final ``norm.*`` when
-the classifier pools by mean), copy a shared relative position bias into every block, resize
-relative position tables (timm's ``resize_rel_pos_bias_table``: the official geometric
-interpolation without scipy) and absolute position embeddings when the patch grid changes, keep
-the head only when its shape matches. :func:`load_pretrained` loads the result; anything else that
-does not fit is an error listing the keys (``strict=False`` warns instead).
+:func:`adapt_state_dict` makes an encoder's weights fit the classifier as unilm's
+``run_class_finetuning.py`` does: drop ``mask_token``, ``lm_head.*``, ``relative_position_index``
+(and the final ``norm.*`` under mean pooling), copy a shared relative position bias into every
+block, resize relative position tables (timm's ``checkpoint_filter_fn``: the official geometric
+interpolation without scipy) and absolute position embeddings to a new patch grid, keep the head
+only when its shape matches. Anything else that does not fit is an error listing the keys.
 """
 
 from __future__ import annotations
@@ -31,8 +29,6 @@ from bitrain.checkpoints.sniff import sniff, state_of
 from bitrain.io import CheckpointError
 from bitrain.models.classifier import create_classifier
 
-__all__ = ["adapt_state_dict", "build_classifier", "load_encoder_state", "load_pretrained"]
-
 log = logging.getLogger(__name__)
 
 # Keys a pretraining checkpoint has and a classifier never uses.
@@ -43,15 +39,9 @@ _HEAD = re.compile(r"^(head|head\.fc|fc|classifier)\.(weight|bias)$")
 def load_encoder_state(
     path_or_dir: str | os.PathLike, use_ema: bool = False
 ) -> tuple[dict[str, torch.Tensor], str]:
-    """Weights of any supported checkpoint in timm key names: ``(state_dict, format)``.
+    """``(state_dict in timm names, format)`` of any checkpoint, pretraining-only keys kept.
 
-    bitrain (pretraining or fine-tuning, its EMA with ``use_ema``), official (``model_ema`` with
-    ``use_ema`` when it has one), timm (file or hub folder), Hugging Face (MIM, classifier or
-    head-less). Pretraining-only keys stay (:func:`adapt_state_dict`).
-
-    Raises:
-        FileNotFoundError: nothing at the path.
-        CheckpointError: unreadable, unsafe, or not a model checkpoint.
+    ``use_ema``: a bitrain run's EMA, or an official file's ``model_ema`` when it has one.
     """
     found = sniff(path_or_dir)
     if found.format == "hf":
@@ -73,11 +63,7 @@ def _head_keys(model: nn.Module) -> set[str]:
 def adapt_state_dict(
     state: Mapping[str, torch.Tensor], model: nn.Module
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Make an encoder (or classifier) state dict fit ``model`` (see the module docstring).
-
-    Returns:
-        ``(state dict for model, notes)``: the notes say what was dropped, expanded or resized.
-    """
+    """``(state dict that fits model, notes)`` of an encoder's; notes say what was changed."""
     notes: list[str] = []
     target = model.state_dict()
     state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -138,11 +124,9 @@ def build_classifier(
     pretrained_strict: bool = True,
     **timm_kwargs: Any,
 ) -> nn.Module:
-    """:func:`~bitrain.models.classifier.create_classifier`, initialised from ``pretrained``.
+    """``create_classifier``, initialised from the checkpoint ``pretrained`` (None: random).
 
-    The fine-tuning configs' ``model`` node (``configs/model/cls/*.yaml``). ``pretrained``: a
-    checkpoint of any format :func:`load_encoder_state` reads (None: random);
-    ``pretrained_strict=False`` loads what fits and warns about the rest.
+    The fine-tuning configs' ``model`` node (``configs/model/cls/*.yaml``).
     """
     model = create_classifier(model_name, num_classes, **timm_kwargs)
     if pretrained not in (None, ""):
@@ -153,13 +137,10 @@ def build_classifier(
 def load_pretrained(
     model: nn.Module, path: str | os.PathLike, strict: bool = True
 ) -> dict[str, list[str]]:
-    """Initialise ``model`` from the checkpoint at ``path`` (any supported format).
+    """Initialise ``model`` from any checkpoint: ``{"missing", "unexpected", "notes"}`` lists.
 
     ``strict=False`` loads what fits and warns where encoder keys are missing, left over or of
     another shape (the head excepted); a checkpoint of which nothing fits is always an error.
-
-    Returns:
-        ``{"missing": [...], "unexpected": [...], "notes": [...]}``.
     """
     path = Path(path).expanduser()
     state, fmt = load_encoder_state(path)
