@@ -19,18 +19,11 @@ from typing import Any
 
 import torch
 
-from bitrain.checkpoints.formats import (
-    CLASSIFIER_FORMATS,
-    FORMATS,
-    load_classifier,
-    load_mim_model,
-    save_classifier,
-    save_mim_model,
-)
+from bitrain.checkpoints import formats
 from bitrain.checkpoints.sniff import sniff
 from bitrain.io import CheckpointError
 
-ALL_FORMATS: tuple[str, ...] = tuple(dict.fromkeys((*FORMATS, *CLASSIFIER_FORMATS)))
+ALL_FORMATS: tuple[str, ...] = tuple(dict.fromkeys((*formats.FORMATS, *formats.CLASSIFIER_FORMATS)))
 LOGIT_TOL = 1e-5
 
 
@@ -50,24 +43,6 @@ class Converted:
     check: str
 
 
-def check_destination(src: str | os.PathLike, dst: str | os.PathLike, force: bool) -> str | None:
-    """Why writing ``dst`` is refused (None: it is not): it exists, or is, holds or lies in src.
-
-    ``force`` allows all of these.
-    """
-    src_path, dst_path = Path(src).expanduser().resolve(), Path(dst).expanduser().resolve()
-    if force:
-        return None
-    if src_path == dst_path or src_path in dst_path.parents or dst_path in src_path.parents:
-        return (
-            f"--dst {dst} would overwrite the source --src {src}; choose another --dst (or pass "
-            "--force to replace the source with its conversion)"
-        )
-    if dst_path.exists() or dst_path.is_symlink():
-        return f"--dst {dst} exists; choose another --dst, or pass --force to replace it"
-    return None
-
-
 def convert(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -83,36 +58,44 @@ def convert(
     """Convert the checkpoint at ``src`` to ``dst_format`` at ``dst`` (see the module docstring).
 
     ``dst`` is a file (``bitrain``, ``official``) or a folder (``hf``, ``timm``: classifiers only).
-    ``src_format``: the detected format must be this one; ``force``: replace an existing ``dst``
-    (also the source) once verified; ``verify=False`` skips the check. Classifiers: ``use_ema``,
-    and ``model_name`` / ``model_kwargs`` for a bare state dict.
+    ``src_format``: the detected format must be this one; ``verify=False`` skips the check.
+    Classifiers: ``use_ema``, and ``model_name`` / ``model_kwargs`` for a bare state dict.
 
     Raises:
-        FileExistsError: ``dst`` exists or is the source, and not ``force``.
+        FileExistsError: ``dst`` exists or is (holds, lies in) the source, and not ``force``.
         CheckpointError: an unreadable or unsafe source, a format mismatch, a destination format
             that cannot hold the model; :class:`ConversionError` when the check failed.
         ValueError: an unknown format, or ``model_kwargs`` without ``model_name``.
     """
     if dst_format not in ALL_FORMATS:
         raise ValueError(f"unknown format {dst_format!r}; choose one of {ALL_FORMATS}")
-    refused = check_destination(src, dst, force)
-    if refused:
-        raise FileExistsError(refused)
+    src_path, dst_path = Path(src).expanduser().resolve(), Path(dst).expanduser().resolve()
+    if force:
+        pass  # replaced only once the conversion passed its check
+    elif src_path == dst_path or src_path in dst_path.parents or dst_path in src_path.parents:
+        raise FileExistsError(
+            f"--dst {dst} would overwrite the source --src {src}; choose another --dst (or pass "
+            "--force to replace the source with its conversion)"
+        )
+    elif dst_path.exists() or dst_path.is_symlink():
+        raise FileExistsError(
+            f"--dst {dst} exists; choose another --dst, or pass --force to replace it"
+        )
     if model_kwargs and not model_name:
         raise ValueError("model_kwargs needs model_name")
     found = sniff(src)
     if found.kind == "mim":
-        if dst_format not in FORMATS:
+        if dst_format not in formats.FORMATS:
             raise CheckpointError(
                 f"'{src}' holds pretraining (MIM) weights; the destination format must be one of "
-                f"{FORMATS} ({dst_format} is for classifiers)"
+                f"{formats.FORMATS} ({dst_format} is for classifiers)"
             )
-        kind, load, save, same = "mim", load_mim_model, save_mim_model, _same_tensors
-        model = load_mim_model(found)
+        kind, load, save = "mim", formats.load_mim_model, formats.save_mim_model
+        model, same = load(found), _same_tensors
     else:
-        kind, load, save, same = "classifier", load_classifier, save_classifier, _same_logits
+        kind, load, save = "classifier", formats.load_classifier, formats.save_classifier
         extra = {"model_name": model_name, **(model_kwargs or {})} if model_name else {}
-        model = load_classifier(found, use_ema=use_ema, **extra)
+        model, same = load(found, use_ema=use_ema, **extra), _same_logits
     fmt = model.bitrain_source_format
     if src_format is not None and fmt != src_format:
         raise CheckpointError(f"'{src}' is a {fmt} checkpoint, not {src_format}")
@@ -129,17 +112,14 @@ def _same_tensors(model: torch.nn.Module, back: torch.nn.Module) -> str:
     return f"{len(reloaded)} tensors identical after reloading"
 
 
-def _input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+def _same_logits(model: torch.nn.Module, back: torch.nn.Module) -> str:
     spec = getattr(model, "bitrain_spec", {}) or {}
     size = spec.get("img_size")
     if size is None:
         size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[1:]
     h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
-    return int(spec.get("in_chans", 3)), int(h), int(w)
-
-
-def _same_logits(model: torch.nn.Module, back: torch.nn.Module) -> str:
-    x = torch.randn(2, *_input_shape(model), generator=torch.Generator().manual_seed(0))
+    shape = (2, int(spec.get("in_chans", 3)), int(h), int(w))
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         diff = (back(x).float() - model(x).float()).abs().max().item()
     if not diff <= LOGIT_TOL:
