@@ -28,6 +28,7 @@ from timm.models.resnetv2 import PreActBottleneck, ResNetV2
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from bitrain.checkpoints.official import TIMM_BEIT
 from bitrain.io import CheckpointError, atomic_write_bytes, load_torch_file
 from bitrain.models.beit import BeitMIM
 
@@ -46,7 +47,6 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
 _NAMES = {"beit": "BEiT", "vit": "ViT", "bit": "BiT"}
 
 # --- key spelling ---------------------------------------------------------------------------------
-
 # BEiT's and ViT's (transformers 5.x, 4.x) key spellings as regex fragments, read forwards for
 # 4.x -> 5.x, backwards for 5.x -> 4.x; the order keeps a rule off another's output (o_proj, fc2).
 SPELLING: list[tuple[str, str]] = [
@@ -82,8 +82,6 @@ def to_4x(key: str) -> str:
 
 
 # --- folders --------------------------------------------------------------------------------------
-
-
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``, or a :class:`CheckpointError` naming the file."""
     try:
@@ -145,17 +143,14 @@ def write_folder(
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    atomic_write_bytes(
-        folder / "model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"})
-    )
+    blob = safetensors_bytes(tensors, metadata={"format": "pt"})
+    atomic_write_bytes(folder / "model.safetensors", blob)
     for name, value in {"config": config, **json_files}.items():
         atomic_write_bytes(folder / f"{name}.json", (json.dumps(value, indent=2) + "\n").encode())
     return folder
 
 
 # --- configs and labels ---------------------------------------------------------------------------
-
-
 def architecture(config: Mapping[str, Any], where: str = "Hugging Face config") -> tuple[str, ...]:
     """``(architecture, family, kind)`` of a config's ``architectures``, or a CheckpointError."""
     names = [str(a) for a in config.get("architectures") or []]
@@ -207,14 +202,12 @@ def _one_value(model: nn.Module, kind: type[nn.Module], attr: str) -> Any:
     values = {getattr(m, attr) for m in model.modules() if isinstance(m, kind)}
     if len(values) != 1:
         raise CheckpointError(
-            f"the model's {kind.__name__} layers differ in {attr} {sorted(values)}; HF configs "
-            "hold one"
+            f"the model's {kind.__name__}s differ in {attr} ({sorted(values)}); HF configs hold one"
         )
     return values.pop()
 
 
 # --- the rename engine ----------------------------------------------------------------------------
-
 # What each {slot} of a rule matches; a rule's two sides name the same slots.
 SLOTS = {"i": r"\d+", "j": r"\d+", "n": "[12]", "p": "[qkv]", "w": "weight|bias"}
 SLOTS["bit"] = r"(?:conv[123]|downsample\.conv)\.weight|norm[123]\.(?:weight|bias)"  # BiT block
@@ -271,10 +264,9 @@ RULES: dict[str, list[tuple[str, str | None]]] = {
 @functools.cache
 def _regex(rule_side: str) -> re.Pattern:
     """One side of a rule as a regex: literal text escaped, each ``{slot}`` a named group."""
-    parts = re.split(r"\{(\w+)\}", rule_side)
-    return re.compile(
-        "".join(f"(?P<{p}>{SLOTS[p]})" if k % 2 else re.escape(p) for k, p in enumerate(parts))
-    )
+    side = re.split(r"\{(\w+)\}", rule_side)
+    pattern = "".join(f"(?P<{p}>{SLOTS[p]})" if k % 2 else re.escape(p) for k, p in enumerate(side))
+    return re.compile(pattern)
 
 
 def rename(
@@ -359,8 +351,6 @@ def _qkv_out(state: State, dim: int, beit: bool) -> State:
 
 
 # --- both ways ------------------------------------------------------------------------------------
-
-
 def from_hf(
     state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]
 ) -> tuple[State, dict[str, Any]]:
@@ -434,9 +424,7 @@ def _labels(model: nn.Module, label_names: list[str] | None) -> dict[str, Any]:
     n = int(model.num_classes)
     names = [f"LABEL_{i}" for i in range(n)] if label_names is None else list(label_names)
     if len(names) != n:
-        raise ValueError(
-            f"{len(names)} label_names for a {n}-class model; give one per class index"
-        )
+        raise ValueError(f"{len(names)} label_names for a {n}-class model; one per class, in order")
     if len(set(names)) != len(names):
         raise ValueError("label_names has duplicates (label2id needs unique names)")
     return {
@@ -446,8 +434,6 @@ def _labels(model: nn.Module, label_names: list[str] | None) -> dict[str, Any]:
 
 
 # --- BEiT and ViT configs -------------------------------------------------------------------------
-
-TIMM_BEIT = "beit_base_patch16_224"
 TIMM_VIT = "vit_base_patch32_224"
 
 
@@ -532,11 +518,8 @@ def _encoder_config(model: Beit | VisionTransformer, table: str) -> dict[str, An
                 f"no register tokens and global_pool='token'; got global_pool={model.global_pool!r}"
             )
         if not isinstance(model.fc_norm, nn.Identity) or not isinstance(model.norm, nn.LayerNorm):
-            raise CheckpointError(
-                "Hugging Face ViT has no fc_norm and a final norm; this model differs"
-            )
-        qkv_bias = blocks[0].attn.qkv.bias is not None
-        config.update(qkv_bias=qkv_bias, encoder_stride=config["patch_size"])
+            raise CheckpointError("Hugging Face ViT: final norm, no fc_norm; this model differs")
+        config.update(qkv_bias=blocks[0].attn.qkv.bias is not None, encoder_stride=int(grid[0]))
         return {"architectures": ["ViTForImageClassification"], "model_type": "vit", **config}
     kwargs = model.model_kwargs if table == "mim" else {}
     init_values = (kwargs or getattr(model, "bitrain_spec", None) or {}).get("init_values")
@@ -571,7 +554,6 @@ def _encoder_config(model: Beit | VisionTransformer, table: str) -> dict[str, An
 
 
 # --- BiT configs ----------------------------------------------------------------------------------
-
 # timm's resnetv2_*_bit names fix the depths: depths -> (timm name, its width factor). The widths
 # travel as channels / stem_chs, HF's num_groups (timm builds 32) as group_norm_groups.
 TIMM_BIT: dict[tuple[int, ...], tuple[str, int]] = {
