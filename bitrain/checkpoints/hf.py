@@ -191,11 +191,10 @@ def label_names(config: Mapping[str, Any], num_classes: int | None = None) -> li
 
 def _square(config: Mapping[str, Any], name: str, default: int) -> int:
     value = config.get(name, default)
-    if isinstance(value, list | tuple):
-        if len(set(value)) != 1:
-            raise CheckpointError(f"Hugging Face config: {name}={value} is not square")
-        value = value[0]
-    return int(value)
+    sides = set(value) if isinstance(value, list | tuple) else {value}
+    if len(sides) != 1:
+        raise CheckpointError(f"Hugging Face config: {name}={value} is not square")
+    return int(sides.pop())
 
 
 def _one_value(model: nn.Module, kind: type[nn.Module], attr: str) -> Any:
@@ -228,9 +227,9 @@ _BEIT = [
     ("beit.layers.{i}.relative_position_bias." + _TABLE, "blocks.{i}.attn." + _TABLE),
     ("beit.shared_position_bias." + _TABLE, "rel_pos_bias." + _TABLE),
 ]
-# (hf, ours) per table; None: the other side's key has no counterpart and is dropped on the way in.
-# HF's BeitModel has a final beit.layernorm unless use_mean_pooling; BeitMIM, as the official
-# model, has only the MIM head's.
+# (hf, ours) per table; None: the other side's key has no counterpart (dropped on the way in).
+# HF's BeitModel adds beit.layernorm unless use_mean_pooling; BeitMIM, as the official model, has
+# only the MIM head's.
 RULES: dict[str, list[tuple[str, str | None]]] = {
     "mim": [
         *_BEIT,
