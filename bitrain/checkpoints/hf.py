@@ -426,10 +426,8 @@ def _labels(model: nn.Module, label_names: list[str] | None) -> dict[str, Any]:
         raise ValueError(f"{len(names)} label_names for a {n}-class model; one per class, in order")
     if len(set(names)) != len(names):
         raise ValueError("label_names has duplicates (label2id needs unique names)")
-    return {
-        "id2label": {str(i): str(name) for i, name in enumerate(names)},
-        "label2id": {str(name): i for i, name in enumerate(names)},
-    }
+    id2label = {str(i): str(name) for i, name in enumerate(names)}
+    return {"id2label": id2label, "label2id": {name: int(i) for i, name in id2label.items()}}
 
 
 # --- BEiT and ViT configs -------------------------------------------------------------------------
