@@ -47,8 +47,8 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
 _NAMES = {"beit": "BEiT", "vit": "ViT", "bit": "BiT"}
 
 # --- key spelling ---------------------------------------------------------------------------------
-# BEiT's and ViT's (transformers 5.x, 4.x) key spellings as regex fragments, read forwards for
-# 4.x -> 5.x, backwards for 5.x -> 4.x; the order keeps a rule off another's output (o_proj, fc2).
+# transformers' (5.x, 4.x) BEiT/ViT key spellings as regex fragments, forwards for 4.x -> 5.x,
+# backwards for 5.x -> 4.x; the order keeps a rule off another's output (o_proj before fc2).
 SPELLING: list[tuple[str, str]] = [
     (r"^(beit|vit)\.layers\.", r"^(beit|vit)\.encoder\.layer\."),
     (r"^beit\.shared_position_bias\.", r"^beit\.encoder\.relative_position_bias\."),
