@@ -1,15 +1,12 @@
 """Hugging Face model folders <-> bitrain / timm: files, configs, one rename table per family.
 
-Folders are read and written with our own code (``transformers`` is only the parity tests'
-reference). Each family's weights are ONE list of ``(hf, ours)`` rules (:data:`RULES`, BEiT's MIM
-model and classifier share theirs up to the end) whose ``{slot}`` placeholders (:data:`SLOTS`)
-compile to regexes: :func:`from_hf` applies it HF -> ours, :func:`to_hf` backwards (after
-transformers' ``create_rename_keys`` and timm's ``checkpoint_filter_fn``). Around it, one step
-each: HF's q/k/v projections <-> timm's ``attn.qkv`` (``read_in_q_k_v``), BiT's Linear head
-``[C, F]`` <-> timm's 1x1 conv ``[C, F, 1, 1]``. The rules are in transformers 5.x's spelling; the
-Hub's 4.x one (which bitrain writes) is converted at the edge (:data:`SPELLING`). Configs map to
-``BeitMIM`` kwargs or ``create_classifier`` specs and back; a config or model the other side cannot
-be exactly is a :class:`CheckpointError` that says why.
+After transformers' ``create_rename_keys`` + ``read_in_q_k_v`` (convert_beit_unilm_to_pytorch.py)
+and timm's ``checkpoint_filter_fn``: a family's weights are ONE list of ``(hf, ours)`` rules
+(:data:`RULES`) that :func:`from_hf` applies HF -> ours and :func:`to_hf` backwards, around one step
+each for HF's q/k/v <-> timm's ``attn.qkv`` and BiT's Linear head ``[C, F]`` <-> timm's 1x1 conv
+``[C, F, 1, 1]``. The rules are in transformers 5.x's key spelling; the Hub's 4.x one (which bitrain
+writes) is converted at the edge. What the other side cannot be exactly is a
+:class:`CheckpointError` saying why. ``transformers`` itself is only the parity tests' reference.
 """
 
 from __future__ import annotations
@@ -31,6 +28,7 @@ from timm.models.resnetv2 import PreActBottleneck, ResNetV2
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from bitrain.checkpoints.official import TIMM_BEIT
 from bitrain.io import CheckpointError, atomic_write_bytes, load_torch_file
 from bitrain.models.beit import BeitMIM
 
@@ -49,10 +47,8 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
 _NAMES = {"beit": "BEiT", "vit": "ViT", "bit": "BiT"}
 
 # --- key spelling ---------------------------------------------------------------------------------
-
-# transformers 5.x <-> 4.x key spelling (BEiT and ViT), as (5.x, 4.x) regex fragments. Read
-# forwards for 4.x -> 5.x, backwards (reversed order, sides swapped) for 5.x -> 4.x; the order
-# keeps each rule from matching another's output (e.g. o_proj before fc2 going forwards).
+# transformers' (5.x, 4.x) BEiT/ViT key spellings as regex fragments, forwards for 4.x -> 5.x,
+# backwards for 5.x -> 4.x; the order keeps a rule off another's output (o_proj before fc2).
 SPELLING: list[tuple[str, str]] = [
     (r"^(beit|vit)\.layers\.", r"^(beit|vit)\.encoder\.layer\."),
     (r"^beit\.shared_position_bias\.", r"^beit\.encoder\.relative_position_bias\."),
@@ -67,7 +63,7 @@ SPELLING: list[tuple[str, str]] = [
 
 
 def _replacement(fragment: str) -> str:
-    """A regex fragment of :data:`SPELLING` as replacement text (its group kept as group 1)."""
+    """A :data:`SPELLING` fragment as replacement text, its group kept as group 1."""
     return re.sub(r"\([^)]*\)", r"\\1", fragment).replace("\\.", ".").removeprefix("^")
 
 
@@ -86,8 +82,6 @@ def to_4x(key: str) -> str:
 
 
 # --- folders --------------------------------------------------------------------------------------
-
-
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``, or a :class:`CheckpointError` naming the file."""
     try:
@@ -124,9 +118,7 @@ def read_folder(path: str | os.PathLike) -> tuple[State, dict[str, Any], Path]:
     names = (*_INDEX_FILES, "model.safetensors", "pytorch_model.bin")
     weights = next((folder / n for n in names if (folder / n).is_file()), None)
     if weights is None:
-        raise FileNotFoundError(
-            f"model folder '{folder}' has config.json but no model.safetensors or pytorch_model.bin"
-        )
+        raise FileNotFoundError(f"'{folder}' has no model.safetensors or pytorch_model.bin")
     if weights.name not in _INDEX_FILES:
         return read_weights(weights), config, weights
     weight_map = read_json(weights).get("weight_map")
@@ -151,17 +143,14 @@ def write_folder(
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    atomic_write_bytes(
-        folder / "model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"})
-    )
+    blob = safetensors_bytes(tensors, metadata={"format": "pt"})
+    atomic_write_bytes(folder / "model.safetensors", blob)
     for name, value in {"config": config, **json_files}.items():
         atomic_write_bytes(folder / f"{name}.json", (json.dumps(value, indent=2) + "\n").encode())
     return folder
 
 
 # --- configs and labels ---------------------------------------------------------------------------
-
-
 def architecture(config: Mapping[str, Any], where: str = "Hugging Face config") -> tuple[str, ...]:
     """``(architecture, family, kind)`` of a config's ``architectures``, or a CheckpointError."""
     names = [str(a) for a in config.get("architectures") or []]
@@ -188,9 +177,7 @@ def label_list(names: Any, where: str, num_classes: int | None = None) -> list[s
         names = [name for _, name in items]
     names = [str(n) for n in names]
     if num_classes is not None and len(names) != num_classes:
-        raise CheckpointError(
-            f"{where} has {len(names)} label names for a {num_classes}-class head"
-        )
+        raise CheckpointError(f"{where} has {len(names)} labels for a {num_classes}-class head")
     return names
 
 
@@ -203,28 +190,23 @@ def label_names(config: Mapping[str, Any], num_classes: int | None = None) -> li
 
 
 def _square(config: Mapping[str, Any], name: str, default: int) -> int:
-    """The side of the square size ``config[name]`` (an int or a list/tuple of equal ints)."""
     value = config.get(name, default)
-    if isinstance(value, list | tuple):
-        if len(set(value)) != 1:
-            raise CheckpointError(f"Hugging Face config: {name}={value} is not square")
-        value = value[0]
-    return int(value)
+    sides = set(value) if isinstance(value, list | tuple) else {value}
+    if len(sides) != 1:
+        raise CheckpointError(f"Hugging Face config: {name}={value} is not square")
+    return int(sides.pop())
 
 
 def _one_value(model: nn.Module, kind: type[nn.Module], attr: str) -> Any:
-    """The single value of ``attr`` over the model's ``kind`` modules (HF configs hold one)."""
     values = {getattr(m, attr) for m in model.modules() if isinstance(m, kind)}
     if len(values) != 1:
         raise CheckpointError(
-            f"the model's {kind.__name__} layers have {attr} values {sorted(values)}; Hugging "
-            "Face configs have one"
+            f"the model's {kind.__name__}s differ in {attr} ({sorted(values)}); HF configs hold one"
         )
     return values.pop()
 
 
 # --- the rename engine ----------------------------------------------------------------------------
-
 # What each {slot} of a rule matches; a rule's two sides name the same slots.
 SLOTS = {"i": r"\d+", "j": r"\d+", "n": "[12]", "p": "[qkv]", "w": "weight|bias"}
 SLOTS["bit"] = r"(?:conv[123]|downsample\.conv)\.weight|norm[123]\.(?:weight|bias)"  # BiT block
@@ -245,9 +227,9 @@ _BEIT = [
     ("beit.layers.{i}.relative_position_bias." + _TABLE, "blocks.{i}.attn." + _TABLE),
     ("beit.shared_position_bias." + _TABLE, "rel_pos_bias." + _TABLE),
 ]
-# (hf, ours) per table; None on one side: keys of the other side that have no counterpart and are
-# dropped on the way in. HF's BeitModel has its own final beit.layernorm unless use_mean_pooling;
-# BeitMIM (as the official model) has one final norm, the MIM head's.
+# (hf, ours) per table; None: the other side's key has no counterpart (dropped on the way in).
+# HF's BeitModel adds beit.layernorm unless use_mean_pooling; BeitMIM, as the official model, has
+# only the MIM head's.
 RULES: dict[str, list[tuple[str, str | None]]] = {
     "mim": [
         *_BEIT,
@@ -281,10 +263,9 @@ RULES: dict[str, list[tuple[str, str | None]]] = {
 @functools.cache
 def _regex(rule_side: str) -> re.Pattern:
     """One side of a rule as a regex: literal text escaped, each ``{slot}`` a named group."""
-    parts = re.split(r"\{(\w+)\}", rule_side)
-    return re.compile(
-        "".join(f"(?P<{p}>{SLOTS[p]})" if k % 2 else re.escape(p) for k, p in enumerate(parts))
-    )
+    side = re.split(r"\{(\w+)\}", rule_side)
+    pattern = "".join(f"(?P<{p}>{SLOTS[p]})" if k % 2 else re.escape(p) for k, p in enumerate(side))
+    return re.compile(pattern)
 
 
 def rename(
@@ -292,8 +273,8 @@ def rename(
 ) -> tuple[State, list[str]]:
     """``(state renamed by the first rule that matches, keys none matched)``; targets None dropped.
 
-    A rule's source side is its HF one, ``backwards`` its ours; ``relative_position_index``
-    buffers are dropped too (each model rebuilds its own).
+    Rules read HF -> ours, ``backwards`` ours -> HF. ``relative_position_index`` buffers are dropped
+    too (each model rebuilds its own).
     """
     pairs = [(ours, hf) if backwards else (hf, ours) for hf, ours in rules]
     out, unknown = {}, []
@@ -317,10 +298,7 @@ _QKV = re.compile(
 
 
 def _qkv_in(state: State, beit: bool, where: str) -> State:
-    """HF's q/k/v parts (as ``blocks.i.attn.{q,k,v}_proj.*``) joined into timm's ``attn.qkv``.
-
-    BEiT keeps separate q and v biases (its key bias must be zero), ViT one concatenated bias.
-    """
+    """``attn.{q,k,v}_proj`` -> timm's ``attn.qkv``; BEiT keeps q and v biases apart (k's is 0)."""
     out: State = {}
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
@@ -334,13 +312,12 @@ def _qkv_in(state: State, beit: bool, where: str) -> State:
         missing = {"q.weight", "k.weight", "v.weight"} - parts.keys()
         if missing:
             raise CheckpointError(f"{here} lacks attention {sorted(missing)}")
-        shapes = {n: tuple(parts[f"{n}.weight"].shape) for n in "qkv"}
-        if len(set(shapes.values())) != 1 or len(shapes["q"]) != 2:
-            names = ("query", "key", "value")
-            detail = ", ".join(f"{name}.weight {list(shapes[name[0]])}" for name in names)
+        shapes = {n: tuple(parts[f"{n[0]}.weight"].shape) for n in ("query", "key", "value")}
+        if len(set(shapes.values())) != 1 or len(shapes["query"]) != 2:
+            detail = ", ".join(f"{n}.weight {list(s)}" for n, s in shapes.items())
             raise CheckpointError(
-                f"{here}: the attention weights do not fit together ({detail}); each must be "
-                "[hidden_size, hidden_size]: the weights file is damaged or from another model"
+                f"{here}: attention {detail} do not fit together; each must be [hidden_size, "
+                "hidden_size]: the weights file is damaged or from another model"
             )
         out[pre + "qkv.weight"] = torch.cat([parts[f"{n}.weight"] for n in "qkv"])
         q, k, v = (parts.get(f"{n}.bias") for n in "qkv")
@@ -356,7 +333,7 @@ def _qkv_in(state: State, beit: bool, where: str) -> State:
 
 
 def _qkv_out(state: State, dim: int, beit: bool) -> State:
-    """The split of ``attn.qkv`` (BEiT: and ``{q,v}_bias``, zeros if none) into ``{q,k,v}_proj``."""
+    """``attn.qkv`` (and BEiT's ``{q,v}_bias``, zeros if none) -> ``attn.{q,k,v}_proj``."""
     out: State = {}
     for key, value in state.items():
         match = _QKV.fullmatch(key)
@@ -373,16 +350,13 @@ def _qkv_out(state: State, dim: int, beit: bool) -> State:
 
 
 # --- both ways ------------------------------------------------------------------------------------
-
-
 def from_hf(
     state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]
 ) -> tuple[State, dict[str, Any]]:
     """HF weights (4.x or 5.x spelling) -> ``(our state dict, our arguments)``, by architecture.
 
-    ``BeitMIM`` keys and kwargs for ``BeitForMaskedImageModeling``; else timm keys and the
-    ``create_classifier`` spec (``num_classes`` None without a head; head-less models' keys may
-    lack the family prefix). The config is checked before the weights.
+    ``BeitMIM`` keys and kwargs for ``BeitForMaskedImageModeling``, else timm keys and the
+    ``create_classifier`` spec (``num_classes`` None without a head); the config is checked first.
     """
     _, family, kind = architecture(config)
     args = _args(config, family, kind)
@@ -393,9 +367,8 @@ def from_hf(
         sd[to_5x(key)] = value
     if kind == "mim" and any(k.startswith("beit.layernorm.") for k in sd):
         raise CheckpointError(
-            "Hugging Face BEiT weights carry beit.layernorm (use_mean_pooling=false) as well as "
-            "the MIM head's layernorm: two final norms, which BeitMIM (one final norm, like the "
-            "official model) cannot represent"
+            "Hugging Face BEiT weights carry beit.layernorm (use_mean_pooling=false) and the MIM "
+            "head's layernorm: two final norms; BeitMIM has one, like the official model"
         )
     where = f"Hugging Face {_NAMES[family]} weights"
     state, unknown = rename(sd, RULES["mim" if kind == "mim" else family], backwards=False)
@@ -416,9 +389,8 @@ def to_hf(
 ) -> tuple[State, dict[str, Any]]:
     """A ``BeitMIM`` or a timm Beit / VisionTransformer / ResNetV2 (BiT) classifier as HF files.
 
-    ``BeitForMaskedImageModeling`` or ``*ForImageClassification`` weights and config (classifiers:
-    ``id2label`` from ``label_names``, else ``LABEL_i``; wrong length or duplicates: ValueError).
-    ``spelling``: ``"4.x"`` (the Hub's files) or ``"5.x"`` (transformers 5's in-memory names).
+    Classifiers' ``id2label`` come from ``label_names`` (else ``LABEL_i``). ``spelling``: "4.x" (the
+    Hub's files) or "5.x" (transformers 5's in-memory names).
     """
     if spelling not in ("4.x", "5.x"):
         raise ValueError(f"spelling must be '4.x' or '5.x', got {spelling!r}")
@@ -445,28 +417,20 @@ def to_hf(
 
 
 def _labels(model: nn.Module, label_names: list[str] | None) -> dict[str, Any]:
-    """``id2label`` and ``label2id`` of a classifier (``LABEL_i`` without names)."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if not isinstance(head, nn.Module) or not list(head.parameters()):
         raise CheckpointError("the model has no classification head (num_classes=0) to export")
     n = int(model.num_classes)
     names = [f"LABEL_{i}" for i in range(n)] if label_names is None else list(label_names)
     if len(names) != n:
-        raise ValueError(
-            f"{len(names)} label_names for a {n}-class model; give one name per class, in "
-            "class-index order"
-        )
+        raise ValueError(f"{len(names)} label_names for a {n}-class model; one per class, in order")
     if len(set(names)) != len(names):
         raise ValueError("label_names has duplicates (label2id needs unique names)")
-    return {
-        "id2label": {str(i): str(name) for i, name in enumerate(names)},
-        "label2id": {str(name): i for i, name in enumerate(names)},
-    }
+    id2label = {str(i): str(name) for i, name in enumerate(names)}
+    return {"id2label": id2label, "label2id": {name: int(i) for i, name in id2label.items()}}
 
 
 # --- BEiT and ViT configs -------------------------------------------------------------------------
-
-TIMM_BEIT = "beit_base_patch16_224"
 TIMM_VIT = "vit_base_patch32_224"
 
 
@@ -478,12 +442,11 @@ def _args(config: Mapping[str, Any], family: str, kind: str) -> dict[str, Any]:
         raise CheckpointError(f"Hugging Face config has model_type {config['model_type']!r}")
     if kind == "mim" and not config.get("use_mask_token", False):
         raise CheckpointError(
-            "Hugging Face BEiT config has use_mask_token=false: this is not a masked-image-"
-            "modeling model (BeitForMaskedImageModeling)"
+            "Hugging Face BEiT config has use_mask_token=false: not a BeitForMaskedImageModeling"
         )
     if config.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(
-            f"Hugging Face {_NAMES[family]} config uses hidden_act={config['hidden_act']!r}; "
+            f"Hugging Face {_NAMES[family]} config has hidden_act={config['hidden_act']!r}; "
             "timm's model uses exact GELU ('gelu')"
         )
     hidden = int(config.get("hidden_size", 768))
@@ -512,13 +475,8 @@ def _args(config: Mapping[str, Any], family: str, kind: str) -> dict[str, Any]:
     layer_scale = float(config.get("layer_scale_init_value", 0.1))
     if kind != "mim":
         pool = "avg" if config.get("use_mean_pooling", True) else "token"
-        # init_values 0: no LayerScale (timm drops None)
-        return {
-            "model_name": TIMM_BEIT,
-            **args,
-            "global_pool": pool,
-            "init_values": max(layer_scale, 0.0),
-        }
+        init = max(layer_scale, 0.0)  # not None: timm drops it and beit_base's 0.1 would apply
+        return {"model_name": TIMM_BEIT, **args, "global_pool": pool, "init_values": init}
     return {
         **args,
         "vocab_size": int(config.get("vocab_size", 8192)),
@@ -530,10 +488,7 @@ def _args(config: Mapping[str, Any], family: str, kind: str) -> dict[str, Any]:
 
 
 def _encoder_config(model: Beit | VisionTransformer, table: str) -> dict[str, Any]:
-    """The ``BeitConfig`` (``table`` "mim" / "beit") or ``ViTConfig`` of a model HF's can be.
-
-    Checked: square images and patches; BEiT's pooling; ViT's class token, pooling and norms.
-    """
+    """The ``BeitConfig`` (``table`` "mim" / "beit") or ``ViTConfig`` of a model HF's can be."""
     blocks, patch = model.blocks, model.patch_embed
     img, grid = tuple(patch.img_size), tuple(patch.patch_size)
     if img[0] != img[1] or grid[0] != grid[1]:
@@ -560,11 +515,8 @@ def _encoder_config(model: Beit | VisionTransformer, table: str) -> dict[str, An
                 f"no register tokens and global_pool='token'; got global_pool={model.global_pool!r}"
             )
         if not isinstance(model.fc_norm, nn.Identity) or not isinstance(model.norm, nn.LayerNorm):
-            raise CheckpointError(
-                "Hugging Face ViT has no fc_norm and a final norm; this model differs"
-            )
-        qkv_bias = blocks[0].attn.qkv.bias is not None
-        config.update(qkv_bias=qkv_bias, encoder_stride=config["patch_size"])
+            raise CheckpointError("Hugging Face ViT: final norm, no fc_norm; this model differs")
+        config.update(qkv_bias=blocks[0].attn.qkv.bias is not None, encoder_stride=int(grid[0]))
         return {"architectures": ["ViTForImageClassification"], "model_type": "vit", **config}
     kwargs = model.model_kwargs if table == "mim" else {}
     init_values = (kwargs or getattr(model, "bitrain_spec", None) or {}).get("init_values")
@@ -587,26 +539,20 @@ def _encoder_config(model: Beit | VisionTransformer, table: str) -> dict[str, An
             "use_mask_token": True,
             "use_mean_pooling": True,  # BeitModel's own final norm = identity; the head's is ours
         }
-    if model.global_pool == "avg" and isinstance(model.fc_norm, nn.LayerNorm):
-        mean_pooling = True
-    elif model.global_pool == "token" and isinstance(model.norm, nn.LayerNorm):
-        mean_pooling = False
-    else:
+    pooled_norm = {"avg": model.fc_norm, "token": model.norm}.get(model.global_pool)
+    if not isinstance(pooled_norm, nn.LayerNorm):
         raise CheckpointError(
             f"timm Beit with global_pool={model.global_pool!r} and fc_norm="
             f"{type(model.fc_norm).__name__}; Hugging Face BEiT pools by mean + fc_norm "
             "(global_pool='avg') or by the normed CLS token (global_pool='token')"
         )
     config.update(architectures=["BeitForImageClassification"], use_mask_token=False)
-    return {**config, "use_mean_pooling": mean_pooling}
+    return {**config, "use_mean_pooling": model.global_pool == "avg"}
 
 
 # --- BiT configs ----------------------------------------------------------------------------------
-
-# timm's resnetv2_*_bit (weight standardised convs with eps 1e-8, group norm, pre-activation
-# bottlenecks, the "fixed" stem of conv, zero pad 1, max pool 3/2) fix the depths: depths ->
-# (timm name, its fixed width factor). The widths travel as channels / stem_chs, HF's num_groups
-# (timm builds 32) as create_classifier's group_norm_groups.
+# timm's resnetv2_*_bit names fix the depths: depths -> (timm name, its width factor). The widths
+# travel as channels / stem_chs, HF's num_groups (timm builds 32) as group_norm_groups.
 TIMM_BIT: dict[tuple[int, ...], tuple[str, int]] = {
     (3, 4, 6, 3): ("resnetv2_50x1_bit", 1),
     (3, 4, 23, 3): ("resnetv2_101x1_bit", 1),
@@ -615,8 +561,7 @@ TIMM_BIT: dict[tuple[int, ...], tuple[str, int]] = {
 TIMM_GROUPS = 32  # partial(GroupNormAct, num_groups=32) in timm's ResNetV2
 BIT_CONV_EPS = 1e-8  # HF's BiT weight standardisation eps (hard-coded), timm's *_bit models too
 BIT_GROUP_NORM_EPS = 1e-5  # HF's BitGroupNormActivation (hard-coded), timm's GroupNormAct too
-# The BitConfig values for which HF's BiT is timm's network (pre-activation bottlenecks, symmetric
-# padding, a fixed stem, no dilation).
+# The BitConfig values for which HF's BiT is timm's network; bitrain writes them, reads no other.
 _TIMM_NETWORK = {
     "layer_type": "preactivation",
     "global_padding": None,
@@ -638,15 +583,13 @@ def _bit_spec(config: Mapping[str, Any]) -> dict[str, Any]:
     for name, wanted in _TIMM_NETWORK.items():
         if config.get(name, wanted) != wanted:
             raise CheckpointError(
-                f"Hugging Face BiT config has {name}={config[name]!r}; timm's ResNetV2 BiT models "
-                f"are the same network only for {name}={wanted!r}, so it cannot be imported"
+                f"Hugging Face BiT config has {name}={config[name]!r}; timm's BiT needs {wanted!r}"
             )
     depths = tuple(int(d) for d in config.get("depths", (3, 4, 6, 3)))
     if depths not in TIMM_BIT:
         raise CheckpointError(
-            f"Hugging Face BiT config has depths={list(depths)}; timm names BiT models only with "
-            f"depths {[list(d) for d in TIMM_BIT]} (resnetv2_50x1_bit, resnetv2_101x1_bit, "
-            "resnetv2_152x2_bit), and create_classifier cannot override a timm name's depths"
+            f"Hugging Face BiT config has depths={list(depths)}; timm's BiT models fix theirs "
+            f"({', '.join(f'{n}: {list(d)}' for d, (n, _) in TIMM_BIT.items())})"
         )
     name, wf = TIMM_BIT[depths]
     hidden = [int(h) for h in config.get("hidden_sizes", (256, 512, 1024, 2048))]
@@ -654,19 +597,17 @@ def _bit_spec(config: Mapping[str, Any]) -> dict[str, Any]:
     for what, chs in (("hidden_sizes", hidden), ("embedding_size", [stem])):
         if any(_make_div(c) != c or c % wf for c in chs):
             raise CheckpointError(
-                f"Hugging Face BiT config has {what}={chs if len(chs) > 1 else chs[0]}: timm "
-                f"rounds widths to multiples of 8 (and {name} multiplies them by {wf}), so these "
-                "cannot be built exactly"
+                f"Hugging Face BiT config has {what}={chs if len(chs) > 1 else chs[0]}; timm "
+                f"builds multiples of 8 only (and of {wf} for {name})"
             )
     groups = int(config.get("num_groups", TIMM_GROUPS))
     normed = sorted({stem, *hidden, *(_make_div(h * 0.25) for h in hidden)})
     bad = [c for c in normed if c % TIMM_GROUPS or c % groups]
     if bad:
         raise CheckpointError(
-            f"Hugging Face BiT config has group-normed widths {bad} not divisible by "
-            f"{TIMM_GROUPS} (timm builds every BiT group norm with 32 groups before bitrain sets "
-            f"num_groups={groups}) or by num_groups; such a model cannot be rebuilt by "
-            "create_classifier"
+            f"Hugging Face BiT config has group-normed widths {bad} not divisible by num_groups="
+            f"{groups} or by {TIMM_GROUPS} (timm builds {TIMM_GROUPS} groups, then bitrain sets "
+            "num_groups)"
         )
     return {
         "model_name": name,
@@ -684,9 +625,8 @@ def _bit_config(model: ResNetV2) -> dict[str, Any]:
     problems = []
     if not isinstance(getattr(stem, "conv", None), StdConv2d):
         problems.append("the stem conv is not a weight-standardised StdConv2d")
-    if not isinstance(getattr(stem, "pad", None), nn.ConstantPad2d) or not isinstance(
-        getattr(stem, "pool", None), nn.MaxPool2d
-    ):
+    pad, pool = getattr(stem, "pad", None), getattr(stem, "pool", None)
+    if not isinstance(pad, nn.ConstantPad2d) or not isinstance(pool, nn.MaxPool2d):
         problems.append("the stem is not BiT's 'fixed' stem (conv, zero pad 1, max pool 3/2)")
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m is not model.head.fc]
     if any(not isinstance(m, StdConv2d) or m.eps != BIT_CONV_EPS for m in convs):
@@ -703,9 +643,7 @@ def _bit_config(model: ResNetV2) -> dict[str, Any]:
     if any(not isinstance(getattr(m, "act", None), nn.ReLU) for m in norms):
         problems.append("its activation is not ReLU")
     if problems:
-        raise CheckpointError(
-            "this ResNetV2 is not a Hugging Face BiT network: " + "; ".join(problems)
-        )
+        raise CheckpointError("this ResNetV2 is not Hugging Face's BiT: " + "; ".join(problems))
     spec = getattr(model, "bitrain_spec", {})
     size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224))[1]
     return {
