@@ -1,39 +1,15 @@
 """Convert BEiT pretraining weights or fine-tuned classifiers between checkpoint formats.
 
-Formats (see docs/checkpoints.md):
+The command line of :func:`bitrain.checkpoints.convert` (docs/checkpoints.md has the formats):
+``bitrain`` (a ``.ckpt``), ``official`` (a unilm ``.pth``; classifiers: BEiT only), ``hf`` (a
+Hugging Face folder), ``timm`` (classifiers: a timm hub folder; as a source also a bare state dict
+with ``--model-name`` / ``--model-kwargs``). The source's format and kind are detected; label names
+and the evaluation preprocessing travel with a classifier. The result is verified beside
+``--dst`` (reloaded and compared with the source) before it is moved there; an existing ``--dst``
+or one that is the source is refused unless ``--force``. Example::
 
-* ``bitrain``  -- a Lightning-layout ``.ckpt``: ``{"state_dict": {"model.<key>": ...},
-  "hyper_parameters": {"model": {"_target_": ..., ...}}}``. As a source, any ``.ckpt`` written by
-  ``bitrain.pretrain`` or ``bitrain.finetune`` works too.
-* ``official`` -- a ``.pth`` as unilm's ``run_beit_pretraining.py`` / ``run_class_finetuning.py``
-  save it (``{"model": ..., "args": Namespace}``); classifiers: BEiT only.
-* ``hf``       -- a Hugging Face folder (``config.json`` + ``model.safetensors``):
-  ``BeitForMaskedImageModeling`` for pretraining weights; ``BeitForImageClassification``,
-  ``ViTForImageClassification`` or ``BitForImageClassification`` (+ ``preprocessor_config.json``)
-  for classifiers.
-* ``timm``     -- classifiers only: a timm hub folder (``config.json`` with ``architecture`` +
-  ``model.safetensors``), as ``timm.models.push_to_hf_hub`` writes it. As a source, a bare timm
-  state dict (``.pth``/``.safetensors``) works too, with ``--model-name`` (and ``--model-kwargs``).
-
-The source kind is detected (:func:`bitrain.checkpoints.sniff`): a masked-image-modeling
-(pretraining) checkpoint is converted as a ``BeitMIM`` (``bitrain``/``official``/``hf``), anything
-else as a classifier (label names and the evaluation preprocessing travel with it). This script is
-the command line of :func:`bitrain.checkpoints.convert`.
-
-Examples::
-
-    python scripts/convert_checkpoint.py --src beit_base_patch16_224_pt22k.pth
-        --dst out/beit-base-mim --dst-format hf      (one line)
-    python scripts/convert_checkpoint.py --src outputs/finetune/<run>/checkpoints/last.ckpt
-        --dst out/beit-cls-hf --dst-format hf        (one line)
-
-Every input is read weights-only; a record in it that names code to run (a Hydra ``_target_``)
-is refused. The conversion is written to a temporary file or folder beside ``--dst``, verified
-there (unless ``--no-verify``: reloaded and compared with the source, a pretraining model tensor by
-tensor, bit exact, a classifier by its logits on a random batch, max abs difference <= 1e-5, and its
-label names) and only then moved to ``--dst``: a failed conversion leaves ``--dst`` as it was. An
-existing ``--dst``, or one that is the source (or holds it, or lies in it), is refused unless
-``--force``.
+    python scripts/convert_checkpoint.py --src beit_base_patch16_224_pt22k.pth \
+        --dst out/beit-base-mim --dst-format hf
 """
 
 from __future__ import annotations
