@@ -1,12 +1,12 @@
 """A classifier's evaluation preprocessing as data: a small validated spec, one known builder.
 
-Checkpoints come from strangers, so how their images were preprocessed is never code (no Hydra
-``_target_``, import path or pickle from a file reaches ``instantiate`` or ``importlib``) but an
-:class:`EvalPreprocessing`, checked when built and built only into torchvision's ``Resize ->
-CenterCrop -> ToTensor -> Normalize``. Each reader follows the library that wrote the record: timm
-(``timm/data/transforms_factory.py:transforms_imagenet_eval``), transformers' image processors
-(``get_size_dict``, each class's defaults), unilm (``beit/datasets.py:build_transform``, commit
-03380c8), a user's own ``Compose``, bitrain's record (or an older bitrain's Hydra node, as data).
+Checkpoints come from strangers, so their preprocessing is never code (nothing from a file reaches
+``instantiate`` or ``importlib``) but an :class:`EvalPreprocessing`, checked when built and built
+only into torchvision's ``Resize -> CenterCrop -> ToTensor -> Normalize``. Each reader follows the
+library that wrote the record: timm (``timm/data/transforms_factory.py:transforms_imagenet_eval``),
+transformers' image processors (``get_size_dict``, each class's defaults), unilm
+(``beit/datasets.py:build_transform``, commit 03380c8), a user's own ``Compose``, bitrain's record
+(or an older bitrain's Hydra node, read as data).
 """
 
 from __future__ import annotations
@@ -19,13 +19,7 @@ from typing import Any
 
 from bitrain.io import CheckpointError
 
-__all__ = [
-    "EvalPreprocessing", "INTERPOLATIONS", "RECORD_FORMAT", "channels", "from_official_args",
-    "from_processor_config", "from_timm_args", "from_timm_cfg", "from_transform", "read_record",
-]  # fmt: skip
-
-RECORD_FORMAT = "bitrain.eval_preprocessing"
-RECORD_VERSION = 1
+RECORD_FORMAT, RECORD_VERSION = "bitrain.eval_preprocessing", 1
 # torchvision's interpolation names, indexed by PIL's filter number (Hugging Face's "resample").
 INTERPOLATIONS = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -47,9 +41,9 @@ class EvalPreprocessing:
 
     Attributes:
         resize: ``None``, ``("shortest_edge", n)`` or ``("exact", height, width)``.
-        interpolation: the resampling filter of the resize (:data:`INTERPOLATIONS`).
+        interpolation: the resize's filter, one of :data:`INTERPOLATIONS`.
         crop: ``None`` or the centre crop ``(height, width)`` (any box :func:`_size` reads).
-        mean, std: per channel, subtracted from the [0, 1] tensor, then divided by (float tuples).
+        mean, std: per channel, of the [0, 1] tensor.
         crop_offset: an odd margin's offset ``"round"``-ed half to even (torchvision's
             ``CenterCrop``) or ``"floor"``-ed (transformers' ``center_crop``).
     """
@@ -79,7 +73,7 @@ class EvalPreprocessing:
             raise CheckpointError(f"{where}: {len(self.mean)} means but {len(self.std)} stds")
 
     def build(self) -> Any:
-        """The torchvision transform (PIL image -> normalised float tensor ``[C, H, W]``)."""
+        """The torchvision transform: PIL image -> normalised float tensor ``[C, H, W]``."""
         from torchvision import transforms as T
 
         steps: list[Any] = []
@@ -92,7 +86,7 @@ class EvalPreprocessing:
         return T.Compose([*steps, T.ToTensor(), T.Normalize(list(self.mean), list(self.std))])
 
     def to_record(self) -> dict[str, Any]:
-        """The plain-JSON record a checkpoint stores (read back by :func:`read_record`)."""
+        """The plain-JSON record a checkpoint stores; :func:`read_record` reads it back."""
         record = {"format": RECORD_FORMAT, "version": RECORD_VERSION, **asdict(self)}
         for name, size in (("resize", self.resize), ("crop", self.crop and ("exact", *self.crop))):
             record[name] = size and dict(zip(_SIZE_KEYS[size[0]], size[1:], strict=True))
@@ -101,9 +95,9 @@ class EvalPreprocessing:
     def to_processor_config(self) -> dict[str, Any]:
         """Hugging Face image-processor settings that preprocess the same way.
 
-        ``size`` is a dict (read literally by every processor), absent for a step that is off
-        (transformers refuses an empty one). transformers floors the crop offset (one pixel off
-        ``crop_offset="round"`` for an odd margin).
+        Sizes are dicts (every processor reads those literally), left out for a step that is off
+        (transformers refuses an empty one). transformers floors the crop offset: for an odd
+        margin, one pixel off ``crop_offset="round"``.
         """
         record = self.to_record()
         config = {
@@ -127,13 +121,15 @@ class EvalPreprocessing:
         if kind == "shortest_edge" and (self.crop is None or self.crop[0] != self.crop[1]):
             return None
         height, width = self.crop or resize
-        pct = _crop_pct(height, resize[0])
+        pct = height / resize[0]
+        while math.floor(height / pct) < resize[0]:  # the quotient rounded below: an ulp lower
+            pct = math.nextafter(pct, 0.0)
         if kind == "exact" and math.floor(width / pct) != resize[1]:
             return None
-        mode = "center" if kind == "shortest_edge" else "squash"
         return {
             "input_size": [int(in_chans), height, width], "interpolation": self.interpolation,
-            "mean": list(self.mean), "std": list(self.std), "crop_mode": mode, "crop_pct": pct,
+            "mean": list(self.mean), "std": list(self.std), "crop_pct": pct,
+            "crop_mode": "center" if kind == "shortest_edge" else "squash",
         }  # fmt: skip
 
 
@@ -157,14 +153,6 @@ def _spec(where: str, *fields: Any, error: type[Exception] = CheckpointError) ->
         return EvalPreprocessing(*fields)
     except CheckpointError as err:
         raise error(f"{where}: {err}") from None
-
-
-def _crop_pct(crop: int, resize: int) -> float:
-    """A ``crop_pct`` with ``floor(crop / crop_pct) == resize`` (timm's evaluation resize rule)."""
-    pct = crop / resize
-    while math.floor(crop / pct) < resize:  # the quotient rounded below resize: an ulp lower
-        pct = math.nextafter(pct, 0.0)
-    return pct
 
 
 def _is_seq(value: Any) -> bool:
@@ -198,15 +186,12 @@ def channels(values: Any, where: str, positive: bool = False) -> tuple[float, ..
 
 
 def _tensor_values(values: Any) -> Any:
-    """A tensor's values as floats (torchvision and timm keep mean and std as tensors).
-
-    A float32 is read as its shortest decimal: 0.485, not 0.48500001430511475.
-    """
+    """A tensor mean/std (torchvision's, timm's) as floats, a float32 as its shortest decimal."""
     if not hasattr(values, "tolist"):
         return values
     import numpy as np
 
-    f32 = str(values.dtype) == "torch.float32"
+    f32 = str(values.dtype) == "torch.float32"  # 0.485, not 0.48500001430511475
     return [float(str(np.float32(v)) if f32 else v) for v in values.detach().flatten().tolist()]
 
 
@@ -289,23 +274,20 @@ _PROCESSORS: dict[str, tuple[Any, ...]] = {
 }
 
 
-def processor_class(config: Mapping[str, Any]) -> str:
-    """The image-processor class a config names (old ``*FeatureExtractor`` names mapped)."""
-    name = str(config.get("image_processor_type") or config.get("feature_extractor_type") or "")
-    return name.removesuffix("Fast").replace("FeatureExtractor", "ImageProcessor")
-
-
 def from_processor_config(
     config: Mapping[str, Any], where: str = "preprocessor_config.json"
 ) -> EvalPreprocessing:
     """What a Hugging Face image processor with this config does to an RGB image.
 
-    Keys the config leaves out take its class's defaults (:data:`_PROCESSORS`); a
-    ``rescale_factor`` other than 1/255 folds into mean/std; a ``longest_edge`` is refused.
+    Keys the config leaves out take its class's defaults (:data:`_PROCESSORS`; older
+    ``*FeatureExtractor`` names too); a ``rescale_factor`` other than 1/255 folds into mean/std; a
+    ``longest_edge`` is refused.
     """
     if not isinstance(config, Mapping):
         raise CheckpointError(f"{where} holds a {type(config).__name__}, not a JSON object")
-    defaults = _PROCESSORS.get(processor_class(config), _PROCESSORS["BitImageProcessor"])
+    name = str(config.get("image_processor_type") or config.get("feature_extractor_type") or "")
+    name = name.removesuffix("Fast").replace("FeatureExtractor", "ImageProcessor")
+    defaults = _PROCESSORS.get(name, _PROCESSORS["BitImageProcessor"])
     square, size, resample, crop, (mean, std) = defaults
     cfg = {
         "do_resize": True, "size": size, "resample": resample, "do_center_crop": crop,
@@ -395,21 +377,29 @@ def from_transform(transform: Any) -> EvalPreprocessing:
 
 # --- records in files -----------------------------------------------------------------------------
 def read_record(record: Any, where: str) -> EvalPreprocessing:
-    """The spec a file records: bitrain's record, or an older bitrain's Hydra node read as data.
+    """The spec a file records (errors name ``where``): bitrain's record, or an older node.
 
-    Nothing in it is imported, called or interpolated: an older node is accepted only when its
-    ``_target_`` is one of the builders bitrain wrote (timm's ``create_transform``, the
-    processor-config reader) with plain values. Sizes must be the dicts ``to_record`` writes.
-
-    Raises:
-        CheckpointError: not a record, a target that would run other code, unknown fields, or
-            values of the wrong type or range; the message names ``where``.
+    Nothing in it is imported, called or interpolated: an older bitrain's Hydra node is read only
+    when its ``_target_`` is one of the builders bitrain wrote (timm's ``create_transform``, the
+    processor-config reader), with plain values. Sizes must be the dicts ``to_record`` writes.
     """
     if not isinstance(record, Mapping):
         kind = type(record).__name__
         raise CheckpointError(f"{where}: the evaluation preprocessing is a {kind}, not a record")
+    target = record.get("_target_")
+    if target in _LEGACY_TIMM:
+        _only(record, {"_target_", "_convert_", "is_training", *_TIMM_KEYS}, where)
+        if record.get("is_training", False) is not False:
+            raise CheckpointError(f"{where}: a training transform is not an evaluation transform")
+        return from_timm_args({k: v for k, v in record.items() if k in _TIMM_KEYS}, where)
+    if target in _LEGACY_PROCESSOR:
+        _only(record, {"_target_", "_convert_", "config"}, where)
+        return from_processor_config(record.get("config"), where)
     if "_target_" in record:
-        return _legacy_node(record, where)
+        raise CheckpointError(
+            f"{where}: the evaluation preprocessing names code to run ({target!r}); bitrain never "
+            "runs code a file names, so it refused this file (not bitrain's, or tampered with)"
+        )
     found = (record.get("format"), record.get("version"))
     if found != (RECORD_FORMAT, RECORD_VERSION):
         raise CheckpointError(
@@ -426,19 +416,3 @@ def read_record(record: Any, where: str) -> EvalPreprocessing:
         if written[name] != record.get(name):
             raise CheckpointError(f"{where}: {name} {record.get(name)!r} should be {written[name]}")
     return spec
-
-
-def _legacy_node(node: Mapping[str, Any], where: str) -> EvalPreprocessing:
-    target = node.get("_target_")
-    if target in _LEGACY_TIMM:
-        _only(node, {"_target_", "_convert_", "is_training", *_TIMM_KEYS}, where)
-        if node.get("is_training", False) is not False:
-            raise CheckpointError(f"{where}: a training transform is not an evaluation transform")
-        return from_timm_args({k: v for k, v in node.items() if k in _TIMM_KEYS}, where)
-    if target in _LEGACY_PROCESSOR:
-        _only(node, {"_target_", "_convert_", "config"}, where)
-        return from_processor_config(node.get("config"), where)
-    raise CheckpointError(
-        f"{where}: the evaluation preprocessing names code to run ({target!r}); bitrain never "
-        "runs code a file names, so it refused this file (not bitrain's, or tampered with)"
-    )
