@@ -37,22 +37,15 @@ _LEGACY_PROCESSOR = (
 
 @dataclass(frozen=True)
 class EvalPreprocessing:
-    """Resize -> centre crop -> to tensor in [0, 1] -> normalise; checked when built.
+    """Resize -> centre crop -> to tensor in [0, 1] -> normalise; checked when built."""
 
-    Attributes:
-        resize: ``None``, ``("shortest_edge", n)`` or ``("exact", height, width)``.
-        interpolation: the resize's filter, one of :data:`INTERPOLATIONS`.
-        crop: ``None`` or the centre crop ``(height, width)`` (any box :func:`_size` reads).
-        mean, std: per channel, of the [0, 1] tensor.
-        crop_offset: an odd margin's offset ``"round"``-ed half to even (torchvision's
-            ``CenterCrop``) or ``"floor"``-ed (transformers' ``center_crop``).
-    """
-
-    resize: tuple[Any, ...] | None
-    interpolation: str
-    crop: tuple[int, int] | None
-    mean: tuple[float, ...]
+    resize: tuple[Any, ...] | None  # ("shortest_edge", n) or ("exact", height, width)
+    interpolation: str  # of the resize, one of INTERPOLATIONS
+    crop: tuple[int, int] | None  # the centre crop (height, width); any box _size reads
+    mean: tuple[float, ...]  # per channel, of the [0, 1] tensor
     std: tuple[float, ...]
+    # An odd margin's offset: rounded half to even (torchvision's CenterCrop) or floored
+    # (transformers' center_crop).
     crop_offset: str = "round"
 
     def __post_init__(self) -> None:
@@ -95,9 +88,8 @@ class EvalPreprocessing:
     def to_processor_config(self) -> dict[str, Any]:
         """Hugging Face image-processor settings that preprocess the same way.
 
-        Sizes are dicts (every processor reads those literally), left out for a step that is off
-        (transformers refuses an empty one). transformers floors the crop offset: for an odd
-        margin, one pixel off ``crop_offset="round"``.
+        Sizes are dicts, read literally by every processor; a step that is off has none
+        (transformers refuses an empty one). transformers floors an odd crop margin's offset.
         """
         record = self.to_record()
         config = {
@@ -110,10 +102,10 @@ class EvalPreprocessing:
         return {k: v for k, v in config.items() if v is not None}
 
     def to_timm_cfg(self, in_chans: int = 3) -> dict[str, Any] | None:
-        """The ``pretrained_cfg`` data fields timm reads the same way; None when it has none.
+        """The ``pretrained_cfg`` data fields timm reads the same way, or None where there are none.
 
-        timm resizes to ``floor(crop / crop_pct)``: ``crop_mode="center"`` is a shortest edge then a
-        square crop, ``"squash"`` an exact resize (then a crop or none); it rounds the crop offset.
+        timm resizes to ``floor(crop / crop_pct)``, the shortest edge (``crop_mode="center"``,
+        square crops) or exactly (``"squash"``), and rounds the crop offset.
         """
         if self.resize is None or (self.crop is not None and self.crop_offset != "round"):
             return None
@@ -279,9 +271,8 @@ def from_processor_config(
 ) -> EvalPreprocessing:
     """What a Hugging Face image processor with this config does to an RGB image.
 
-    Keys the config leaves out take its class's defaults (:data:`_PROCESSORS`; older
-    ``*FeatureExtractor`` names too); a ``rescale_factor`` other than 1/255 folds into mean/std; a
-    ``longest_edge`` is refused.
+    Keys left out take the class's defaults (:data:`_PROCESSORS`); a ``rescale_factor`` other than
+    1/255 folds into mean/std; a ``longest_edge`` is refused.
     """
     if not isinstance(config, Mapping):
         raise CheckpointError(f"{where} holds a {type(config).__name__}, not a JSON object")
@@ -339,8 +330,8 @@ def from_official_args(args: Mapping[str, Any], where: str = "official args") ->
 def from_transform(transform: Any) -> EvalPreprocessing:
     """The spec of a user's own (trusted) ``Compose([Resize, CenterCrop, ToTensor, Normalize])``.
 
-    As timm's evaluation ``create_transform`` builds for ``center`` and ``squash``. Another step
-    (e.g. ``ColorJitter``), steps out of order or no ``ToTensor`` are a ValueError.
+    As timm's evaluation ``create_transform`` builds them; any other step, order, or no
+    ``ToTensor`` is a ValueError.
     """
     from torchvision import transforms as T
 
