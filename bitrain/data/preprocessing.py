@@ -254,13 +254,15 @@ def from_timm_cfg(cfg: Mapping[str, Any], where: str = "timm pretrained_cfg") ->
 # --- transformers: image processors ---------------------------------------------------------------
 _CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 _HALF, _IMAGENET = (INCEPTION_MEAN, INCEPTION_STD), (IMAGENET_MEAN, IMAGENET_STD)
-# transformers' defaults per processor class for the keys a config may leave out: whether an
-# integer ``size`` is a square (``get_size_dict(size, default_to_square=...)``), the size,
-# resample, whether it centre-crops (224 x 224), (mean, std). Any other class: BiT's.
+# transformers' defaults per processor class for the keys a config may leave out, as 4.x's
+# ``__init__`` sets them (models/{beit,deit}/image_processing_*.py at commit 06053b8; 5.x's class
+# attributes agree but for BEiT's: 224, no crop): whether an integer ``size`` is a square
+# (``get_size_dict(default_to_square=...)``), the size, resample, whether it centre-crops
+# (224 x 224), (mean, std). Any other class: BiT's.
 _PROCESSORS: dict[str, tuple[Any, ...]] = {
     "BeitImageProcessor": (True, 256, 3, True, _HALF),
     "ViTImageProcessor": (True, 224, 2, False, _HALF),
-    "DeiTImageProcessor": (True, 256, 3, True, _IMAGENET),
+    "DeiTImageProcessor": (True, 256, 3, True, _HALF),
     "BitImageProcessor": (False, 224, 3, True, _CLIP),
     "CLIPImageProcessor": (False, 224, 3, True, _CLIP),
 }
