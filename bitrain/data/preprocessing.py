@@ -254,13 +254,15 @@ def from_timm_cfg(cfg: Mapping[str, Any], where: str = "timm pretrained_cfg") ->
 # --- transformers: image processors ---------------------------------------------------------------
 _CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 _HALF, _IMAGENET = (INCEPTION_MEAN, INCEPTION_STD), (IMAGENET_MEAN, IMAGENET_STD)
-# transformers' defaults per processor class for the keys a config may leave out, as 4.x's
-# ``__init__`` sets them (models/{beit,deit}/image_processing_*.py at commit 06053b8; 5.x's class
-# attributes agree but for BEiT's: 224, no crop): whether an integer ``size`` is a square
-# (``get_size_dict(default_to_square=...)``), the size, resample, whether it centre-crops
-# (224 x 224), (mean, std). Any other class: BiT's.
+# transformers' defaults per processor class for the keys a config may leave out: whether an
+# integer ``size`` is a square (``get_size_dict(default_to_square=...)``), the size, resample,
+# whether it centre-crops (224 x 224), (mean, std). As 4.x's ``__init__`` sets them
+# (models/{beit,deit}/image_processing_*.py at commit 06053b8); 5.x's agree but for BEiT's, which
+# are 4.x's BeitImageProcessorFast's (image_processing_beit_fast.py at 049e3d5). Another *Fast
+# class takes its slow class's; any other class BiT's.
 _PROCESSORS: dict[str, tuple[Any, ...]] = {
     "BeitImageProcessor": (True, 256, 3, True, _HALF),
+    "BeitImageProcessorFast": (True, 224, 3, False, _HALF),
     "ViTImageProcessor": (True, 224, 2, False, _HALF),
     "DeiTImageProcessor": (True, 256, 3, True, _HALF),
     "BitImageProcessor": (False, 224, 3, True, _CLIP),
@@ -279,7 +281,8 @@ def from_processor_config(
     if not isinstance(config, Mapping):
         raise CheckpointError(f"{where} holds a {type(config).__name__}, not a JSON object")
     name = str(config.get("image_processor_type") or config.get("feature_extractor_type") or "")
-    name = name.removesuffix("Fast").replace("FeatureExtractor", "ImageProcessor")
+    name = name.replace("FeatureExtractor", "ImageProcessor")
+    name = name if name in _PROCESSORS else name.removesuffix("Fast")
     defaults = _PROCESSORS.get(name, _PROCESSORS["BitImageProcessor"])
     square, size, resample, crop, (mean, std) = defaults
     cfg = {

@@ -65,11 +65,15 @@ def test_model_card_configs_preprocess_as_transformers_does(tmp_path, card):
 
 
 # Processor classes whose defaults are the same in transformers 4.x (``__init__`` arguments) and
-# 5.x (class attributes). BEiT's are not: 4.x resizes to 256 and crops 224, 5.x resizes to 224.
+# 5.x (class attributes). BeitImageProcessor's are not: 4.x resizes to 256 and crops 224, 5.x (and
+# 4.x's BeitImageProcessorFast) resizes to 224.
 @pytest.mark.parametrize(
     "processor",
-    ["ViTImageProcessor", "DeiTImageProcessor", "BitImageProcessor", "CLIPImageProcessor"],
-)
+    [
+        "ViTImageProcessor", "DeiTImageProcessor", "BitImageProcessor", "CLIPImageProcessor",
+        "BeitImageProcessorFast", "DeiTImageProcessorFast",
+    ],
+)  # fmt: skip
 def test_keys_a_config_leaves_out_take_the_processor_defaults(tmp_path, processor):
     transformers = pytest.importorskip("transformers")
     config = {"image_processor_type": processor}
