@@ -22,13 +22,7 @@ import torch
 from timm.models.beit import gen_relative_position_index
 from torch import nn
 
-from bitrain.data.preprocessing import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    INCEPTION_MEAN,
-    INCEPTION_STD,
-    EvalPreprocessing,
-)
+from bitrain.data.preprocessing import EvalPreprocessing, official_normalization
 from bitrain.io import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -36,8 +30,10 @@ log = logging.getLogger(__name__)
 # Official model names (modeling_pretrain.py / modeling_finetune.py) -> (embed_dim, depth, heads).
 OFFICIAL_SIZES = {"base": (768, 12, 12), "large": (1024, 24, 16)}
 TIMM_BEIT = "beit_base_patch16_224"
-# unilm's --imagenet_default_mean_and_std: the (mean, std) each value means (beit/datasets.py).
-_UNILM_NORMALIZATION = {(IMAGENET_MEAN, IMAGENET_STD): True, (INCEPTION_MEAN, INCEPTION_STD): False}
+# unilm's --imagenet_default_mean_and_std, from the (mean, std) it means: the reader read backwards.
+_UNILM_NORMALIZATION = {
+    official_normalization({"imagenet_default_mean_and_std": flag}): flag for flag in (True, False)
+}
 
 
 def some_keys(keys: Any, n: int = 6) -> str:
@@ -61,9 +57,8 @@ def to_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     for key, table in state_dict.items():
         if key.endswith("relative_position_bias_table"):
             grid = grid_from_table(table.shape[0], key)
-            out[key.removesuffix("relative_position_bias_table") + "relative_position_index"] = (
-                gen_relative_position_index((grid, grid))
-            )
+            index = key.removesuffix("relative_position_bias_table") + "relative_position_index"
+            out[index] = gen_relative_position_index((grid, grid))
     return out
 
 
@@ -71,9 +66,7 @@ def grid_from_table(rows: int, key: str) -> int:
     """The side ``g`` of a square patch grid whose relative position table has ``rows`` rows."""
     side = (math.isqrt(max(rows - 3, 0)) + 1) // 2
     if (2 * side - 1) ** 2 + 3 != rows:
-        raise CheckpointError(
-            f"'{key}' has {rows} rows, not (2g-1)^2 + 3 for any square patch grid g"
-        )
+        raise CheckpointError(f"'{key}' has {rows} rows, not (2g-1)^2 + 3 for a square grid g")
     return side
 
 
@@ -85,7 +78,7 @@ def plain_args(args: Any) -> dict[str, Any]:
 def infer_architecture(
     state: Mapping[str, torch.Tensor], args: Mapping[str, Any], required: tuple[str, ...]
 ) -> dict[str, Any]:
-    """The BEiT architecture of an official state dict.
+    """The BEiT architecture of an official state dict (the arguments both models share).
 
     Width from ``cls_token``, depth from the block indices, patch and channels from
     ``patch_embed.proj``, heads and grid from a relative position table (else heads from the model
@@ -93,9 +86,7 @@ def infer_architecture(
     """
     for key in ("cls_token", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight", *required):
         if key not in state:
-            raise CheckpointError(
-                f"official BEiT state dict has no '{key}'; found keys {some_keys(state)}"
-            )
+            raise CheckpointError(f"official BEiT weights lack '{key}' (found {some_keys(state)})")
     embed_dim = int(state["cls_token"].shape[-1])
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     proj = state["patch_embed.proj.weight"]  # [D, C, p, p]
@@ -105,38 +96,25 @@ def infer_architecture(
         key = f"{'blocks.0.attn' if per_layer else 'rel_pos_bias'}.relative_position_bias_table"
         num_heads = int(state[key].shape[1])
         grid = grid_from_table(state[key].shape[0], key)
-    else:
+    elif "pos_embed" in state:
         name = str(args.get("model", ""))
         size = next((s for tag, s in OFFICIAL_SIZES.items() if f"_{tag}_" in name), None)
         num_heads = size[2] if size and size[0] == embed_dim else max(1, embed_dim // 64)
-        if "pos_embed" not in state:
-            raise CheckpointError(
-                "official BEiT state dict has neither a relative position table nor pos_embed"
-            )
         grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+    else:
+        raise CheckpointError("official BEiT weights have no relative position table, no pos_embed")
     img_size = grid * int(proj.shape[-1])
-    if args.get("input_size") not in (None, img_size):
-        log.warning(
-            "official args.input_size=%s but the weights say %s", args["input_size"], img_size
-        )
-    layer_scale = args.get("layer_scale_init_value")
+    if (given := args.get("input_size")) not in (None, img_size):
+        log.warning("official args.input_size=%s but the weights say %s", given, img_size)
+    init = args.get("layer_scale_init_value")  # gamma_1 holds trained values, not the init
     return {
-        "img_size": img_size,
-        "patch_size": int(proj.shape[-1]),
-        "in_chans": int(proj.shape[1]),
-        "embed_dim": embed_dim,
-        "depth": depth,
-        "num_heads": num_heads,
+        "img_size": img_size, "patch_size": int(proj.shape[-1]), "in_chans": int(proj.shape[1]),
+        "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads,
         "mlp_ratio": state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
-        "qkv_bias": "blocks.0.attn.q_bias" in state,
-        "use_abs_pos_emb": "pos_embed" in state,
-        "use_rel_pos_bias": per_layer,
-        "use_shared_rel_pos_bias": shared,
-        # LayerScale: the init value is only in args (gamma_1 has trained values)
-        "layer_scale": (float(layer_scale) if layer_scale else 0.1)
-        if "blocks.0.gamma_1" in state
-        else None,
-    }
+        "qkv_bias": "blocks.0.attn.q_bias" in state, "use_abs_pos_emb": "pos_embed" in state,
+        "use_rel_pos_bias": per_layer, "use_shared_rel_pos_bias": shared,
+        "init_values": (float(init) if init else 0.1) if "blocks.0.gamma_1" in state else None,
+    }  # fmt: skip
 
 
 def mim_kwargs(state: Mapping[str, torch.Tensor], args: Any = None) -> dict[str, Any]:
@@ -146,10 +124,9 @@ def mim_kwargs(state: Mapping[str, torch.Tensor], args: Any = None) -> dict[str,
         return dict(args["bitrain_model_kwargs"])  # written by our export: exact
     arch = infer_architecture(state, args, ("lm_head.weight",))
     return {
-        **{k: v for k, v in arch.items() if k != "layer_scale"},
+        **arch,
         "vocab_size": int(state["lm_head.weight"].shape[0]),
         "drop_path_rate": float(args.get("drop_path", 0.1)),
-        "init_values": arch["layer_scale"],
         "layer_norm_eps": 1e-6,  # partial(nn.LayerNorm, eps=1e-6) in modeling_pretrain.py
         "init_std": 0.02,
     }
@@ -170,8 +147,8 @@ def classifier_spec(state: Mapping[str, torch.Tensor], args: Any = None) -> dict
     spec: dict[str, Any] = {
         "model_name": name if name.startswith("beit_") and timm.is_model(name) else TIMM_BEIT,
         "num_classes": num_classes,
-        **{k: v for k, v in arch.items() if k != "layer_scale"},
-        "init_values": arch["layer_scale"] or 0.0,
+        **arch,
+        "init_values": arch["init_values"] or 0.0,
         "global_pool": "avg" if mean_pooling else "token",
     }
     if args.get("drop_path") is not None:
@@ -191,10 +168,7 @@ def _model_name(model: nn.Module, suffix: str, default: str) -> str:
 def mim_args(
     model: nn.Module, normalization: Mapping[str, Any] | None = None
 ) -> argparse.Namespace:
-    """``run_beit_pretraining.py``'s model args, with bitrain's exact records.
-
-    ``normalization`` is also unilm's ``imagenet_default_mean_and_std`` where it can say it.
-    """
+    """``run_beit_pretraining.py``'s args, bitrain's exact records, unilm's normalisation flag."""
     extra: dict[str, Any] = {}
     if normalization is not None:
         pair = (tuple(normalization["mean"]), tuple(normalization["std"]))
@@ -203,36 +177,24 @@ def mim_args(
         extra["bitrain_normalization"] = dict(normalization)
     kwargs = model.model_kwargs
     return argparse.Namespace(
-        model=_model_name(model, "_8k_vocab", "bitrain_beit_mim"),
-        input_size=kwargs["img_size"],
-        drop_path=kwargs["drop_path_rate"],
-        layer_scale_init_value=kwargs["init_values"] or 0.0,
-        rel_pos_bias=kwargs["use_shared_rel_pos_bias"],
-        abs_pos_emb=kwargs["use_abs_pos_emb"],
-        bitrain_model_kwargs=dict(kwargs),
-        **extra,
-    )
+        model=_model_name(model, "_8k_vocab", "bitrain_beit_mim"), input_size=kwargs["img_size"],
+        drop_path=kwargs["drop_path_rate"], layer_scale_init_value=kwargs["init_values"] or 0.0,
+        rel_pos_bias=kwargs["use_shared_rel_pos_bias"], abs_pos_emb=kwargs["use_abs_pos_emb"],
+        bitrain_model_kwargs=dict(kwargs), **extra,
+    )  # fmt: skip
 
 
 def classifier_args(
-    model: nn.Module,
-    spec: Mapping[str, Any],
-    preprocessing: EvalPreprocessing | None,
+    model: nn.Module, spec: Mapping[str, Any], preprocessing: EvalPreprocessing | None
 ) -> argparse.Namespace:
-    """``run_class_finetuning.py``'s model args, with bitrain's exact records.
-
-    The evaluation preprocessing is also in unilm's fields where they can say it.
-    """
+    """``run_class_finetuning.py``'s args, bitrain's exact records, unilm's preprocessing fields."""
     blocks, img = model.blocks, int(model.patch_embed.img_size[0])
     table = getattr(blocks[0].attn, "relative_position_bias_table", None)
     gamma = getattr(blocks[0], "gamma_1", None)
     return argparse.Namespace(
-        model=_model_name(model, "", "bitrain_beit"),
-        nb_classes=int(spec["num_classes"]),
-        input_size=img,
-        drop_path=float(spec.get("drop_path_rate", 0.0)),
-        rel_pos_bias=table is not None,
-        disable_rel_pos_bias=table is None,
+        model=_model_name(model, "", "bitrain_beit"), nb_classes=int(spec["num_classes"]),
+        input_size=img, drop_path=float(spec.get("drop_path_rate", 0.0)),
+        rel_pos_bias=table is not None, disable_rel_pos_bias=table is None,
         abs_pos_emb=model.pos_embed is not None,
         layer_scale_init_value=float(spec.get("init_values") or 0.0) if gamma is not None else 0.0,
         use_mean_pooling=isinstance(getattr(model, "fc_norm", None), nn.LayerNorm),
@@ -240,19 +202,19 @@ def classifier_args(
         bitrain_spec=dict(spec),
         bitrain_eval_transform=None if preprocessing is None else preprocessing.to_record(),
         **_unilm_preprocessing(preprocessing, img),
-    )
+    )  # fmt: skip
 
 
 def _unilm_preprocessing(spec: EvalPreprocessing | None, size: int) -> dict[str, Any]:
-    """``crop_pct`` / ``imagenet_default_mean_and_std`` with which unilm builds ``spec``, or {}.
+    """The ``crop_pct`` / ``imagenet_default_mean_and_std`` with which unilm builds ``spec``, or {}.
 
-    unilm's evaluation transform: a bicubic shortest-edge resize to ``int(input_size / crop_pct)``
-    and a centre crop of ``input_size``, no resize at 32 px and below (``datasets.py``).
+    :func:`~bitrain.data.preprocessing.from_official_args` read backwards: a bicubic resize of the
+    shortest edge to ``int(size / crop_pct)``, a centre crop of ``size``; none at 32 px and below.
     """
-    if spec is None or spec.resize is None or spec.resize[0] != "shortest_edge" or size <= 32:
-        return {}  # unilm does not resize at 32 px and below
-    imagenet = _UNILM_NORMALIZATION.get((tuple(spec.mean), tuple(spec.std)))
-    if spec.crop != (size, size) or spec.interpolation != "bicubic" or imagenet is None:
+    if spec is None or size <= 32 or spec.crop != (size, size) or spec.interpolation != "bicubic":
         return {}
-    # int(input_size / crop_pct) == resize (beit/datasets.py build_transform)
+    imagenet = _UNILM_NORMALIZATION.get((spec.mean, spec.std))
+    if spec.resize is None or spec.resize[0] != "shortest_edge" or imagenet is None:
+        return {}
+    # half a pixel over, so that unilm's int(size / crop_pct) gives the resize back
     return {"crop_pct": size / (spec.resize[1] + 0.5), "imagenet_default_mean_and_std": imagenet}

@@ -1,12 +1,12 @@
 """A classifier's evaluation preprocessing as data: a small validated spec, one known builder.
 
-Checkpoints come from strangers, so how their images were preprocessed is never code (no Hydra
-``_target_``, import path or pickle from a file reaches ``instantiate`` or ``importlib``) but an
-:class:`EvalPreprocessing`, checked when built and built only into torchvision's ``Resize ->
-CenterCrop -> ToTensor -> Normalize``. Each reader follows the library that wrote the record: timm
-(``timm/data/transforms_factory.py:transforms_imagenet_eval``), transformers' image processors
-(``get_size_dict``, each class's defaults), unilm (``beit/datasets.py:build_transform``, commit
-03380c8), a user's own ``Compose``, bitrain's record (or an older bitrain's Hydra node, as data).
+Checkpoints come from strangers, so their preprocessing is never code (nothing from a file reaches
+``instantiate`` or ``importlib``) but an :class:`EvalPreprocessing`, checked when built and built
+only into torchvision's ``Resize -> CenterCrop -> ToTensor -> Normalize``. Each reader follows the
+library that wrote the record: timm (``timm/data/transforms_factory.py:transforms_imagenet_eval``),
+transformers' image processors (``get_size_dict``, each class's defaults), unilm
+(``beit/datasets.py:build_transform``, commit 03380c8), a user's own ``Compose``, bitrain's record
+(or an older bitrain's Hydra node, read as data).
 """
 
 from __future__ import annotations
@@ -19,13 +19,7 @@ from typing import Any
 
 from bitrain.io import CheckpointError
 
-__all__ = [
-    "EvalPreprocessing", "INTERPOLATIONS", "RECORD_FORMAT", "channels", "from_official_args",
-    "from_processor_config", "from_timm_args", "from_timm_cfg", "from_transform", "read_record",
-]  # fmt: skip
-
-RECORD_FORMAT = "bitrain.eval_preprocessing"
-RECORD_VERSION = 1
+RECORD_FORMAT, RECORD_VERSION = "bitrain.eval_preprocessing", 1
 # torchvision's interpolation names, indexed by PIL's filter number (Hugging Face's "resample").
 INTERPOLATIONS = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -43,22 +37,15 @@ _LEGACY_PROCESSOR = (
 
 @dataclass(frozen=True)
 class EvalPreprocessing:
-    """Resize -> centre crop -> to tensor in [0, 1] -> normalise; checked when built.
+    """Resize -> centre crop -> to tensor in [0, 1] -> normalise; checked when built."""
 
-    Attributes:
-        resize: ``None``, ``("shortest_edge", n)`` or ``("exact", height, width)``.
-        interpolation: the resampling filter of the resize (:data:`INTERPOLATIONS`).
-        crop: ``None`` or the centre crop ``(height, width)`` (any box :func:`_size` reads).
-        mean, std: per channel, subtracted from the [0, 1] tensor, then divided by (float tuples).
-        crop_offset: an odd margin's offset ``"round"``-ed half to even (torchvision's
-            ``CenterCrop``) or ``"floor"``-ed (transformers' ``center_crop``).
-    """
-
-    resize: tuple[Any, ...] | None
-    interpolation: str
-    crop: tuple[int, int] | None
-    mean: tuple[float, ...]
+    resize: tuple[Any, ...] | None  # ("shortest_edge", n) or ("exact", height, width)
+    interpolation: str  # of the resize, one of INTERPOLATIONS
+    crop: tuple[int, int] | None  # the centre crop (height, width); any box _size reads
+    mean: tuple[float, ...]  # per channel, of the [0, 1] tensor
     std: tuple[float, ...]
+    # An odd margin's offset: rounded half to even (torchvision's CenterCrop) or floored
+    # (transformers' center_crop).
     crop_offset: str = "round"
 
     def __post_init__(self) -> None:
@@ -79,7 +66,7 @@ class EvalPreprocessing:
             raise CheckpointError(f"{where}: {len(self.mean)} means but {len(self.std)} stds")
 
     def build(self) -> Any:
-        """The torchvision transform (PIL image -> normalised float tensor ``[C, H, W]``)."""
+        """The torchvision transform: PIL image -> normalised float tensor ``[C, H, W]``."""
         from torchvision import transforms as T
 
         steps: list[Any] = []
@@ -92,7 +79,7 @@ class EvalPreprocessing:
         return T.Compose([*steps, T.ToTensor(), T.Normalize(list(self.mean), list(self.std))])
 
     def to_record(self) -> dict[str, Any]:
-        """The plain-JSON record a checkpoint stores (read back by :func:`read_record`)."""
+        """The plain-JSON record a checkpoint stores; :func:`read_record` reads it back."""
         record = {"format": RECORD_FORMAT, "version": RECORD_VERSION, **asdict(self)}
         for name, size in (("resize", self.resize), ("crop", self.crop and ("exact", *self.crop))):
             record[name] = size and dict(zip(_SIZE_KEYS[size[0]], size[1:], strict=True))
@@ -101,9 +88,8 @@ class EvalPreprocessing:
     def to_processor_config(self) -> dict[str, Any]:
         """Hugging Face image-processor settings that preprocess the same way.
 
-        ``size`` is a dict (read literally by every processor), absent for a step that is off
-        (transformers refuses an empty one). transformers floors the crop offset (one pixel off
-        ``crop_offset="round"`` for an odd margin).
+        Sizes are dicts, read literally by every processor; a step that is off has none
+        (transformers refuses an empty one). transformers floors an odd crop margin's offset.
         """
         record = self.to_record()
         config = {
@@ -116,10 +102,10 @@ class EvalPreprocessing:
         return {k: v for k, v in config.items() if v is not None}
 
     def to_timm_cfg(self, in_chans: int = 3) -> dict[str, Any] | None:
-        """The ``pretrained_cfg`` data fields timm reads the same way; None when it has none.
+        """The ``pretrained_cfg`` data fields timm reads the same way, or None where there are none.
 
-        timm resizes to ``floor(crop / crop_pct)``: ``crop_mode="center"`` is a shortest edge then a
-        square crop, ``"squash"`` an exact resize (then a crop or none); it rounds the crop offset.
+        timm resizes to ``floor(crop / crop_pct)``, the shortest edge (``crop_mode="center"``,
+        square crops) or exactly (``"squash"``), and rounds the crop offset.
         """
         if self.resize is None or (self.crop is not None and self.crop_offset != "round"):
             return None
@@ -127,13 +113,15 @@ class EvalPreprocessing:
         if kind == "shortest_edge" and (self.crop is None or self.crop[0] != self.crop[1]):
             return None
         height, width = self.crop or resize
-        pct = _crop_pct(height, resize[0])
+        pct = height / resize[0]
+        while math.floor(height / pct) < resize[0]:  # the quotient rounded below: an ulp lower
+            pct = math.nextafter(pct, 0.0)
         if kind == "exact" and math.floor(width / pct) != resize[1]:
             return None
-        mode = "center" if kind == "shortest_edge" else "squash"
         return {
             "input_size": [int(in_chans), height, width], "interpolation": self.interpolation,
-            "mean": list(self.mean), "std": list(self.std), "crop_mode": mode, "crop_pct": pct,
+            "mean": list(self.mean), "std": list(self.std), "crop_pct": pct,
+            "crop_mode": "center" if kind == "shortest_edge" else "squash",
         }  # fmt: skip
 
 
@@ -157,14 +145,6 @@ def _spec(where: str, *fields: Any, error: type[Exception] = CheckpointError) ->
         return EvalPreprocessing(*fields)
     except CheckpointError as err:
         raise error(f"{where}: {err}") from None
-
-
-def _crop_pct(crop: int, resize: int) -> float:
-    """A ``crop_pct`` with ``floor(crop / crop_pct) == resize`` (timm's evaluation resize rule)."""
-    pct = crop / resize
-    while math.floor(crop / pct) < resize:  # the quotient rounded below resize: an ulp lower
-        pct = math.nextafter(pct, 0.0)
-    return pct
 
 
 def _is_seq(value: Any) -> bool:
@@ -198,15 +178,12 @@ def channels(values: Any, where: str, positive: bool = False) -> tuple[float, ..
 
 
 def _tensor_values(values: Any) -> Any:
-    """A tensor's values as floats (torchvision and timm keep mean and std as tensors).
-
-    A float32 is read as its shortest decimal: 0.485, not 0.48500001430511475.
-    """
+    """A tensor mean/std (torchvision's, timm's) as floats, a float32 as its shortest decimal."""
     if not hasattr(values, "tolist"):
         return values
     import numpy as np
 
-    f32 = str(values.dtype) == "torch.float32"
+    f32 = str(values.dtype) == "torch.float32"  # 0.485, not 0.48500001430511475
     return [float(str(np.float32(v)) if f32 else v) for v in values.detach().flatten().tolist()]
 
 
@@ -278,21 +255,19 @@ def from_timm_cfg(cfg: Mapping[str, Any], where: str = "timm pretrained_cfg") ->
 _CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 _HALF, _IMAGENET = (INCEPTION_MEAN, INCEPTION_STD), (IMAGENET_MEAN, IMAGENET_STD)
 # transformers' defaults per processor class for the keys a config may leave out: whether an
-# integer ``size`` is a square (``get_size_dict(size, default_to_square=...)``), the size,
-# resample, whether it centre-crops (224 x 224), (mean, std). Any other class: BiT's.
+# integer ``size`` is a square (``get_size_dict(default_to_square=...)``), the size, resample,
+# whether it centre-crops (224 x 224), (mean, std). As 4.x's ``__init__`` sets them
+# (models/{beit,deit}/image_processing_*.py at commit 06053b8); 5.x's agree but for BEiT's, which
+# are 4.x's BeitImageProcessorFast's (image_processing_beit_fast.py at 049e3d5). Another *Fast
+# class takes its slow class's; any other class BiT's.
 _PROCESSORS: dict[str, tuple[Any, ...]] = {
     "BeitImageProcessor": (True, 256, 3, True, _HALF),
+    "BeitImageProcessorFast": (True, 224, 3, False, _HALF),
     "ViTImageProcessor": (True, 224, 2, False, _HALF),
-    "DeiTImageProcessor": (True, 256, 3, True, _IMAGENET),
+    "DeiTImageProcessor": (True, 256, 3, True, _HALF),
     "BitImageProcessor": (False, 224, 3, True, _CLIP),
     "CLIPImageProcessor": (False, 224, 3, True, _CLIP),
 }
-
-
-def processor_class(config: Mapping[str, Any]) -> str:
-    """The image-processor class a config names (old ``*FeatureExtractor`` names mapped)."""
-    name = str(config.get("image_processor_type") or config.get("feature_extractor_type") or "")
-    return name.removesuffix("Fast").replace("FeatureExtractor", "ImageProcessor")
 
 
 def from_processor_config(
@@ -300,12 +275,15 @@ def from_processor_config(
 ) -> EvalPreprocessing:
     """What a Hugging Face image processor with this config does to an RGB image.
 
-    Keys the config leaves out take its class's defaults (:data:`_PROCESSORS`); a
-    ``rescale_factor`` other than 1/255 folds into mean/std; a ``longest_edge`` is refused.
+    Keys left out take the class's defaults (:data:`_PROCESSORS`); a ``rescale_factor`` other than
+    1/255 folds into mean/std; a ``longest_edge`` is refused.
     """
     if not isinstance(config, Mapping):
         raise CheckpointError(f"{where} holds a {type(config).__name__}, not a JSON object")
-    defaults = _PROCESSORS.get(processor_class(config), _PROCESSORS["BitImageProcessor"])
+    name = str(config.get("image_processor_type") or config.get("feature_extractor_type") or "")
+    name = name.replace("FeatureExtractor", "ImageProcessor")
+    name = name if name in _PROCESSORS else name.removesuffix("Fast")
+    defaults = _PROCESSORS.get(name, _PROCESSORS["BitImageProcessor"])
     square, size, resample, crop, (mean, std) = defaults
     cfg = {
         "do_resize": True, "size": size, "resample": resample, "do_center_crop": crop,
@@ -357,8 +335,8 @@ def from_official_args(args: Mapping[str, Any], where: str = "official args") ->
 def from_transform(transform: Any) -> EvalPreprocessing:
     """The spec of a user's own (trusted) ``Compose([Resize, CenterCrop, ToTensor, Normalize])``.
 
-    As timm's evaluation ``create_transform`` builds for ``center`` and ``squash``. Another step
-    (e.g. ``ColorJitter``), steps out of order or no ``ToTensor`` are a ValueError.
+    As timm's evaluation ``create_transform`` builds them; any other step, order, or no
+    ``ToTensor`` is a ValueError.
     """
     from torchvision import transforms as T
 
@@ -395,21 +373,29 @@ def from_transform(transform: Any) -> EvalPreprocessing:
 
 # --- records in files -----------------------------------------------------------------------------
 def read_record(record: Any, where: str) -> EvalPreprocessing:
-    """The spec a file records: bitrain's record, or an older bitrain's Hydra node read as data.
+    """The spec a file records (errors name ``where``): bitrain's record, or an older node.
 
-    Nothing in it is imported, called or interpolated: an older node is accepted only when its
-    ``_target_`` is one of the builders bitrain wrote (timm's ``create_transform``, the
-    processor-config reader) with plain values. Sizes must be the dicts ``to_record`` writes.
-
-    Raises:
-        CheckpointError: not a record, a target that would run other code, unknown fields, or
-            values of the wrong type or range; the message names ``where``.
+    Nothing in it is imported, called or interpolated: an older bitrain's Hydra node is read only
+    when its ``_target_`` is one of the builders bitrain wrote (timm's ``create_transform``, the
+    processor-config reader), with plain values. Sizes must be the dicts ``to_record`` writes.
     """
     if not isinstance(record, Mapping):
         kind = type(record).__name__
         raise CheckpointError(f"{where}: the evaluation preprocessing is a {kind}, not a record")
+    target = record.get("_target_")
+    if target in _LEGACY_TIMM:
+        _only(record, {"_target_", "_convert_", "is_training", *_TIMM_KEYS}, where)
+        if record.get("is_training", False) is not False:
+            raise CheckpointError(f"{where}: a training transform is not an evaluation transform")
+        return from_timm_args({k: v for k, v in record.items() if k in _TIMM_KEYS}, where)
+    if target in _LEGACY_PROCESSOR:
+        _only(record, {"_target_", "_convert_", "config"}, where)
+        return from_processor_config(record.get("config"), where)
     if "_target_" in record:
-        return _legacy_node(record, where)
+        raise CheckpointError(
+            f"{where}: the evaluation preprocessing names code to run ({target!r}); bitrain never "
+            "runs code a file names, so it refused this file (not bitrain's, or tampered with)"
+        )
     found = (record.get("format"), record.get("version"))
     if found != (RECORD_FORMAT, RECORD_VERSION):
         raise CheckpointError(
@@ -426,19 +412,3 @@ def read_record(record: Any, where: str) -> EvalPreprocessing:
         if written[name] != record.get(name):
             raise CheckpointError(f"{where}: {name} {record.get(name)!r} should be {written[name]}")
     return spec
-
-
-def _legacy_node(node: Mapping[str, Any], where: str) -> EvalPreprocessing:
-    target = node.get("_target_")
-    if target in _LEGACY_TIMM:
-        _only(node, {"_target_", "_convert_", "is_training", *_TIMM_KEYS}, where)
-        if node.get("is_training", False) is not False:
-            raise CheckpointError(f"{where}: a training transform is not an evaluation transform")
-        return from_timm_args({k: v for k, v in node.items() if k in _TIMM_KEYS}, where)
-    if target in _LEGACY_PROCESSOR:
-        _only(node, {"_target_", "_convert_", "config"}, where)
-        return from_processor_config(node.get("config"), where)
-    raise CheckpointError(
-        f"{where}: the evaluation preprocessing names code to run ({target!r}); bitrain never "
-        "runs code a file names, so it refused this file (not bitrain's, or tampered with)"
-    )

@@ -64,6 +64,26 @@ def test_model_card_configs_preprocess_as_transformers_does(tmp_path, card):
         assert float((mine - fast).abs().max()) < 0.02, img.size
 
 
+# Processor classes whose defaults are the same in transformers 4.x (``__init__`` arguments) and
+# 5.x (class attributes). BeitImageProcessor's are not: 4.x resizes to 256 and crops 224, 5.x (and
+# 4.x's BeitImageProcessorFast) resizes to 224.
+@pytest.mark.parametrize(
+    "processor",
+    [
+        "ViTImageProcessor", "DeiTImageProcessor", "BitImageProcessor", "CLIPImageProcessor",
+        "BeitImageProcessorFast", "DeiTImageProcessorFast",
+    ],
+)  # fmt: skip
+def test_keys_a_config_leaves_out_take_the_processor_defaults(tmp_path, processor):
+    transformers = pytest.importorskip("transformers")
+    config = {"image_processor_type": processor}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+    ours = from_processor_config(config).build()
+    for img in PHOTOS[:2]:
+        assert torch.equal(ours(img), theirs(img, return_tensors="pt")["pixel_values"][0])
+
+
 def test_integer_size_means_a_square_for_beit_and_vit_and_an_edge_for_bit():
     beit = from_processor_config(CARDS["beit"])
     assert beit.resize == ("exact", 224, 224) and beit.crop is None
