@@ -108,13 +108,19 @@ def infer_architecture(
         log.warning("official args.input_size=%s but the weights say %s", given, img_size)
     init = args.get("layer_scale_init_value")  # gamma_1 holds trained values, not the init
     return {
-        "img_size": img_size, "patch_size": int(proj.shape[-1]), "in_chans": int(proj.shape[1]),
-        "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads,
+        "img_size": img_size,
+        "patch_size": int(proj.shape[-1]),
+        "in_chans": int(proj.shape[1]),
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "num_heads": num_heads,
         "mlp_ratio": state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
-        "qkv_bias": "blocks.0.attn.q_bias" in state, "use_abs_pos_emb": "pos_embed" in state,
-        "use_rel_pos_bias": per_layer, "use_shared_rel_pos_bias": shared,
+        "qkv_bias": "blocks.0.attn.q_bias" in state,
+        "use_abs_pos_emb": "pos_embed" in state,
+        "use_rel_pos_bias": per_layer,
+        "use_shared_rel_pos_bias": shared,
         "init_values": (float(init) if init else 0.1) if "blocks.0.gamma_1" in state else None,
-    }  # fmt: skip
+    }
 
 
 def mim_kwargs(state: Mapping[str, torch.Tensor], args: Any = None) -> dict[str, Any]:
@@ -177,11 +183,15 @@ def mim_args(
         extra["bitrain_normalization"] = dict(normalization)
     kwargs = model.model_kwargs
     return argparse.Namespace(
-        model=_model_name(model, "_8k_vocab", "bitrain_beit_mim"), input_size=kwargs["img_size"],
-        drop_path=kwargs["drop_path_rate"], layer_scale_init_value=kwargs["init_values"] or 0.0,
-        rel_pos_bias=kwargs["use_shared_rel_pos_bias"], abs_pos_emb=kwargs["use_abs_pos_emb"],
-        bitrain_model_kwargs=dict(kwargs), **extra,
-    )  # fmt: skip
+        model=_model_name(model, "_8k_vocab", "bitrain_beit_mim"),
+        input_size=kwargs["img_size"],
+        drop_path=kwargs["drop_path_rate"],
+        layer_scale_init_value=kwargs["init_values"] or 0.0,
+        rel_pos_bias=kwargs["use_shared_rel_pos_bias"],
+        abs_pos_emb=kwargs["use_abs_pos_emb"],
+        bitrain_model_kwargs=dict(kwargs),
+        **extra,
+    )
 
 
 def classifier_args(
@@ -192,9 +202,12 @@ def classifier_args(
     table = getattr(blocks[0].attn, "relative_position_bias_table", None)
     gamma = getattr(blocks[0], "gamma_1", None)
     return argparse.Namespace(
-        model=_model_name(model, "", "bitrain_beit"), nb_classes=int(spec["num_classes"]),
-        input_size=img, drop_path=float(spec.get("drop_path_rate", 0.0)),
-        rel_pos_bias=table is not None, disable_rel_pos_bias=table is None,
+        model=_model_name(model, "", "bitrain_beit"),
+        nb_classes=int(spec["num_classes"]),
+        input_size=img,
+        drop_path=float(spec.get("drop_path_rate", 0.0)),
+        rel_pos_bias=table is not None,
+        disable_rel_pos_bias=table is None,
         abs_pos_emb=model.pos_embed is not None,
         layer_scale_init_value=float(spec.get("init_values") or 0.0) if gamma is not None else 0.0,
         use_mean_pooling=isinstance(getattr(model, "fc_norm", None), nn.LayerNorm),
@@ -202,7 +215,7 @@ def classifier_args(
         bitrain_spec=dict(spec),
         bitrain_eval_transform=None if preprocessing is None else preprocessing.to_record(),
         **_unilm_preprocessing(preprocessing, img),
-    )  # fmt: skip
+    )
 
 
 def _unilm_preprocessing(spec: EvalPreprocessing | None, size: int) -> dict[str, Any]:

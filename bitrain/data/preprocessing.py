@@ -93,12 +93,18 @@ class EvalPreprocessing:
         """
         record = self.to_record()
         config = {
-            "do_resize": self.resize is not None, "size": record["resize"],
+            "do_resize": self.resize is not None,
+            "size": record["resize"],
             "resample": INTERPOLATIONS.index(self.interpolation),
-            "do_center_crop": self.crop is not None, "crop_size": record["crop"],
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": record["mean"], "image_std": record["std"], "do_convert_rgb": True,
-        }  # fmt: skip
+            "do_center_crop": self.crop is not None,
+            "crop_size": record["crop"],
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": record["mean"],
+            "image_std": record["std"],
+            "do_convert_rgb": True,
+        }
         return {k: v for k, v in config.items() if v is not None}
 
     def to_timm_cfg(self, in_chans: int = 3) -> dict[str, Any] | None:
@@ -119,10 +125,13 @@ class EvalPreprocessing:
         if kind == "exact" and math.floor(width / pct) != resize[1]:
             return None
         return {
-            "input_size": [int(in_chans), height, width], "interpolation": self.interpolation,
-            "mean": list(self.mean), "std": list(self.std), "crop_pct": pct,
+            "input_size": [int(in_chans), height, width],
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "crop_pct": pct,
             "crop_mode": "center" if kind == "shortest_edge" else "squash",
-        }  # fmt: skip
+        }
 
 
 @dataclass(frozen=True)
@@ -286,10 +295,18 @@ def from_processor_config(
     defaults = _PROCESSORS.get(name, _PROCESSORS["BitImageProcessor"])
     square, size, resample, crop, (mean, std) = defaults
     cfg = {
-        "do_resize": True, "size": size, "resample": resample, "do_center_crop": crop,
-        "crop_size": 224 if crop else None, "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": mean, "image_std": std, **config,
-    }  # fmt: skip
+        "do_resize": True,
+        "size": size,
+        "resample": resample,
+        "do_center_crop": crop,
+        "crop_size": 224 if crop else None,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": mean,
+        "image_std": std,
+        **config,
+    }
     resample = cfg["resample"]
     if isinstance(resample, bool) or resample not in range(len(INTERPOLATIONS)):  # a list too
         raise CheckpointError(f"{where}: resample {resample!r} is not a PIL filter 0..5")
