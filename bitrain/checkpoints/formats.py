@@ -474,6 +474,8 @@ def _save_timm(
         model_config = {k: v for k, v in records.items() if v is not None}
         save_config_for_hf(model, f"{tmp}/config.json", model_config, data_config=data)
         config = hf.read_json(Path(tmp) / "config.json")
+    for key in ("tag", "license"):  # of timm's published weights for the name, not these
+        config["pretrained_cfg"].pop(key, None)
     return hf.write_folder(folder, state, config)
 
 

@@ -548,3 +548,11 @@ def test_predict_cli_on_hf_folder_matches_ckpt(tmp_path, cli, beit):
     assert "img0.png: " in proc.stdout
     reference = json.loads(json.dumps(predict(ckpt, images, top_k=5, device="cpu"), default=str))
     assert_same_top5(reference, json.loads(out.read_text()))
+
+
+def test_timm_folder_does_not_claim_timms_published_weights(tmp_path, beit):
+    """timm's save_config_for_hf copies the name's default ``tag`` / ``license``; not ours."""
+    save_classifier(beit(), tmp_path / "timm", "timm", label_names=LABELS)
+    cfg = json.loads((tmp_path / "timm" / "config.json").read_text())["pretrained_cfg"]
+    assert "tag" not in cfg and "license" not in cfg
+    assert cfg["num_classes"] == len(LABELS) and cfg["custom_load"] is False
