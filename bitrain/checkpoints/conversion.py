@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.data import resolve_input_data_config
 
 from bitrain.checkpoints import formats
 from bitrain.checkpoints.sniff import sniff
@@ -113,13 +114,8 @@ def _same_tensors(model: torch.nn.Module, back: torch.nn.Module) -> str:
 
 
 def _same_logits(model: torch.nn.Module, back: torch.nn.Module) -> str:
-    spec = getattr(model, "bitrain_spec", {}) or {}
-    size = spec.get("img_size")
-    if size is None:
-        size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[1:]
-    h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
-    shape = (2, int(spec.get("in_chans", 3)), int(h), int(w))
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    shape = resolve_input_data_config(model)["input_size"]  # the model's own input, per timm
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         diff = (back(x).float() - model(x).float()).abs().max().item()
     if not diff <= LOGIT_TOL:

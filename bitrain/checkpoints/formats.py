@@ -22,7 +22,7 @@ from typing import Any
 
 import timm
 import torch
-from timm.data import resolve_data_config
+from timm.data import resolve_input_data_config
 from timm.models._hub import save_config_for_hf
 
 from bitrain.checkpoints import hf, official
@@ -381,7 +381,7 @@ def load_classifier(
     model = _build(got, where)
     model.label_names = hf.label_list(got.label_names, where, model.bitrain_spec["num_classes"])
     model.bitrain_source_format, model.bitrain_eval_transform = fmt, got.eval_transform
-    # timm's own metadata says the same, so resolve_data_config(model=...) agrees where it can
+    # timm's own metadata says the same, so resolve_input_data_config(model) agrees where it can
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     if got.eval_transform is not None:
         cfg.update(got.eval_transform.to_timm_cfg(model.bitrain_spec.get("in_chans", 3)) or {})
@@ -487,15 +487,9 @@ def _save_hf(
 ) -> Path:
     """A HF classifier folder with ``preprocessor_config.json`` (``size`` always a dict)."""
     state, config = hf.to_hf(model, label_names)
-    if node is None:  # timm's default evaluation transform of the model
-        spec = dict(getattr(model, "bitrain_spec", None) or {})
-        args: dict[str, Any] = {}
-        if spec.get("img_size"):
-            size = spec["img_size"]
-            size = size if isinstance(size, list | tuple) else (size, size)
-            args["input_size"] = (int(spec.get("in_chans", 3)), *map(int, size))
+    if node is None:  # timm's evaluation transform for the model as it is now
         try:
-            node = prep.from_timm_cfg(resolve_data_config(args, model=model), "timm data config")
+            node = prep.from_timm_cfg(resolve_input_data_config(model), "timm data config")
         except CheckpointError as err:
             log.warning("no preprocessing written for the export: %s", err)
             return hf.write_folder(folder, state, config)

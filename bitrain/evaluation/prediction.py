@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.data import create_transform, resolve_input_data_config
 
 from bitrain.checkpoints import load_classifier
 from bitrain.data.decode import BadImageError, decode_image
@@ -65,13 +66,7 @@ def _transform(model: torch.nn.Module):
     spec = getattr(model, "bitrain_eval_transform", None)
     if spec is not None:
         return spec.build()
-    from timm.data import create_transform, resolve_data_config
-
-    args = {}
-    size = getattr(model, "bitrain_spec", {}).get("img_size")
-    if size:
-        args["input_size"] = (3, int(size), int(size))
-    return create_transform(**resolve_data_config(args, model=model))
+    return create_transform(**resolve_input_data_config(model))
 
 
 @torch.inference_mode()
