@@ -308,14 +308,14 @@ class _BaseDataModule(L.LightningDataModule):
         self,
         source: Any,
         transform: Callable | None,
-        batch_size: int,
-        num_workers: int,
-        val_source: Any | None,
-        pin_memory: bool,
-        persistent_workers: bool,
-        drop_last: bool,
-        shuffle: bool,
-        seed: int,
+        batch_size: int = 64,
+        num_workers: int | None = 2,
+        val_source: Any | None = None,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        drop_last: bool = True,
+        shuffle: bool = True,
+        seed: int = 0,
         prefetch_factor: int = 2,
     ) -> None:
         super().__init__()
@@ -524,25 +524,6 @@ class ImageDataModule(_BaseDataModule):
     Args: as :class:`PretrainDataModule`, without the mask generator; ``transform`` maps an
     image to one tensor (``SingleViewTransform``).
     """
-
-    def __init__(
-        self,
-        source: Any,
-        transform: Callable | None,
-        batch_size: int = 64,
-        num_workers: int | None = 2,
-        val_source: Any | None = None,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        drop_last: bool = True,
-        shuffle: bool = True,
-        seed: int = 0,
-        prefetch_factor: int = 2,
-    ) -> None:
-        super().__init__(
-            source, transform, batch_size, num_workers, val_source, pin_memory,
-            persistent_workers, drop_last, shuffle, seed, prefetch_factor,
-        )  # fmt: skip
 
     def _process(self) -> Callable[[Any, torch.Generator], dict[str, Any]]:
         return _SingleViewSample(self.transform)
