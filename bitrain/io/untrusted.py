@@ -69,10 +69,10 @@ def load_torch_file(
             command line under ``args``). Its attributes are plain values, so this runs no code.
         what: what the file is, for error messages.
         hint: appended to the "not found" message (e.g. where to get the file).
-        mmap: map the tensors' storage instead of reading it (``torch.load(...,
-            weights_only=True, mmap=True)``): reading only the records of a multi-GB checkpoint
-            costs next to nothing. Files in torch's old
-            (non-zip) format cannot be mapped and are read.
+        mmap: map the tensors' storage instead of reading it (``torch.load`` with
+            ``weights_only=True`` and ``mmap=True``): reading only the records of a multi-GB
+            checkpoint costs next to nothing. Files in torch's old (non-zip) format cannot be
+            mapped and are read.
 
     Raises:
         FileNotFoundError: no file at ``path``.
